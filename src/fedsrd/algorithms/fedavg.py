@@ -1,0 +1,35 @@
+"""FedAvg on LoRA (FedIT; Zhang et al., "Towards Building the Federated GPT", ICASSP 2024).
+
+Clients upload their trained LoRA A and B; the server averages A and B *separately* (not their product) and
+broadcasts the averaged adapter. Every client and the server then hold exactly that adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedsrd.algorithms import register_algorithm
+from fedsrd.algorithms.base import Algorithm, Payload, State
+from fedsrd.ops import weighted_sum
+
+
+@register_algorithm
+class FedAvg(Algorithm):
+    name = "fedavg"
+    paper = "FedIT (Zhang et al., ICASSP 2024); McMahan et al., AISTATS 2017"
+    uploads = "LoRA A and B, dense"
+    downloads = "averaged LoRA A and B, dense"
+
+    def client_update(self, global_state: State, local_state: State, round: int, rng: torch.Generator) -> Payload:
+        return {k: local_state[k].detach().to("cpu", torch.float32) for k in global_state if self.trainable(k)}
+
+    def server_step(
+        self, global_state: State, updates: list[Payload], weights: list[float], round: int, rng: torch.Generator
+    ) -> Payload:
+        return {name: weighted_sum([u[name] for u in updates], weights) for name in updates[0]}
+
+    def apply(self, state: State, broadcast: Payload) -> State:
+        new_state = dict(state)
+        for name, value in broadcast.items():
+            new_state[name] = value.to(torch.float32).clone()
+        return new_state

@@ -1,0 +1,167 @@
+"""`FedSRDConfig`: the federation's settings, as a dataclass `HfArgumentParser` turns into a CLI."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+AGGREGATIONS = ("uniform", "samples")
+VALUE_DTYPES = ("float32", "float16", "bfloat16")
+POSITION_ENCODINGS = ("auto", "bitmap", "varint")
+
+
+@dataclass
+class FedSRDConfig:
+    """Settings of a federated fine-tuning run.
+
+    Local training itself (learning rate, batch size, precision, ...) is configured by `transformers.TrainingArguments`;
+    this config says how many parties train, for how long each round, which algorithm combines their updates, and the
+    LoRA adapter they share (mapped to a standard `peft.LoraConfig` by `to_lora_config`).
+    """
+
+    algorithm: str = field(
+        default="fedavg",
+        metadata={"help": "Federated algorithm, one of `fedsrd.list_algorithms()` (e.g. fedavg, fedsrd, fedsrd_e)."},
+    )
+    num_rounds: int = field(default=10, metadata={"help": "Number of communication rounds."})
+    num_clients: int = field(default=4, metadata={"help": "Number of clients (parties), one dataset each."})
+    clients_per_round: int | None = field(
+        default=None,
+        metadata={"help": "Clients sampled (by seed) to train each round; default: all of them."},
+    )
+    local_steps: int = field(
+        default=10, metadata={"help": "Optimizer steps each sampled client takes per round (Trainer's max_steps)."}
+    )
+    aggregation: str = field(
+        default="uniform",
+        metadata={"help": "Client weighting in the server step: 'uniform' (1/m) or 'samples' (by local dataset size)."},
+    )
+    fed_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the federation (adapter init, client sampling, every per-round/per-client draw); "
+            "default: TrainingArguments.seed (42 when used without a Trainer)."
+        },
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scaling = lora_alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input during local training."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Module-name suffixes to adapt (e.g. q_proj v_proj), or 'all-linear' (all but the head)."},
+    )
+    # ---- FedSRD / FedSRD-e (../docs/algorithms.md; Yan et al., WWW 2026) ----
+    upload_sparsity_alpha: float = field(
+        default=0.85,
+        metadata={"help": "FedSRD: base upload sparsity alpha; per matrix rho = alpha + min(cap, coeff*ln(kurtosis))."},
+    )
+    upload_sparsity_coeff: float = field(default=0.1, metadata={"help": "FedSRD: kurtosis coefficient of rho."})
+    upload_sparsity_cap: float = field(default=0.11, metadata={"help": "FedSRD: cap on the kurtosis increment of rho."})
+    upload_l1_rescale: bool = field(
+        default=True,
+        metadata={"help": "FedSRD: rescale kept entries to preserve the L1 mass (authors' code; off = paper text)."},
+    )
+    download_drop: float = field(
+        default=0.8, metadata={"help": "FedSRD: DARE drop probability on the broadcast delta (kept entries x 1/(1-p))."}
+    )
+    value_dtype: str = field(
+        default="float32",
+        metadata={"help": "Dtype of tensor values on the wire: float32 (the papers' accounting), float16, bfloat16."},
+    )
+    positions: str = field(
+        default="auto",
+        metadata={"help": "Encoding of sparse positions: bitmap, varint (gaps), or auto (the smaller per tensor)."},
+    )
+    max_message_mb: float = field(
+        default=2048.0, metadata={"help": "Messages larger than this (MiB) are rejected without being parsed."}
+    )
+    eval_every: int = field(
+        default=1, metadata={"help": "Evaluate the global adapter every k rounds (0: only at the end)."}
+    )
+    save_every: int = field(
+        default=1, metadata={"help": "Save the global adapter as round_NNNN/ every k rounds (0: only final/)."}
+    )
+
+    def __post_init__(self) -> None:
+        # Imported here: the registry imports the algorithms, which import this module.
+        from fedsrd.algorithms import list_algorithms
+
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [self.lora_target_modules]
+        names = list_algorithms()
+        if self.algorithm not in names:
+            raise ValueError(f"FedSRDConfig.algorithm: unknown algorithm {self.algorithm!r}; expected one of {names}.")
+        _require(self.num_rounds >= 1, "num_rounds", f"must be >= 1, got {self.num_rounds}")
+        _require(self.num_clients >= 1, "num_clients", f"must be >= 1, got {self.num_clients}")
+        if self.clients_per_round is not None:
+            _require(
+                1 <= self.clients_per_round <= self.num_clients,
+                "clients_per_round",
+                f"must be between 1 and num_clients={self.num_clients}, got {self.clients_per_round}",
+            )
+        _require(self.local_steps >= 1, "local_steps", f"must be >= 1, got {self.local_steps}")
+        _require(
+            self.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}, got {self.aggregation!r}"
+        )
+        _require(self.lora_r >= 1, "lora_r", f"must be >= 1, got {self.lora_r}")
+        _require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        _require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        _require(len(self.lora_target_modules) > 0, "lora_target_modules", "must name at least one module")
+        _require(
+            0.0 <= self.upload_sparsity_alpha < 1.0,
+            "upload_sparsity_alpha",
+            f"must be in [0, 1), got {self.upload_sparsity_alpha}",
+        )
+        _require(
+            self.upload_sparsity_coeff >= 0, "upload_sparsity_coeff", f"must be >= 0, got {self.upload_sparsity_coeff}"
+        )
+        _require(self.upload_sparsity_cap >= 0, "upload_sparsity_cap", f"must be >= 0, got {self.upload_sparsity_cap}")
+        _require(0.0 <= self.download_drop < 1.0, "download_drop", f"must be in [0, 1), got {self.download_drop}")
+        _require(
+            self.value_dtype in VALUE_DTYPES, "value_dtype", f"must be one of {VALUE_DTYPES}, got {self.value_dtype!r}"
+        )
+        _require(
+            self.positions in POSITION_ENCODINGS,
+            "positions",
+            f"must be one of {POSITION_ENCODINGS}, got {self.positions!r}",
+        )
+        _require(self.max_message_mb > 0, "max_message_mb", f"must be > 0, got {self.max_message_mb}")
+        _require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+        _require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
+
+    @property
+    def seed(self) -> int:
+        """The federation's seed (`fed_seed`, or 42 if unset and no Trainer has filled it in)."""
+        return 42 if self.fed_seed is None else self.fed_seed
+
+    @property
+    def sampled_per_round(self) -> int:
+        return self.clients_per_round or self.num_clients
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * 1024 * 1024)
+
+    def to_lora_config(self, task_type: str = "CAUSAL_LM", target_modules: list[str] | str | None = None):
+        """The `peft.LoraConfig` every client and the server share."""
+        from peft import LoraConfig
+
+        targets = target_modules if target_modules is not None else self.lora_target_modules
+        if targets == ["all-linear"]:
+            targets = "all-linear"
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=targets,
+            bias="none",
+            task_type=task_type,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _require(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"FedSRDConfig.{field_name}: {message}.")

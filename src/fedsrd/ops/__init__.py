@@ -1,0 +1,7 @@
+"""Pure tensor math shared by the algorithms: no models, files or processes here."""
+
+from fedsrd.ops.aggregate import normalized_weights, weighted_sum
+from fedsrd.ops.seeding import derive_seed, generator_for
+from fedsrd.ops.sparse import SparseTensor
+
+__all__ = ["SparseTensor", "derive_seed", "generator_for", "normalized_weights", "weighted_sum"]

@@ -1,0 +1,1 @@
+"""Runtimes: how the roles' messages travel (one process here; Accelerate and Flower elsewhere)."""

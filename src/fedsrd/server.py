@@ -1,0 +1,178 @@
+"""The server role, and `merge_adapters`: the server step as a PEFT adapter-merge utility on files alone."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fedsrd import wire
+from fedsrd.algorithms import Algorithm, State, get_algorithm
+from fedsrd.client import expected_specs
+from fedsrd.config import FedSRDConfig
+from fedsrd.ops import generator_for, normalized_weights
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundResult:
+    """What one server step produced."""
+
+    round: int
+    broadcast: bytes
+    accepted: list[int] = field(default_factory=list)  # client ids whose update was aggregated
+    rejected: dict[str, str] = field(default_factory=dict)  # client id (or position) -> reason
+    metrics: dict[str, float] = field(default_factory=dict)  # means of the clients' reported metrics
+
+
+class FederatedServer:
+    """Holds the global state; validates client uploads, runs the algorithm's server step, encodes the broadcast.
+
+    A malformed or hostile update is rejected with a logged reason and excluded; it never changes the state.
+    """
+
+    def __init__(self, algorithm: Algorithm, global_state: State, config: FedSRDConfig) -> None:
+        self.algorithm = algorithm
+        self.config = config
+        self.state = global_state
+        self.round = 0
+
+    def decode_update(self, data: bytes, round: int) -> wire.Message:
+        msg = wire.decode(
+            data,
+            expected=expected_specs(self.algorithm.update_shapes(self.state)),
+            kind="update",
+            algorithm=self.algorithm.name,
+            max_bytes=self.config.max_message_bytes,
+        )
+        if msg.round != round:
+            raise wire.WireError(f"update is for round {msg.round}, but the server is running round {round}.")
+        num_samples = msg.meta.get("num_samples", 0)
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 0:
+            raise wire.WireError(f"update meta 'num_samples' must be a non-negative integer, got {num_samples!r}.")
+        return msg
+
+    def step(self, round: int, updates: list[bytes], min_updates: int = 1) -> RoundResult:
+        """Aggregate the round's encoded updates, apply the result and return the encoded broadcast."""
+        accepted: list[wire.Message] = []
+        rejected: dict[str, str] = {}
+        for position, data in enumerate(updates):
+            try:
+                accepted.append(self.decode_update(data, round))
+            except wire.WireError as err:
+                rejected[f"#{position}"] = str(err)
+                logger.warning("round %d: rejected update #%d: %s", round, position, err)
+        if len(accepted) < min_updates:
+            raise RuntimeError(
+                f"round {round}: only {len(accepted)} valid update(s) arrived, at least {min_updates} needed; "
+                f"rejected: {rejected}"
+            )
+        if self.config.aggregation == "samples":
+            weights = normalized_weights([m.meta["num_samples"] for m in accepted])
+        else:
+            weights = normalized_weights([1.0] * len(accepted))
+        rng = generator_for(self.config.seed, "server_step", round)
+        with torch.no_grad():
+            payload = self.algorithm.server_step(self.state, [m.tensors for m in accepted], weights, round, rng)
+            self.state = self.algorithm.apply(self.state, payload)
+        self.round = round
+        broadcast = wire.Message(
+            kind="broadcast",
+            algorithm=self.algorithm.name,
+            round=round,
+            tensors=payload,
+            meta={"digest": wire.state_digest(self.state)},
+        )
+        data = wire.encode(broadcast, value_dtype=self.config.value_dtype, positions=self.config.positions)
+        return RoundResult(
+            round=round,
+            broadcast=data,
+            accepted=[int(m.meta.get("client_id", -1)) for m in accepted],
+            rejected=rejected,
+            metrics=_mean_metrics(accepted),
+        )
+
+
+def _mean_metrics(messages: list[wire.Message]) -> dict[str, float]:
+    keys = {k for m in messages for k, v in m.meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    keys -= {"client_id", "num_samples"}
+    out = {}
+    for key in sorted(keys):
+        values = [float(m.meta[key]) for m in messages if key in m.meta]
+        out[key] = sum(values) / len(values)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# merge_adapters: the server step on files, without the base model
+# ---------------------------------------------------------------------------------------------------------------------
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def load_adapter_state(adapter: str | Path | State) -> State:
+    """A PEFT adapter state dict from a directory saved by `save_pretrained` (or a state dict, returned as fp32)."""
+    if isinstance(adapter, dict):
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in adapter.items()}
+    from safetensors.torch import load_file
+
+    path = Path(adapter)
+    weights = path / ADAPTER_WEIGHTS if path.is_dir() else path
+    if not weights.is_file():
+        raise FileNotFoundError(f"adapter weights not found: expected {weights} (a PEFT adapter directory).")
+    return {k: v.to(torch.float32) for k, v in load_file(str(weights)).items()}
+
+
+def merge_adapters(
+    global_adapter: str | Path | State,
+    updates: list[bytes | str | Path],
+    algorithm: str | Algorithm,
+    *,
+    round: int | None = None,
+    config: FedSRDConfig | None = None,
+    min_updates: int = 1,
+) -> tuple[State, bytes]:
+    """Run one server step on the current global adapter and the clients' encoded updates.
+
+    Returns the new global adapter state dict (PEFT keys, no adapter name) and the encoded broadcast for the clients.
+    Nothing here needs the base model. `round` defaults to the round named in the first readable update.
+    """
+    state = load_adapter_state(global_adapter)
+    if isinstance(algorithm, Algorithm):
+        algo = algorithm
+        config = config or algo.config
+    else:
+        config = config or FedSRDConfig(algorithm=algorithm)
+        algo = get_algorithm(algorithm, config)
+    blobs = [Path(u).read_bytes() if isinstance(u, (str, Path)) else u for u in updates]
+    if round is None:
+        round = _round_of(blobs)
+    server = FederatedServer(algo, state, config)
+    result = server.step(round, blobs, min_updates=min_updates)
+    return server.state, result.broadcast
+
+
+def _round_of(blobs: list[bytes]) -> int:
+    for blob in blobs:
+        try:
+            return wire.decode(blob).round
+        except wire.WireError:
+            continue
+    raise ValueError("merge_adapters: no update could be read to find the round; pass round= explicitly.")
+
+
+def save_adapter(state: State, out_dir: str | Path, adapter_config: dict | None = None) -> Path:
+    """Write `state` as a PEFT adapter directory (adapter_model.safetensors + adapter_config.json)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    if adapter_config is not None:
+        (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+    return out
