@@ -26,8 +26,11 @@ logger = logging.getLogger(__name__)
 class FederatedCallback(TrainerCallback):
     """A `TrainerCallback` that also hears the federation's per-round events.
 
-    `on_round_begin(args, state, control, round=, clients=)` and `on_round_end(args, state, control, round=, record=)`,
-    where `record` is the round's entry of `history.json`. The round metrics also reach every callback's `on_log`.
+    `on_round_begin(args, state, control, round=, clients=, model=)` and
+    `on_round_end(args, state, control, round=, record=, saved_dir=, is_last=, model=)`. `record` is the round's
+    entry of `history.json` and may be extended in place (it is written after the callbacks ran); `saved_dir` is the
+    `round_NNNN/` adapter directory written this round, or None; the model holds the new global adapter. The round
+    metrics also reach every callback's `on_log`.
     """
 
     def on_round_begin(self, args, state, control, **kwargs):

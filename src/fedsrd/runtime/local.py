@@ -95,18 +95,21 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
         last = round == cfg.num_rounds
         if trainer.eval_dataset and ((cfg.eval_every and round % cfg.eval_every == 0) or last):
             record.update(evaluate_global(trainer))
+        saved_dir = None
+        if is_main and ((cfg.save_every and round % cfg.save_every == 0) or last):
+            saved_dir = out_dir / f"round_{round:04d}"
+            trainer.model.save_pretrained(str(saved_dir), save_embedding_layers=False)
+        if is_main and last:
+            trainer.model.save_pretrained(str(out_dir / "final"), save_embedding_layers=False)
+        # Callbacks may add to the record (e.g. benchmark scores) before it is written to history.json.
+        trainer.call_round_event("on_round_end", round=round, record=record, saved_dir=saved_dir, is_last=last)
         record["seconds"] = time.time() - t0
         trainer.history.append(record)
         if is_main:
-            if (cfg.save_every and round % cfg.save_every == 0) or last:
-                trainer.model.save_pretrained(str(out_dir / f"round_{round:04d}"), save_embedding_layers=False)
-            if last:
-                trainer.model.save_pretrained(str(out_dir / "final"), save_embedding_layers=False)
             (out_dir / "history.json").write_text(json.dumps(trainer.history, indent=2))
         table.add(record)
         bar.set_postfix(loss=record["train_loss"], eval=record.get("eval_loss", float("nan")), mb=round_mb(record))
         trainer.callback_handler.on_log(args, trainer.state, trainer.control, _log_entry(record))
-        trainer.call_round_event("on_round_end", round=round, record=record)
     if is_main:
         plot_history(trainer.history, out_dir / "eval_loss_vs_mb.png")
     final = trainer.history[-1]
