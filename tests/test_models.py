@@ -66,7 +66,13 @@ def test_tokenizer_is_deterministic_and_maps_unknown_chars(tokenizer):
 
 def test_tokenizer_padding_and_special_tokens_in_text(tokenizer):
     batch = tokenizer(["ab", "abcd"], padding=True)
-    assert batch["input_ids"][0] == [1, tokenizer.convert_tokens_to_ids("a"), tokenizer.convert_tokens_to_ids("b"), 0, 0]
+    assert batch["input_ids"][0] == [
+        1,
+        tokenizer.convert_tokens_to_ids("a"),
+        tokenizer.convert_tokens_to_ids("b"),
+        0,
+        0,
+    ]
     assert batch["attention_mask"][0] == [1, 1, 1, 0, 0]
     assert tokenizer("x</s>", add_special_tokens=False)["input_ids"][-1] == tokenizer.eos_token_id
 
@@ -118,8 +124,9 @@ def test_tiny_llama_forward_with_labels(tiny_model, tokenizer):
 
 
 def test_tiny_llama_custom_sizes():
-    model = build_tiny_llama(hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2, num_kv_heads=1,
-                             vocab_size=50)
+    model = build_tiny_llama(
+        hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2, num_kv_heads=1, vocab_size=50
+    )
     assert model.config.vocab_size == 50 and len(model.model.layers) == 1
     assert model.model.layers[0].mlp.up_proj.weight.shape == (48, 32)
 
@@ -173,7 +180,7 @@ def test_embedded_gemma_names_missing_package(monkeypatch, tmp_path):
 def test_embedded_gemma_from_cache():
     model, tokenizer = load_causal_lm(EMBEDDED_GEMMA)
     assert model.config.vocab_size == len(tokenizer)
-    assert tokenizer.chat_template is not None
+    assert tokenizer.chat_template is not None and tokenizer.padding_side == "right"
     assert find_lora_target_modules(model, "all-linear") == TINY_LINEAR
     batch = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():

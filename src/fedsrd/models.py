@@ -151,7 +151,8 @@ def load_causal_lm(
     """Load ``(model, tokenizer)``.
 
     ``"tiny-llama"`` builds the random tiny Llama, ``"gemma-3-270m"`` loads the embedded Gemma (see
-    :func:`load_embedded_gemma`), anything else goes to ``from_pretrained`` (Hub name or local directory).
+    :func:`load_embedded_gemma`), anything else goes to ``from_pretrained`` (Hub name or local directory; a
+    tokenizer without a pad token gets its EOS token as pad token).
     ``dtype`` is one of ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"auto"``.
     """
     torch_dtype = _resolve_dtype(dtype)
@@ -164,6 +165,8 @@ def load_causal_lm(
         return load_embedded_gemma(dtype=dtype, cache_dir=cache_dir)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, cache_dir=cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir)
+    if tokenizer.pad_token is None:  # e.g. Llama tokenizers; batching needs one
+        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
@@ -186,8 +189,8 @@ def load_embedded_gemma(
 
     ``cache_dir`` is the directory holding the converted checkpoint (default :func:`default_gemma_cache_dir`).
     The first call converts and saves it there atomically; later calls only ``from_pretrained`` it. Nothing is
-    fetched from the network. The tokenizer gets the Gemma-3 chat template, and generation stops at ``<eos>``
-    or ``<end_of_turn>``.
+    fetched from the network. The tokenizer gets the Gemma-3 chat template and right padding, and generation stops
+    at ``<eos>`` or ``<end_of_turn>``.
     """
     torch_dtype = _resolve_dtype(dtype)
     directory = Path(cache_dir) if cache_dir is not None else default_gemma_cache_dir()
@@ -197,6 +200,8 @@ def load_embedded_gemma(
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model.config._name_or_path = EMBEDDED_GEMMA
     tokenizer.name_or_path = EMBEDDED_GEMMA
+    tokenizer.padding_side = "right"  # as the tiny tokenizer; generation code that needs left padding sets it
+    tokenizer.model_max_length = model.config.max_position_embeddings
     return model, tokenizer
 
 
