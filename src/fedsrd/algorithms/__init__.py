@@ -15,6 +15,8 @@ _REGISTRY: dict[str, type[Algorithm]] = {}
 # name -> module that defines it (imported lazily, so a broken optional algorithm cannot break the others)
 _BUILTIN: dict[str, str] = {
     "fedavg": "fedsrd.algorithms.fedavg",
+    "fedsrd": "fedsrd.algorithms.fedsrd",
+    "fedsrd_e": "fedsrd.algorithms.fedsrd",
 }
 
 

@@ -1,0 +1,93 @@
+"""Low-rank algebra on factored matrices: nothing here ever forms a d_out x d_in matrix.
+
+A matrix is held as a pair ``(left, right)`` with ``W = left @ right``, ``left`` d_out x k and ``right`` k x d_in.
+A weighted sum of LoRA products ``sum_i p_i B_i A_i`` is the single pair ``P = [p_1 B_1 .. p_m B_m]`` (d_out x m r),
+``Q = [A_1; ..; A_m]`` (m r x d_in), so every operation FedSRD's server needs costs O(m r (d_out + d_in)) memory:
+
+* the rank-r truncated SVD of ``P @ Q``, from a QR of ``P`` and of ``Q^T`` and an SVD of the small (m r x m r) core;
+* the least-squares factor updates ``dW @ pinv(A)`` and ``pinv(B) @ dW``, with ``dW`` factored, as
+  ``left @ (right @ pinv(A))`` and ``(pinv(B) @ left) @ right``.
+
+Everything is computed in float32 (the LoRA dtype; FedSRD's reference code does its server algebra in fp32), or in
+float64 when given float64 inputs (useful as an exact reference).
+The dense way (form W, full SVD, dense pinv solve) lives in ``tests/test_fedsrd.py`` as the reference these match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+Factored = tuple[torch.Tensor, torch.Tensor]  # (left d_out x k, right k x d_in): the matrix left @ right
+
+
+def _compute(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the compute dtype: float32, or float64 if it already is."""
+    return x if x.dtype == torch.float64 else x.to(torch.float32)
+
+
+def stack_factors(lefts: Sequence[torch.Tensor], rights: Sequence[torch.Tensor], weights: Sequence[float]) -> Factored:
+    """``sum_i w_i lefts[i] @ rights[i]`` as one factored pair ``([w_1 L_1 .. w_m L_m], [R_1; ..; R_m])``."""
+    if not (len(lefts) == len(rights) == len(weights)) or len(lefts) == 0:
+        raise ValueError(
+            f"stack_factors: expected as many lefts, rights and weights (at least one), got "
+            f"{len(lefts)}, {len(rights)} and {len(weights)}."
+        )
+    for i, (left, right) in enumerate(zip(lefts, rights, strict=True)):
+        if left.dim() != 2 or right.dim() != 2 or left.shape[1] != right.shape[0]:
+            raise ValueError(
+                f"stack_factors: term {i} has left {tuple(left.shape)} and right {tuple(right.shape)}; "
+                "expected (d_out, k) and (k, d_in)."
+            )
+    left = torch.cat([_compute(lf) * float(w) for lf, w in zip(lefts, weights, strict=True)], dim=1)
+    right = torch.cat([_compute(rt) for rt in rights], dim=0)
+    return left, right
+
+
+def factored_difference(target: Factored, current: Factored) -> Factored:
+    """``target_left @ target_right - current_left @ current_right`` as one factored pair."""
+    (tl, tr), (cl, cr) = target, current
+    return torch.cat([tl, -cl], dim=1), torch.cat([tr, cr], dim=0)
+
+
+def truncated_svd(left: torch.Tensor, right: torch.Tensor, rank: int) -> Factored:
+    """The best rank-``rank`` approximation of ``left @ right`` as factors ``(U_r S_r, V_r^T)``.
+
+    ``left @ right = Q_l R_l R_r^T Q_r^T`` with ``left = Q_l R_l`` and ``right^T = Q_r R_r``; the SVD of the small
+    core ``R_l R_r^T = U S V^T`` gives the SVD ``(Q_l U) S (Q_r V)^T`` of the product. Returns d_out x r' and r' x d_in
+    with ``r' = min(rank, k, d_out, d_in)``.
+    """
+    if rank < 1:
+        raise ValueError(f"truncated_svd: rank must be >= 1, got {rank}.")
+    left, right = _compute(left), _compute(right)
+    q_left, r_left = torch.linalg.qr(left)  # d_out x k1, k1 x k
+    q_right, r_right = torch.linalg.qr(right.T)  # d_in x k2, k2 x k
+    core = r_left @ r_right.T  # k1 x k2
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)
+    keep = min(rank, s.numel())
+    return q_left @ (u[:, :keep] * s[:keep]), vh[:keep] @ q_right.T
+
+
+def solve_left_update(delta: Factored, a: torch.Tensor) -> torch.Tensor:
+    """B-round least squares: ``dB = dW @ pinv(A)`` (d_out x r) for ``dW = left @ right``."""
+    left, right = delta
+    a_pinv = torch.linalg.pinv(_compute(a))  # d_in x r
+    return left @ (right @ a_pinv)
+
+
+def solve_right_update(delta: Factored, b: torch.Tensor) -> torch.Tensor:
+    """A-round least squares: ``dA = pinv(B) @ dW`` (r x d_in) for ``dW = left @ right``."""
+    left, right = delta
+    b_pinv = torch.linalg.pinv(_compute(b))  # r x d_out
+    return (b_pinv @ left) @ right
+
+
+__all__ = [
+    "Factored",
+    "factored_difference",
+    "solve_left_update",
+    "solve_right_update",
+    "stack_factors",
+    "truncated_svd",
+]
