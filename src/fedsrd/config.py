@@ -8,6 +8,7 @@ from typing import Any
 AGGREGATIONS = ("uniform", "samples")
 VALUE_DTYPES = ("float32", "float16", "bfloat16")
 POSITION_ENCODINGS = ("auto", "bitmap", "varint")
+HUB_ROUND_REFS = ("branch", "tag")
 
 
 @dataclass
@@ -64,6 +65,39 @@ class FedSRDConfig:
     download_drop: float = field(
         default=0.8, metadata={"help": "FedSRD: DARE drop probability on the broadcast delta (kept entries x 1/(1-p))."}
     )
+    # ---- baselines (docs/algorithms.md): fedprox, fed_dare, topk -------------------------------------------------
+    fedprox_mu: float = field(
+        default=0.01,
+        metadata={"help": "FedProx: weight mu of the proximal term mu/2 * ||w - w_global||^2 over the trained LoRA."},
+    )
+    fed_dare_drop: float = field(
+        default=0.9,
+        metadata={"help": "Fed-DARE: drop probability p on the uploaded LoRA deltas (kept entries x 1/(1-p))."},
+    )
+    topk_density: float = field(
+        default=0.1,
+        metadata={"help": "Top-k: fraction of each uploaded LoRA delta's entries kept (the largest magnitudes)."},
+    )
+    # ---- end of baselines ------------------------------------------------------------------------------------------
+    # ---- full-parameter family (docs/full_parameter.md): fedkrso, fedkseed (fedfft has no settings) -------------
+    krso_rank: int = field(
+        default=4, metadata={"help": "FedKRSO: rank r of each random projection P (r x d_in, entries N(0, 1/r))."}
+    )
+    krso_num_seeds: int = field(
+        default=10,
+        metadata={"help": "FedKRSO: seeds K drawn fresh each round; each defines one projection per weight matrix."},
+    )
+    krso_tau: int = field(
+        default=10,
+        metadata={"help": "FedKRSO: local steps per subspace; then a new seed from the K and reset Adam moments."},
+    )
+    kseed_num_seeds: int = field(
+        default=4096, metadata={"help": "FedKSeed: size K of the seed pool, fixed for the whole run."}
+    )
+    kseed_eps: float = field(
+        default=5e-4, metadata={"help": "FedKSeed: perturbation scale eps of the two-point zeroth-order estimate."}
+    )
+    # ---- end of full-parameter family ------------------------------------------------------------------------------
     value_dtype: str = field(
         default="float32",
         metadata={"help": "Dtype of tensor values on the wire: float32 (the papers' accounting), float16, bfloat16."},
@@ -75,12 +109,51 @@ class FedSRDConfig:
     max_message_mb: float = field(
         default=2048.0, metadata={"help": "Messages larger than this (MiB) are rejected without being parsed."}
     )
+    max_update_value: float = field(
+        default=1e4,
+        metadata={"help": "Updates holding any value of larger magnitude are rejected as broken or hostile."},
+    )
     eval_every: int = field(
         default=1, metadata={"help": "Evaluate the global adapter every k rounds (0: only at the end)."}
     )
     save_every: int = field(
         default=1, metadata={"help": "Save the global adapter as round_NNNN/ every k rounds (0: only final/)."}
     )
+    # ---- lm-eval during training and Hub publishing (fedsrd.eval, fedsrd.hub; docs/evaluation.md) ---------------
+    # The Hub repo, token and privacy are TrainingArguments' own push_to_hub / hub_model_id / hub_token /
+    # hub_private_repo; FederatedTrainer pushes the global adapter (not each client's) once per saved round.
+    lm_eval_tasks: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "lm-eval tasks or suites run on the global adapter (e.g. synthetic, fedsrd_paper, gsm8k, "
+            "jsonl:my.jsonl); empty: no lm-eval. Needs the `eval` extra."
+        },
+    )
+    lm_eval_every: int = field(
+        default=1, metadata={"help": "Run the lm-eval tasks every k rounds (0: only after the last round)."}
+    )
+    lm_eval_limit: int | None = field(
+        default=None, metadata={"help": "lm-eval documents per task (default: all of them)."}
+    )
+    lm_eval_max_gen_toks: int | None = field(
+        default=None, metadata={"help": "Cap on tokens generated per lm-eval document (default: the task's own)."}
+    )
+    lm_eval_batch_size: int = field(default=8, metadata={"help": "lm-eval batch size."})
+    lm_eval_include_path: str | None = field(
+        default=None, metadata={"help": "A directory of your own lm-eval task YAMLs."}
+    )
+    lm_eval_allow_code_execution: bool = field(
+        default=False,
+        metadata={"help": "Let lm-eval run model-written code (HumanEval, MBPP); only inside a sandbox."},
+    )
+    hub_round_refs: str = field(
+        default="branch",
+        metadata={"help": "With push_to_hub: mark each pushed round with a 'branch' or a 'tag' (main = latest)."},
+    )
+    hub_revision_template: str = field(
+        default="round-{round:04d}", metadata={"help": "Name of each round's branch or tag on the Hub."}
+    )
+    # ---- end of lm-eval / Hub ------------------------------------------------------------------------------------
 
     def __post_init__(self) -> None:
         # Imported here: the registry imports the algorithms, which import this module.
@@ -117,6 +190,14 @@ class FedSRDConfig:
         )
         _require(self.upload_sparsity_cap >= 0, "upload_sparsity_cap", f"must be >= 0, got {self.upload_sparsity_cap}")
         _require(0.0 <= self.download_drop < 1.0, "download_drop", f"must be in [0, 1), got {self.download_drop}")
+        _require(self.fedprox_mu >= 0.0, "fedprox_mu", f"must be >= 0, got {self.fedprox_mu}")
+        _require(0.0 <= self.fed_dare_drop < 1.0, "fed_dare_drop", f"must be in [0, 1), got {self.fed_dare_drop}")
+        _require(0.0 < self.topk_density <= 1.0, "topk_density", f"must be in (0, 1], got {self.topk_density}")
+        _require(self.krso_rank >= 1, "krso_rank", f"must be >= 1, got {self.krso_rank}")
+        _require(self.krso_num_seeds >= 1, "krso_num_seeds", f"must be >= 1, got {self.krso_num_seeds}")
+        _require(self.krso_tau >= 1, "krso_tau", f"must be >= 1, got {self.krso_tau}")
+        _require(self.kseed_num_seeds >= 1, "kseed_num_seeds", f"must be >= 1, got {self.kseed_num_seeds}")
+        _require(self.kseed_eps > 0, "kseed_eps", f"must be > 0, got {self.kseed_eps}")
         _require(
             self.value_dtype in VALUE_DTYPES, "value_dtype", f"must be one of {VALUE_DTYPES}, got {self.value_dtype!r}"
         )
@@ -126,8 +207,46 @@ class FedSRDConfig:
             f"must be one of {POSITION_ENCODINGS}, got {self.positions!r}",
         )
         _require(self.max_message_mb > 0, "max_message_mb", f"must be > 0, got {self.max_message_mb}")
+        _require(self.max_update_value > 0, "max_update_value", f"must be > 0, got {self.max_update_value}")
         _require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         _require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
+        # lm-eval / Hub
+        if isinstance(self.lm_eval_tasks, str):
+            self.lm_eval_tasks = [self.lm_eval_tasks]
+        _require(
+            all(isinstance(t, str) and t.strip() for t in self.lm_eval_tasks),
+            "lm_eval_tasks",
+            f"expected task or suite names, got {self.lm_eval_tasks!r}",
+        )
+        _require(self.lm_eval_every >= 0, "lm_eval_every", f"must be >= 0, got {self.lm_eval_every}")
+        _require(
+            self.lm_eval_limit is None or self.lm_eval_limit >= 1,
+            "lm_eval_limit",
+            f"must be >= 1 or None (all documents), got {self.lm_eval_limit}",
+        )
+        _require(
+            self.lm_eval_max_gen_toks is None or self.lm_eval_max_gen_toks >= 1,
+            "lm_eval_max_gen_toks",
+            f"must be >= 1 or None, got {self.lm_eval_max_gen_toks}",
+        )
+        _require(self.lm_eval_batch_size >= 1, "lm_eval_batch_size", f"must be >= 1, got {self.lm_eval_batch_size}")
+        _require(
+            self.hub_round_refs in HUB_ROUND_REFS,
+            "hub_round_refs",
+            f"must be one of {HUB_ROUND_REFS}, got {self.hub_round_refs!r}",
+        )
+        try:
+            ref = self.hub_revision_template.format(round=1)
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(
+                f"FedSRDConfig.hub_revision_template: must format with round=<int> only, e.g. 'round-{{round:04d}}'; "
+                f"{self.hub_revision_template!r} fails: {err!r}."
+            ) from err
+        _require(
+            bool(ref) and not any(c in ref for c in " ~^:?*[\\") and ref != self.hub_revision_template.format(round=2),
+            "hub_revision_template",
+            f"must give a valid git ref name that differs per round, got {ref!r} for round 1",
+        )
 
     @property
     def seed(self) -> int:

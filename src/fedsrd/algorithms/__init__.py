@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from fedsrd.algorithms.base import Algorithm, Payload, State
+from fedsrd.algorithms.base import Algorithm, BaseDelta, Payload, State
 
 if TYPE_CHECKING:
     from fedsrd.config import FedSRDConfig
@@ -17,6 +17,17 @@ _BUILTIN: dict[str, str] = {
     "fedavg": "fedsrd.algorithms.fedavg",
     "fedsrd": "fedsrd.algorithms.fedsrd",
     "fedsrd_e": "fedsrd.algorithms.fedsrd",
+    "fedprox": "fedsrd.algorithms.fedprox",
+    "ffa_lora": "fedsrd.algorithms.ffa_lora",
+    "flexlora": "fedsrd.algorithms.flexlora",
+    "fed_dare": "fedsrd.algorithms.fed_dare",
+    "topk": "fedsrd.algorithms.topk",
+    "flora": "fedsrd.algorithms.flora",
+    "fedsa_lora": "fedsrd.algorithms.fedsa_lora",
+    "fedex_lora": "fedsrd.algorithms.fedex_lora",
+    "fedfft": "fedsrd.algorithms.fedfft",
+    "fedkrso": "fedsrd.algorithms.fedkrso",
+    "fedkseed": "fedsrd.algorithms.fedkseed",
 }
 
 
@@ -51,6 +62,7 @@ def get_algorithm(name: str, config: FedSRDConfig) -> Algorithm:
 
 __all__ = [
     "Algorithm",
+    "BaseDelta",
     "Payload",
     "State",
     "get_algorithm",

@@ -9,6 +9,7 @@ Accelerate and Flower.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 State = dict[str, torch.Tensor]
 # What travels: a dense tensor, or a sparse one (fedsrd.wire.SparseTensor) for compressed payloads.
 Payload = dict[str, Any]
+# A change to fold into frozen base weights: module name -> factor pairs (left d_out x k, right k x d_in).
+BaseDelta = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
 
 
 class Algorithm(ABC):
@@ -72,4 +75,91 @@ class Algorithm(ABC):
 
     def broadcast_is_partial(self) -> bool:
         """True if a broadcast may carry only some of the `broadcast_shapes` names (e.g. one LoRA factor per round)."""
+        return False
+
+    # ---- client-kept ("personal") tensors (FedSA-LoRA) ----------------------------------------------------------
+    def personal(self, name: str) -> bool:
+        """Whether adapter tensor `name` stays with each client: trained locally, never uploaded nor broadcast.
+
+        The client role keeps every client's personal tensors by client id and loads them over the global state
+        before that client trains again (`FederatedClient.start_state`). The global state still holds these names,
+        at their shared initial values, so every party's adapter has the same keys. Default: nothing is personal.
+        """
+        return False
+
+    def export_state(self, global_state: State, personal_states: Mapping[int, State]) -> State:
+        """The adapter the runtime saves and evaluates as the run's model.
+
+        Default: the global state, each personal tensor replaced by the uniform mean of the clients' own values
+        (clients that have not trained yet are left out). With nothing personal this is the global state itself.
+        """
+        names = sorted({k for state in personal_states.values() for k in state})
+        if not names:
+            return global_state
+        exported = dict(global_state)
+        for name in names:
+            values = [state[name].to(torch.float32) for state in personal_states.values() if name in state]
+            exported[name] = torch.stack(values).mean(dim=0)
+        return exported
+
+    # ---- writes into the frozen base weights (FLoRA, FedEx-LoRA) ------------------------------------------------
+    writes_base_weights: ClassVar[bool] = False  # True: refused on quantized bases, before any training
+
+    def base_delta(self, broadcast: Payload) -> BaseDelta:
+        """What every party folds into its frozen base weights once it has this broadcast.
+
+        Module name (the PEFT key prefix of the module's ``lora_A``/``lora_B``) -> factor pairs ``(left, right)``;
+        the party adds ``lora_scaling * sum(left @ right)`` to that module's base weight, in the weight's dtype.
+        The server never needs base weights. Default: nothing (the base stays frozen).
+        """
+        return {}
+
+    def reinitialize(self, state: State, round: int) -> State:
+        """The state the next round starts from, run after `apply` by the server and every client.
+
+        Everyone calls it with the same state and round, so it may draw from
+        ``fedsrd.ops.generator_for(config.seed, ..., round)`` (FLoRA re-initialises LoRA after each merge).
+        Default: the state unchanged.
+        """
+        return state
+
+    # ---- full-parameter algorithms (FedKRSO, FedFFT, FedKSeed; docs/full_parameter.md) ------------------------------
+    # With uses_lora False the model is trained without PEFT. Every party holds the shared initial values of the
+    # `trainable_weights` and the global state; `materialize` turns the two into the weights the model loads.
+    uses_lora: ClassVar[bool] = True
+
+    def trainable_weights(self, model: torch.nn.Module) -> list[str]:
+        """Full-parameter algorithms: names (as in `model.named_parameters()`) of the weights local training changes.
+
+        `trainable(name)` then says which of them autograd differentiates (the others change through the
+        algorithm's own optimizer). `init_global_state` receives these weights' initial values.
+        """
+        raise NotImplementedError(f"algorithm {self.name!r} trains a LoRA adapter; trainable_weights needs uses_lora.")
+
+    def materialize(self, state: State, initial: State) -> State:
+        """Full-parameter algorithms: the weights every party loads, from the global state and the initial weights.
+
+        Default: ``initial + state`` (the state holds each trained weight's change from its initial value).
+        """
+        return {name: value + state[name].to(value.dtype) for name, value in initial.items()}
+
+    def create_optimizer(
+        self, model: torch.nn.Module, args: Any, round: int, client_id: int
+    ) -> torch.optim.Optimizer | None:
+        """The algorithm's own local optimizer for this client and round, or None for Trainer's (`args`: its
+        `TrainingArguments`). Optional methods the trainer uses when the optimizer has them:
+
+        - ``upload_state() -> State``: tensors `client_update` needs, merged into the local state (reserved names);
+        - ``extra_parameters() -> list[Tensor]``: trained tensors outside the model, gradient-clipped with it;
+        - ``zeroth_order_step(loss_fn) -> Tensor``: replaces forward + backward (`loss_fn()` evaluates the batch);
+        - ``close()``: called when the local phase ends (e.g. removes forward hooks).
+        """
+        return None
+
+    def check_training_args(self, args: Any) -> None:
+        """Raise ValueError, before any training, if `args` (TrainingArguments) conflict with the algorithm."""
+        return None
+
+    def update_is_partial(self) -> bool:
+        """True if an update may carry only some of the `update_shapes` names (FedKRSO: the seeds a client used)."""
         return False

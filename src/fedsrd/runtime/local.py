@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 from transformers.trainer_utils import TrainOutput
 
-from fedsrd.client import FederatedClient
+from fedsrd.client import BaseWeightWriter, FederatedClient
 from fedsrd.ops import derive_seed
 from fedsrd.server import FederatedServer
 
@@ -40,11 +40,12 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
     server = FederatedServer(trainer.algorithm, trainer.global_state, cfg)
     # Every party starts from the same seeded adapter, so round 0 needs no bytes on the wire.
     client_view = FederatedClient(trainer.algorithm, dict(trainer.global_state), cfg)
+    base_writer = BaseWeightWriter(trainer.model)  # FLoRA, FedEx-LoRA: the merges into the (one) model's base
     is_main = args.process_index == 0
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "fed_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    table = RoundTable(enabled=is_main and not args.disable_tqdm)
+    table = RoundTable(enabled=is_main)
     cumulative_mb = 0.0
     start = time.time()
     if trainer.eval_dataset and not trainer.history:
@@ -61,9 +62,10 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
         updates: list[bytes] = []
         for cid in clients:
             trainer.global_state = client_view.state
-            trainer.load_global_state(client_view.state)
+            trainer.load_global_state(client_view.start_state(cid))  # + this client's own tensors (FedSA-LoRA)
             output = trainer.local_train(cid, round)
             local_state = _adapter_state(trainer)
+            client_view.keep_personal(cid, local_state)
             updates.append(
                 client_view.make_update(
                     local_state,
@@ -76,11 +78,13 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
         result = server.step(round, updates)
         # The broadcast goes to every party, so all of them hold the current global adapter.
         client_view.receive(result.broadcast)
+        base_writer.add(client_view.base_delta)  # once per round: every client folds it into its own copy
         upload = sum(len(u) for u in updates)
         download = len(result.broadcast) * cfg.num_clients
         cumulative_mb += (upload + download) / MB
         trainer.global_state = server.state
-        trainer.load_global_state(server.state)
+        # What is evaluated and saved: the global adapter (FedSA-LoRA: with the mean of the clients' own B).
+        trainer.load_global_state(trainer.algorithm.export_state(server.state, client_view.personal_states))
         record: dict[str, Any] = {
             "round": round,
             "clients": clients,
@@ -98,9 +102,11 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
         saved_dir = None
         if is_main and ((cfg.save_every and round % cfg.save_every == 0) or last):
             saved_dir = out_dir / f"round_{round:04d}"
-            trainer.model.save_pretrained(str(saved_dir), save_embedding_layers=False)
+            trainer.save_global_model(saved_dir)  # adapter folder; full-parameter algorithms: model folder
+            save_extras(trainer, client_view, base_writer, saved_dir)
         if is_main and last:
-            trainer.model.save_pretrained(str(out_dir / "final"), save_embedding_layers=False)
+            trainer.save_global_model(out_dir / "final")
+            save_extras(trainer, client_view, base_writer, out_dir / "final")
         # Callbacks may add to the record (e.g. benchmark scores) before it is written to history.json.
         trainer.call_round_event("on_round_end", round=round, record=record, saved_dir=saved_dir, is_last=last)
         record["seconds"] = time.time() - t0
@@ -119,13 +125,28 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
     return TrainOutput(global_step=cfg.num_rounds, training_loss=final["train_loss"], metrics=metrics)
 
 
-def _adapter_state(trainer: FederatedTrainer) -> dict:
-    from peft import get_peft_model_state_dict
+def save_extras(
+    trainer: FederatedTrainer, client_view: FederatedClient, base_writer: BaseWeightWriter, directory: Path
+) -> None:
+    """What a user needs beside the saved adapter to rebuild the run's model(s).
 
-    return {
-        k: v.detach().to("cpu").float().clone()
-        for k, v in get_peft_model_state_dict(trainer.model, save_embedding_layers=False).items()
-    }
+    ``base_delta.safetensors``: the base weights' total change, for algorithms that merge into them (FLoRA,
+    FedEx-LoRA; `fedsrd.client.add_base_delta`). ``personal/client_NNNN/``: each client's own adapter, the global
+    tensors plus its personal ones (FedSA-LoRA: the shared A with that client's B), a plain PEFT adapter folder.
+    """
+    from fedsrd.server import save_adapter
+
+    base_writer.save(directory)
+    if client_view.personal_states:
+        peft_config = trainer.model.peft_config[trainer.model.active_adapter]
+        for cid, personal in sorted(client_view.personal_states.items()):
+            folder = directory / "personal" / f"client_{cid:04d}"
+            save_adapter({**client_view.state, **personal}, folder)
+            peft_config.save_pretrained(str(folder))
+
+
+def _adapter_state(trainer: FederatedTrainer) -> dict:
+    return trainer.local_state()  # the adapter; full-parameter algorithms: weight changes + optimizer state
 
 
 def evaluate_global(trainer: FederatedTrainer) -> dict[str, float]:
@@ -134,7 +155,13 @@ def evaluate_global(trainer: FederatedTrainer) -> dict[str, float]:
     for name, ds in trainer.eval_dataset.items():
         metrics = trainer.evaluate(eval_dataset=ds, metric_key_prefix=f"eval_{name}")
         scores[f"eval_{name}_loss"] = float(metrics[f"eval_{name}_loss"])
-    scores["eval_loss"] = sum(scores.values()) / len(scores)
+        if f"eval_{name}_accuracy" in metrics:  # sequence classifiers
+            scores[f"eval_{name}_accuracy"] = float(metrics[f"eval_{name}_accuracy"])
+    losses = [v for k, v in scores.items() if k.endswith("_loss")]
+    scores["eval_loss"] = sum(losses) / len(losses)
+    accuracies = [v for k, v in scores.items() if k.endswith("_accuracy")]
+    if accuracies:
+        scores["eval_accuracy"] = sum(accuracies) / len(accuracies)
     return scores
 
 

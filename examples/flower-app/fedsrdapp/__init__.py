@@ -1,0 +1,1 @@
+"""fedsrd on Flower: the ServerApp and ClientApp are `fedsrd.integrations.flower`'s."""

@@ -1,0 +1,119 @@
+"""FLoRA (Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous Low-Rank
+Adaptations", NeurIPS 2024; code ATP-1010/FederatedLLM, ``--stacking``).
+
+Averaging A and B separately does not average the clients' updates: ``mean(B_i) mean(A_i) != mean(B_i A_i)``.
+FLoRA *stacks* instead: with ``P = [B_1 .. B_m]`` (d_out x m r) and ``Q = [p_1 A_1; ..; p_m A_m]`` (m r x d_in),
+``P Q = sum_i p_i B_i A_i`` exactly, a LoRA of rank m r. The server broadcasts the stacked factors (slot i holds
+``B_i`` and ``p_i A_i``, the weight on A as in the authors' code); every party merges ``s P Q`` (s = lora_alpha / r)
+into its frozen base weights, and LoRA is re-initialised for the next round: B = 0 and a fresh A drawn as PEFT does
+(Kaiming-uniform, ``U(-1/sqrt(d_in), 1/sqrt(d_in))``) from ``generator_for(seed, "flora_reinit", round, module)``,
+so every party draws the same A and nothing is sent for it. The server never needs the base weights.
+
+The download is m times FedAvg's A+B (the rank grows with the clients). What a user needs afterwards: the base
+weights as merged (the runtime saves their accumulated change, ``base_delta.safetensors``, next to each adapter) and
+the adapter, which right after a round is the fresh one (B = 0). Refused on quantized bases.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedsrd.algorithms import register_algorithm
+from fedsrd.algorithms.base import BaseDelta, Payload, State
+from fedsrd.algorithms.fedavg import FedAvg
+from fedsrd.algorithms.fedsrd import LoraModule, lora_modules
+from fedsrd.ops import generator_for
+
+
+# ---- base-weight factors on the wire (shared with FedEx-LoRA) -----------------------------------------------------
+def merge_slot_keys(module: str, slot: int) -> tuple[str, str]:
+    """Broadcast names of the ``slot``-th factor pair merged into ``module``'s base weight (left, right)."""
+    return f"{module}.base_merge_{slot}.left", f"{module}.base_merge_{slot}.right"
+
+
+def merge_slot_shapes(state: State, num_slots: int) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Expected shapes of up to ``num_slots`` factor pairs per module: left d_out x r, right r x d_in (dense)."""
+    shapes: dict[str, tuple[tuple[int, ...], bool]] = {}
+    for module in lora_modules(state):
+        (r, d_in), (d_out, _) = state[module.a_key].shape, state[module.b_key].shape
+        for slot in range(num_slots):
+            left, right = merge_slot_keys(module.name, slot)
+            shapes[left], shapes[right] = ((d_out, r), False), ((r, d_in), False)
+    return shapes
+
+
+def base_delta_from_slots(broadcast: Payload) -> BaseDelta:
+    """Group the broadcast's factor-pair slots by module, in slot order."""
+    slots: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for key, value in broadcast.items():
+        head, dot, side = key.rpartition(".")
+        module, sep, slot = head.rpartition(".base_merge_")
+        if not sep or side not in ("left", "right") or not slot.isdigit():
+            continue
+        slots.setdefault(module, {}).setdefault(int(slot), {})[side] = value.to(torch.float32)
+    delta: BaseDelta = {}
+    for module, by_slot in sorted(slots.items()):
+        for slot, pair in sorted(by_slot.items()):
+            if set(pair) != {"left", "right"}:
+                raise ValueError(f"base-weight factors of {module!r}: slot {slot} has only its {sorted(pair)[0]}.")
+            delta.setdefault(module, []).append((pair["left"], pair["right"]))
+    return delta
+
+
+def peft_lora_a_init(rank: int, d_in: int, generator: torch.Generator) -> torch.Tensor:
+    """A fresh LoRA A as PEFT draws it (``kaiming_uniform_(a=sqrt(5))``: ``U(-1/sqrt(d_in), 1/sqrt(d_in))``)."""
+    bound = 1.0 / math.sqrt(d_in)
+    return (torch.rand(rank, d_in, generator=generator, dtype=torch.float32) * 2.0 - 1.0) * bound
+
+
+@register_algorithm
+class FLoRA(FedAvg):  # FedAvg's upload: every trained factor, dense
+    name = "flora"
+    paper = "FLoRA (Wang et al., NeurIPS 2024)"
+    uploads = "LoRA A and B, dense"
+    downloads = "every client's B and p_i A (stacked, rank m r), dense; merged into the base, LoRA re-initialised"
+    writes_base_weights = True
+
+    def server_step(
+        self, global_state: State, updates: list[Payload], weights: list[float], round: int, rng: torch.Generator
+    ) -> Payload:
+        if not updates:
+            raise ValueError("FLoRA.server_step: no client updates to aggregate.")
+        if len(updates) > self.config.num_clients:
+            raise ValueError(f"FLoRA: {len(updates)} updates, more than num_clients={self.config.num_clients}.")
+        payload: Payload = {}
+        for module in lora_modules(global_state):
+            for slot, (update, weight) in enumerate(zip(updates, weights, strict=True)):
+                left, right = merge_slot_keys(module.name, slot)
+                payload[left] = update[module.b_key].to(torch.float32).clone()  # P = [B_1 .. B_m]
+                payload[right] = update[module.a_key].to(torch.float32) * weight  # Q = [p_1 A_1; ..; p_m A_m]
+        return payload
+
+    def apply(self, state: State, broadcast: Payload) -> State:
+        """The stacked product is merged into the base, so the adapter restarts from B = 0 (A: `reinitialize`)."""
+        new_state = dict(state)
+        for module in lora_modules(state):
+            new_state[module.b_key] = torch.zeros_like(state[module.b_key], dtype=torch.float32)
+        return new_state
+
+    def base_delta(self, broadcast: Payload) -> BaseDelta:
+        return base_delta_from_slots(broadcast)
+
+    def reinitialize(self, state: State, round: int) -> State:
+        new_state = dict(state)
+        for module in lora_modules(state):
+            new_state[module.a_key] = self.fresh_a(module, state, round)
+        return new_state
+
+    def fresh_a(self, module: LoraModule, state: State, round: int) -> torch.Tensor:
+        """The A every party draws for `module` after `round`'s merge."""
+        rank, d_in = state[module.a_key].shape
+        return peft_lora_a_init(rank, d_in, generator_for(self.config.seed, "flora_reinit", round, module.name))
+
+    def broadcast_shapes(self, global_state: State) -> dict[str, tuple[tuple[int, ...], bool]]:
+        return merge_slot_shapes(global_state, self.config.num_clients)
+
+    def broadcast_is_partial(self) -> bool:
+        return True  # one slot per aggregated client, however many that was

@@ -1,0 +1,512 @@
+"""Real deployment on Flower (``pip install 'fedsrd[flower]'``): a ServerApp and a ClientApp around the same
+algorithm, wire codec, `FederatedServer`/`FederatedClient` and `FederatedTrainer` as the simulation.
+
+A Flower app is two lines of user code::
+
+    # server_app.py                                   # client_app.py
+    from fedsrd.integrations.flower import make_server_app    from fedsrd.integrations.flower import make_client_app
+    app = make_server_app()                           app = make_client_app()
+
+and its settings are the main job's arguments in ``[tool.flwr.app.config]`` (`fedsrd.integrations.settings`).
+Each SuperNode is one client: ``--node-config "partition-id=N"`` (its client id; with no ``data`` key it trains on
+partition N of the run's data, as `fedsrd train` partitions it) and optionally ``data="/path/or/hub-name"`` (its own
+data) and ``state-dir="/path"`` (where it keeps its copy of the global state, `fedsrd.integrations.node`).
+
+One round, as in `fedsrd.runtime.local`: the server samples ``clients_per_round`` client ids by (seed, round); each
+sampled node gets a ``train`` message carrying what it missed (`fedsrd.integrations.catchup`: the missed broadcasts
+or the full state, whichever is smaller), applies it, checks the digest, runs Trainer's loop for ``local_steps`` and
+replies with its encoded update; the server validates the updates, runs the server step and checkpoints. Every
+payload is `fedsrd.wire` bytes in a Flower ``ArrayRecord`` and counted by its length. Message types:
+
+    query.hello   server -> node: which client are you, what do you hold (and client 0: the initial adapter)
+    train         catch-up bytes + round -> encoded update
+    query.sync    catch-up bytes only (after the last round, so every client ends on the final global state)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+try:
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "fedsrd.integrations.flower needs Flower: pip install 'fedsrd[flower]' (flwr==1.41.*)."
+    ) from err
+
+from fedsrd import wire
+from fedsrd.algorithms import get_algorithm
+from fedsrd.integrations.catchup import CatchUp, CatchUpError, OutOfSync, SyncLedger, decode_full_state
+from fedsrd.integrations.catchup import encode_full_state as _encode_full_state
+from fedsrd.integrations.checkpoint import ServerCheckpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
+from fedsrd.integrations.node import FederationNode
+from fedsrd.integrations.settings import RunSettings, parse_run_config
+from fedsrd.runtime.local import MB, RoundTable, sample_clients
+from fedsrd.server import FederatedServer, save_adapter
+
+logger = logging.getLogger(__name__)
+
+HELLO = f"{MessageType.QUERY}.hello"
+TRAIN = MessageType.TRAIN
+SYNC = f"{MessageType.QUERY}.sync"
+CONFIG = "fedsrd"  # ConfigRecord key: control fields
+PAYLOAD = "payload"  # ArrayRecord key: fedsrd.wire messages, one Array each
+METRICS = "metrics"  # MetricRecord key
+WIRE_STYPE = "fedsrd.wire"  # Array.stype of a fedsrd.wire message carried as raw bytes
+NODE_CACHE_ENV = "FEDSRD_FLOWER_NODE_CACHE"  # how many nodes' models one ClientApp process keeps (default 4)
+
+__all__ = ["FlowerCoordinator", "make_client_app", "make_server_app", "run_server"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# records: fedsrd.wire bytes in Flower records
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def bytes_record(blobs: Mapping[str, bytes]) -> ArrayRecord:
+    """Encoded messages as one-dimensional uint8 Arrays (raw bytes: Flower chunks them, nothing re-encodes them)."""
+    arrays = {k: Array(dtype="uint8", shape=(len(b),), stype=WIRE_STYPE, data=bytes(b)) for k, b in blobs.items()}
+    return ArrayRecord(arrays)
+
+
+def record_bytes(content: RecordDict) -> dict[str, bytes]:
+    """The encoded messages in `content` (empty if it carries none)."""
+    if PAYLOAD not in content:
+        return {}
+    out = {}
+    for key, array in content[PAYLOAD].items():
+        if array.stype != WIRE_STYPE or array.dtype != "uint8":
+            raise wire.WireError(
+                f"payload {key!r}: expected a {WIRE_STYPE} uint8 array, got {array.stype}/{array.dtype}."
+            )
+        out[key] = array.data
+    return out
+
+
+def _catch_up_blobs(plan: CatchUp) -> dict[str, bytes]:
+    return {f"{plan.kind}-{r:06d}": data for r, data in plan.blobs}
+
+
+def _read_catch_up(config: Mapping[str, Any], blobs: Mapping[str, bytes]) -> tuple[str, list[tuple[int, bytes]]]:
+    kind = str(config.get("sync-kind", "none"))
+    if kind not in ("none", "broadcasts", "full"):
+        raise wire.WireError(f"sync-kind: expected none, broadcasts or full, got {kind!r}.")
+    ordered = sorted((int(k.rsplit("-", 1)[1]), v) for k, v in blobs.items() if k.startswith(f"{kind}-"))
+    return kind, ordered
+
+
+def _reply(msg: Message, info: Mapping[str, Any], blobs: Mapping[str, bytes] | None = None, metrics=None) -> Message:
+    content = RecordDict({CONFIG: ConfigRecord(dict(info))})
+    if blobs:
+        content[PAYLOAD] = bytes_record(blobs)
+    if metrics:
+        content[METRICS] = MetricRecord({k.replace("_", "-"): float(v) for k, v in metrics.items()})
+    return Message(content, reply_to=msg)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ClientApp
+# ---------------------------------------------------------------------------------------------------------------------
+
+_NODES: OrderedDict[str, FederationNode] = OrderedDict()
+
+
+def _node(context: Context) -> FederationNode:
+    """This process's `FederationNode` for the run and node config (model and data are built once, then reused)."""
+    key = json.dumps([sorted(context.run_config.items()), sorted(context.node_config.items())], default=str)
+    node = _NODES.get(key)
+    if node is None:
+        node = FederationNode(parse_run_config(context.run_config), context.node_config)
+        _NODES[key] = node
+        while len(_NODES) > max(1, int(os.environ.get(NODE_CACHE_ENV, "4"))):
+            _NODES.popitem(last=False)
+    _NODES.move_to_end(key)
+    return node
+
+
+def _open(msg: Message, context: Context) -> tuple[FederationNode, Mapping[str, Any]]:
+    config = msg.content[CONFIG]
+    node = _node(context)
+    node.open(str(config["federation-id"]))
+    return node, config
+
+
+def _hello(msg: Message, context: Context) -> Message:
+    node, config = _open(msg, context)
+    blobs = {"init": node.initial_state_message()} if int(config.get("init-from", -1)) == node.client_id else {}
+    return _reply(msg, {**node.held(), "status": "ok", "adapter-config": node.store.adapter_config()}, blobs)
+
+
+def _catch_up(node: FederationNode, config: Mapping[str, Any], msg: Message) -> str | None:
+    """Apply the message's catch-up; None, or why the node is out of sync."""
+    kind, blobs = _read_catch_up(config, record_bytes(msg.content))
+    try:
+        node.catch_up(kind, blobs, int(config["sync-round"]), str(config["sync-digest"]))
+    except OutOfSync as err:
+        return str(err)
+    return None
+
+
+def _train(msg: Message, context: Context) -> Message:
+    node, config = _open(msg, context)
+    problem = _catch_up(node, config, msg)
+    if problem is not None:
+        return _reply(msg, {**node.held(), "status": "out-of-sync", "reason": problem})
+    update, metrics = node.train(int(config["round"]))
+    return _reply(msg, {**node.held(), "status": "ok"}, {"update": update}, metrics)
+
+
+def _sync(msg: Message, context: Context) -> Message:
+    node, config = _open(msg, context)
+    problem = _catch_up(node, config, msg)
+    if problem is not None:
+        return _reply(msg, {**node.held(), "status": "out-of-sync", "reason": problem})
+    if bool(config.get("final", False)):
+        node.save_adapter()
+    return _reply(msg, {**node.held(), "status": "ok"})
+
+
+def make_client_app() -> ClientApp:
+    """The ClientApp of every data owner's SuperNode."""
+    app = ClientApp()
+    app.query("hello")(_hello)
+    app.train()(_train)
+    app.query("sync")(_sync)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ServerApp
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def make_server_app() -> ServerApp:
+    """The ServerApp of the coordinator: runs (or resumes) the federation described by the run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, context.run_config)
+
+    return app
+
+
+def run_server(grid: Grid, run_config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Run the federation on `grid`; returns the history (also written to ``<output_dir>/history.json``)."""
+    return FlowerCoordinator(grid, parse_run_config(run_config)).run()
+
+
+def _say(text: str) -> None:
+    print(f"fedsrd: {text}", flush=True)  # the ServerApp's stdout is what `flwr run --stream` shows
+
+
+class FlowerCoordinator:
+    """The server side of a federation on a Flower `Grid`: the same round as `fedsrd.runtime.local`, over messages.
+
+    Holds the `FederatedServer`, the map from client id to SuperNode, and the `SyncLedger` of what each client
+    holds; checkpoints after every round (`fedsrd.integrations.checkpoint`).
+    """
+
+    def __init__(self, grid: Grid, settings: RunSettings) -> None:
+        self.grid = grid
+        self.settings = settings
+        self.cfg = settings.fed
+        self.algorithm = get_algorithm(self.cfg.algorithm, self.cfg)
+        self.out_dir = Path(settings.training.output_dir).resolve()
+        self.nodes: dict[int, int] = {}  # client id -> SuperNode id
+        self.ledger = SyncLedger()
+        self.server: FederatedServer | None = None
+        self.history: list[dict[str, Any]] = []
+        self.federation_id = uuid.uuid4().hex
+        self.adapter_config: dict[str, Any] | None = None
+        self.table = RoundTable(enabled=True)
+        self._full_state: tuple[int, bytes] | None = None
+        self._hello_errors: dict[int, str] = {}  # SuperNode id -> why its last hello failed
+
+    # ---- the run --------------------------------------------------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        resumed = self.settings.resume and self._restore()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.out_dir / "fed_config.json", json.dumps(self.cfg.to_dict(), indent=2).encode())
+        _say(f"{'resuming' if resumed else 'starting'} federation {self.federation_id} ({self.cfg.algorithm}, "
+             f"{self.cfg.num_clients} clients, {self.cfg.sampled_per_round} per round); output in {self.out_dir}")
+        init = self._connect(want_init=not resumed)
+        if not resumed:
+            self._start(init)
+        for round in range(self.ledger.round + 1, self.cfg.num_rounds + 1):
+            self._round(round)
+        if self.settings.final_sync:
+            self._final_sync()
+        self._save_adapter(self.out_dir / "final")
+        return self.history
+
+    def _restore(self) -> bool:
+        ckpt = load_checkpoint(self.settings.checkpoint_dir)
+        if ckpt is None:
+            _say(f"resume: no checkpoint under {self.settings.checkpoint_dir}; starting a new federation")
+            return False
+        for key in ("algorithm", "num_clients", "fed_seed", "lora_r", "lora_alpha"):
+            if key in ckpt.fed_config and ckpt.fed_config[key] != getattr(self.cfg, key):
+                raise ValueError(
+                    f"resume: the checkpoint in {self.settings.checkpoint_dir} was made with {key}="
+                    f"{ckpt.fed_config[key]!r}, this run has {key}={getattr(self.cfg, key)!r}."
+                )
+        self.server = FederatedServer(self.algorithm, ckpt.state, self.cfg)
+        self.server.round = ckpt.round
+        self.ledger, self.history = ckpt.ledger, ckpt.history
+        self.federation_id, self.adapter_config = ckpt.federation_id, ckpt.adapter_config
+        _say(f"resume: checkpoint of round {ckpt.round} from {self.settings.checkpoint_dir}")
+        return True
+
+    def _connect(self, want_init: bool) -> bytes | None:
+        """Wait until a SuperNode for every client id has answered hello; the initial adapter from client 0."""
+        deadline = time.monotonic() + self.settings.node_timeout
+        init: bytes | None = None
+        while True:
+            node_ids = [n for n in self.grid.get_node_ids() if n not in self.nodes.values()]
+            if node_ids:
+                init = self._hello(node_ids, want_init and init is None) or init
+            missing = [c for c in range(self.cfg.num_clients) if c not in self.nodes]
+            if not missing and (init is not None or not want_init):
+                return init
+            if time.monotonic() > deadline:
+                errors = "".join(f"; SuperNode {n}: {e}" for n, e in self._hello_errors.items())
+                raise TimeoutError(
+                    f"after {self.settings.node_timeout:.0f} s no SuperNode has answered for client(s) {missing} "
+                    f"(connected: {sorted(self.nodes)}); start one per client with --node-config 'partition-id=N'"
+                    f"{errors}"
+                )
+            time.sleep(1.0)
+
+    def _hello(self, node_ids: Iterable[int], want_init: bool) -> bytes | None:
+        config = {"federation-id": self.federation_id, "init-from": 0 if want_init else -1}
+        messages = [Message(RecordDict({CONFIG: ConfigRecord(config)}), n, HELLO, group_id="hello") for n in node_ids]
+        init = None
+        timeout = min(self.settings.node_timeout, self.settings.round_timeout)
+        for node_id, reply in self._exchange(messages, timeout).items():
+            info, blobs, error = _parse_reply(reply)
+            if error is not None:
+                if self._hello_errors.get(node_id) != error:
+                    _say(f"SuperNode {node_id} did not answer hello: {error}")
+                self._hello_errors[node_id] = error
+                continue
+            self._hello_errors.pop(node_id, None)
+            cid = int(info["client-id"])
+            if self.nodes.get(cid, node_id) != node_id and self.nodes[cid] in set(self.grid.get_node_ids()):
+                raise RuntimeError(
+                    f"SuperNodes {self.nodes[cid]} and {node_id} both say they are client {cid}; give each data "
+                    "owner its own --node-config 'partition-id=N'."
+                )
+            self.nodes[cid] = node_id
+            self.ledger.set_held(cid, int(info["round"]), str(info["digest"]))
+            if self.adapter_config is None and info.get("adapter-config"):
+                self.adapter_config = json.loads(str(info["adapter-config"]))
+            init = blobs.get("init", init)
+        return init
+
+    def _start(self, init: bytes | None) -> None:
+        """Begin a new federation from client 0's initial adapter, after checking every client built the same one."""
+        assert init is not None
+        state, _ = decode_full_state(init, self.algorithm.name, max_bytes=self.cfg.max_message_bytes)
+        digest = wire.state_digest(state)
+        differing = sorted(c for c, held in self.ledger.held.items() if held != (0, digest))
+        if differing:
+            raise RuntimeError(
+                f"client(s) {differing} built a different initial adapter than client 0 (digest {digest[:12]}); "
+                "every SuperNode must use the same model, LoRA settings and seed."
+            )
+        self.server = FederatedServer(self.algorithm, state, self.cfg)
+        self.ledger.digests[0] = digest
+        self.history.append({"round": 0, "upload_bytes": len(init), "download_bytes": 0, "initial_adapter_bytes":
+                             len(init), "cumulative_mb": len(init) / MB})
+        self._checkpoint()
+
+    def _round(self, round: int) -> None:
+        t0 = time.time()
+        clients = sample_clients(self.cfg.seed, round, self.cfg.num_clients, self.cfg.sampled_per_round)
+        self._refresh(clients)
+        rejected: dict[str, str] = {}
+        missing: list[int] = []
+        plans = self._plans(clients, rejected, missing)
+        messages = [self._message(TRAIN, cid, round, plan) for cid, plan in plans.items()]
+        replies = self._exchange(messages, self.settings.round_timeout)
+        updates, senders = [], []
+        for cid in plans:
+            reply = replies.get(self.nodes[cid])
+            info, blobs, error = _parse_reply(reply)
+            if error is not None:
+                self.ledger.held[cid] = None  # it may or may not have applied the catch-up: ask before it trains again
+                rejected[str(cid)] = error
+                missing += [cid] if reply is None else []
+                continue
+            self.ledger.set_held(cid, int(info["round"]), str(info["digest"]))
+            if info.get("status") != "ok":
+                rejected[str(cid)] = str(info.get("reason"))
+                continue
+            updates.append(blobs.get("update", b""))
+            senders.append(cid)
+        result = self.server.step(round, updates)
+        for position, reason in result.rejected.items():
+            rejected[str(senders[int(position.lstrip("#"))])] = reason
+        self.ledger.add_round(round, result.broadcast, wire.state_digest(self.server.state))
+        self.ledger.prune(None if self.algorithm.writes_base_weights else len(self._full_state_bytes()))
+        upload = sum(len(u) for u in updates)
+        download = sum(plan.num_bytes for plan in plans.values())
+        receivers = [c for c, p in plans.items() if p.num_bytes]
+        record = {
+            "round": round,
+            "clients": clients,
+            "train_loss": result.metrics.get("train_loss", float("nan")),
+            "upload_bytes": upload,
+            "download_bytes": download,
+            "upload_mb_per_client": upload / MB / max(1, len(updates)),
+            "download_mb_per_client": download / MB / max(1, len(receivers)),
+            "broadcast_bytes": len(result.broadcast),
+            "catch_up": {str(c): _describe_plan(p) for c, p in plans.items()},
+            "cumulative_mb": self._cumulative_bytes() / MB + (upload + download) / MB,
+            "rejected": rejected,
+            "missing": missing,
+            "seconds": time.time() - t0,
+        }
+        self.history.append(record)
+        self.table.add(record)
+        if self.cfg.save_every and round % self.cfg.save_every == 0:
+            self._save_adapter(self.out_dir / f"round_{round:04d}")
+        self._checkpoint()
+
+    def _final_sync(self) -> None:
+        """Bring every client to the final global state and have each save its adapter; count the bytes."""
+        self._refresh(sorted(self.nodes))
+        rejected: dict[str, str] = {}
+        plans = self._plans(sorted(self.nodes), rejected, [])
+        messages = [self._message(SYNC, cid, self.ledger.round, plan, final=True) for cid, plan in plans.items()]
+        replies = self._exchange(messages, self.settings.round_timeout)
+        for cid in plans:
+            info, _, error = _parse_reply(replies.get(self.nodes[cid]))
+            if error is not None:
+                self.ledger.held[cid] = None
+                rejected[str(cid)] = error
+            else:
+                self.ledger.set_held(cid, int(info["round"]), str(info["digest"]))
+        sent = sum(plan.num_bytes for plan in plans.values())
+        in_sync = sorted(c for c in self.nodes if self.ledger.in_sync(c))
+        record = self.history[-1]
+        record["final_sync_bytes"] = record.get("final_sync_bytes", 0) + sent
+        record["download_bytes"] += sent
+        record["cumulative_mb"] += sent / MB
+        record["final_sync"] = {str(c): _describe_plan(p) for c, p in plans.items() if p.num_bytes}
+        record["clients_in_sync"] = in_sync
+        if rejected:
+            record["final_sync_rejected"] = rejected
+        _say(f"final sync: {sent} bytes to {sum(1 for p in plans.values() if p.num_bytes)} client(s); clients holding "
+             f"the final global state (round {self.ledger.round}): {in_sync}")
+        self._checkpoint()
+
+    # ---- helpers --------------------------------------------------------------------------------------------------
+    def _refresh(self, clients: Iterable[int]) -> None:
+        """Forget departed SuperNodes; say hello to new ones and to clients whose state is unknown."""
+        current = set(self.grid.get_node_ids())
+        self.nodes = {c: n for c, n in self.nodes.items() if n in current}
+        unknown = [c for c in clients if c in self.nodes and self.ledger.held.get(c) is None]
+        ask = (current - set(self.nodes.values())) | {self.nodes[c] for c in unknown}
+        if ask:
+            self._hello(sorted(ask), want_init=False)
+
+    def _plans(self, clients: Iterable[int], rejected: dict[str, str], missing: list[int]) -> dict[int, CatchUp]:
+        plans: dict[int, CatchUp] = {}
+        full = None if self.algorithm.writes_base_weights else self._full_state_bytes
+        for cid in clients:
+            if cid not in self.nodes:
+                missing.append(cid)
+                rejected[str(cid)] = "no SuperNode connected for this client"
+                continue
+            try:
+                plans[cid] = self.ledger.plan(cid, full)
+            except CatchUpError as err:
+                rejected[str(cid)] = str(err)
+        return plans
+
+    def _message(self, kind: str, cid: int, round: int, plan: CatchUp, final: bool = False) -> Message:
+        config = {
+            "federation-id": self.federation_id,
+            "round": round,
+            "sync-kind": plan.kind,
+            "sync-round": plan.to_round,
+            "sync-digest": self.ledger.digests[plan.to_round],
+            "final": final,
+        }
+        content = RecordDict({CONFIG: ConfigRecord(config)})
+        if plan.blobs:
+            content[PAYLOAD] = bytes_record(_catch_up_blobs(plan))
+        return Message(content, self.nodes[cid], kind, group_id=str(round))
+
+    def _exchange(self, messages: list[Message], timeout: float) -> dict[int, Message]:
+        if not messages:
+            return {}
+        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        return {reply.metadata.src_node_id: reply for reply in replies}
+
+    def _full_state_bytes(self) -> bytes:
+        """The current global state as one full-state message (encoded once per round)."""
+        round = self.ledger.round
+        if self._full_state is None or self._full_state[0] != round:
+            data = _encode_full_state(self.algorithm, self.server.state, round, self.cfg.positions)
+            self._full_state = (round, data)
+        return self._full_state[1]
+
+    def _cumulative_bytes(self) -> int:
+        return sum(r.get("upload_bytes", 0) + r.get("download_bytes", 0) for r in self.history)
+
+    def _checkpoint(self) -> None:
+        ckpt = ServerCheckpoint(
+            round=self.ledger.round,
+            federation_id=self.federation_id,
+            algorithm=self.algorithm.name,
+            state=self.server.state,
+            ledger=self.ledger,
+            history=self.history,
+            fed_config=self.cfg.to_dict(),
+            adapter_config=self.adapter_config,
+        )
+        save_checkpoint(self.settings.checkpoint_dir, ckpt)
+        atomic_write_bytes(self.out_dir / "history.json", json.dumps(self.history, indent=2).encode())
+
+    def _save_adapter(self, directory: Path) -> None:
+        """The global adapter as a PEFT folder (`PeftModel.from_pretrained(base, directory)` loads it).
+
+        Full-parameter algorithms: the global state as ``global_state.safetensors`` (the server has no model;
+        `FederatedTrainer.load_global_state` rebuilds the weights from it on any party).
+        """
+        if self.algorithm.uses_lora:
+            save_adapter(self.server.state, directory, self.adapter_config)
+        else:
+            from safetensors.torch import save
+
+            state = {k: v.contiguous() for k, v in self.server.state.items()}
+            atomic_write_bytes(directory / "global_state.safetensors", save(state, metadata={"format": "pt"}))
+
+
+def _describe_plan(plan: CatchUp) -> dict[str, Any]:
+    return {"kind": plan.kind, "bytes": plan.num_bytes, "to_round": plan.to_round}
+
+
+def _parse_reply(reply: Message | None) -> tuple[dict[str, Any], dict[str, bytes], str | None]:
+    """(control fields, payload bytes, error or None) of a node's reply."""
+    if reply is None:
+        return {}, {}, "no reply before the timeout"
+    if reply.has_error():
+        return {}, {}, f"the ClientApp failed (code {reply.error.code}): {reply.error.reason}"
+    try:
+        return dict(reply.content[CONFIG]), record_bytes(reply.content), None
+    except (KeyError, wire.WireError) as err:
+        return {}, {}, f"malformed reply: {err}"
