@@ -139,3 +139,69 @@ def test_merge_adapters_on_files(tmp_path):
     reloaded = load_adapter_state(tmp_path / "new")
     assert wire.state_digest(reloaded) == wire.state_digest(new_state)
     assert (tmp_path / "new" / "broadcast.bin").read_bytes() == broadcast
+
+
+def test_norm_clipping_bounds_each_clients_change():
+    cfg = FedSRDConfig(num_clients=3, clip_update_norm=0.05)
+    state = _state()
+    algo, locals_, blobs = _updates(cfg, state)
+    server = FederatedServer(algo, dict(state), cfg)
+    for blob in blobs:
+        msg = server.decode_update(blob, 1)
+        change = torch.sqrt(sum(((msg.tensors[k] - state[k]) ** 2).sum() for k in state))
+        assert float(change) <= 0.05 * (1 + 1e-5)
+        direction = locals_[msg.meta["client_id"]]
+        k = "m.layers.0.q_proj.lora_A.weight"
+        torch.testing.assert_close(  # same direction, shorter
+            torch.nn.functional.normalize((msg.tensors[k] - state[k]).flatten(), dim=0),
+            torch.nn.functional.normalize((direction[k] - state[k]).flatten(), dim=0),
+        )
+
+
+@pytest.mark.parametrize("kind", ["unknown_name", "int_dtype", "inf", "declared_nnz", "oversized", "huge_value"])
+def test_each_hostile_kind_is_rejected_and_logged(kind, caplog):
+    import json
+    import struct
+
+    from safetensors.torch import load, save
+
+    cfg = FedSRDConfig(num_clients=3, max_message_mb=1.0)
+    state = _state()
+    algo, locals_, blobs = _updates(cfg, state)
+    blob = blobs[0]
+    n = struct.unpack("<Q", blob[:8])[0]
+    metadata = json.loads(blob[8 : 8 + n])["__metadata__"]
+    header = json.loads(metadata["fedsrd"])
+    tensors = load(blob)
+    key = "m.layers.0.q_proj.lora_A.weight"
+    if kind == "unknown_name":
+        tensors["evil"] = tensors.pop(key)
+        header["tensors"]["evil"] = header["tensors"].pop(key)
+    elif kind == "int_dtype":
+        tensors[key] = tensors[key].to(torch.int32)
+    elif kind == "inf":
+        tensors[key][0, 0] = float("inf")
+    elif kind == "declared_nnz":
+        sparse = wire.SparseTensor.from_dense(torch.eye(4, 16))
+        good = wire.encode(wire.Message("update", "fedavg", 1, {**locals_[0], key: sparse}, {"num_samples": 1}))
+        n = struct.unpack("<Q", good[:8])[0]
+        metadata = json.loads(good[8 : 8 + n])["__metadata__"]
+        header = json.loads(metadata["fedsrd"])
+        header["tensors"][key]["nnz"] = 3
+        tensors = load(good)
+    elif kind == "oversized":
+        tensors["pad"] = torch.zeros(400_000)
+        header["tensors"]["pad"] = {"layout": "dense", "shape": [400_000]}
+    elif kind == "huge_value":
+        tensors[key][0, 0] = 1e20
+    metadata["fedsrd"] = json.dumps(header)
+    hostile = save(tensors, metadata=metadata)
+    server = FederatedServer(algo, dict(state), cfg)
+    before = wire.state_digest(server.state)
+    with caplog.at_level("WARNING"):
+        result = server.step(1, [hostile, *blobs[1:]])
+    assert list(result.rejected) == ["#0"] and result.accepted == [1, 2]
+    assert "rejected update #0" in caplog.text
+    assert wire.state_digest(server.state) != before  # the honest clients still moved the state
+    for k in state:
+        torch.testing.assert_close(server.state[k], (locals_[1][k] + locals_[2][k]) / 2, rtol=0, atol=1e-6)

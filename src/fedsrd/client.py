@@ -170,6 +170,30 @@ class BaseWeightWriter:
             for key, original in sorted(self._original.items())
         }
 
+    def checkpoint_tensors(self) -> State:
+        """Everything `restore` needs to put the base weights back exactly: their original and current values."""
+        out = {}
+        for key, original in self._original.items():
+            out[f"original/{key}"] = original
+            out[f"current/{key}"] = self._weights[key].detach().to("cpu", copy=True)
+        return out
+
+    def restore(self, tensors: State) -> None:
+        """Set the written base weights to a checkpoint's values (bit for bit) and resume tracking their change."""
+        for name, value in tensors.items():
+            if not name.startswith("current/"):
+                continue
+            key = name[len("current/") :]
+            module_name = "base_model.model." + key[: -len(".weight")]
+            try:
+                weight = self.model.get_submodule(module_name).get_base_layer().weight
+            except AttributeError as err:
+                raise KeyError(f"checkpoint has a base-weight change for {key!r}, which the model lacks.") from err
+            with torch.no_grad():
+                weight.copy_(value.to(weight.dtype))
+            self._weights[key] = weight
+            self._original[key] = tensors[f"original/{key}"]
+
     def save(self, directory: str | Path) -> Path | None:
         """Write `delta_state` as ``BASE_DELTA_FILE`` in `directory` (nothing if no weight was written)."""
         if not self._original:

@@ -109,6 +109,32 @@ class FedSRDConfig:
     max_message_mb: float = field(
         default=2048.0, metadata={"help": "Messages larger than this (MiB) are rejected without being parsed."}
     )
+    # ---- reliability: dropouts, resume ----
+    min_clients: int = field(
+        default=1,
+        metadata={"help": "A round completes only if at least this many client updates arrive and pass validation."},
+    )
+    round_retries: int = field(
+        default=0,
+        metadata={"help": "If fewer than min_clients updates arrive, retry the round this many times (with a fresh "
+                  "client sample) before stopping the run."},
+    )
+    client_timeout_s: float | None = field(
+        default=None,
+        metadata={"help": "A client whose local phase takes longer than this (seconds) is dropped from the round."},
+    )
+    checkpoint: bool = field(
+        default=True,
+        metadata={"help": "Write a resumable, pickle-free checkpoint (output_dir/checkpoints/) after every round."},
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue from the last complete round's checkpoint in output_dir (if there is one)."},
+    )
+    clip_update_norm: float | None = field(
+        default=None,
+        metadata={"help": "Scale each client's update so the L2 norm of the change it proposes is at most this."},
+    )
     max_update_value: float = field(
         default=1e4,
         metadata={"help": "Updates holding any value of larger magnitude are rejected as broken or hostile."},
@@ -207,6 +233,24 @@ class FedSRDConfig:
             f"must be one of {POSITION_ENCODINGS}, got {self.positions!r}",
         )
         _require(self.max_message_mb > 0, "max_message_mb", f"must be > 0, got {self.max_message_mb}")
+        _require(self.min_clients >= 1, "min_clients", f"must be >= 1, got {self.min_clients}")
+        _require(
+            self.min_clients <= (self.clients_per_round or self.num_clients),
+            "min_clients",
+            f"must be at most the clients sampled per round ({self.clients_per_round or self.num_clients}), "
+            f"got {self.min_clients}",
+        )
+        _require(self.round_retries >= 0, "round_retries", f"must be >= 0, got {self.round_retries}")
+        _require(
+            self.client_timeout_s is None or self.client_timeout_s > 0,
+            "client_timeout_s",
+            f"must be > 0, got {self.client_timeout_s}",
+        )
+        _require(
+            self.clip_update_norm is None or self.clip_update_norm > 0,
+            "clip_update_norm",
+            f"must be > 0, got {self.clip_update_norm}",
+        )
         _require(self.max_update_value > 0, "max_update_value", f"must be > 0, got {self.max_update_value}")
         _require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         _require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")

@@ -61,6 +61,9 @@ class FederatedServer:
                 f"update holds a value of magnitude {largest:.3g}, "
                 f"above max_update_value={self.config.max_update_value:g}."
             )
+        if self.config.clip_update_norm is not None:
+            msg.tensors = clip_update(msg.tensors, self.state, self.config.clip_update_norm,
+                                      self.algorithm.uploads_deltas)
         return msg
 
     def _aggregate(
@@ -149,6 +152,40 @@ def as_received(payload: dict, value_dtype: str) -> dict:
             out[name] = wire.SparseTensor(shape=value.shape, indices=value.indices, values=values)
         else:
             out[name] = value.to(dtype).to(torch.float32)
+    return out
+
+
+def clip_update(payload: dict, global_state: State, max_norm: float, uploads_deltas: bool) -> dict:
+    """`payload` with its proposed change scaled so the change's L2 norm is at most `max_norm`.
+
+    The change of a tensor is the upload itself for delta-uploading algorithms (and for names outside the state),
+    else upload - global. Sparse uploads keep their positions.
+    """
+
+    def change(name, value):
+        if isinstance(value, wire.SparseTensor):
+            values = value.values
+            if not uploads_deltas and name in global_state:
+                values = values - global_state[name].reshape(-1)[value.indices]
+            return values
+        if not uploads_deltas and name in global_state:
+            return value - global_state[name]
+        return value
+
+    changes = {name: change(name, value) for name, value in payload.items()}
+    norm = float(torch.sqrt(sum((c.double() ** 2).sum() for c in changes.values()))) if changes else 0.0
+    if norm <= max_norm:
+        return payload
+    scale = max_norm / norm
+    out = {}
+    for name, value in payload.items():
+        scaled = changes[name] * scale
+        if isinstance(value, wire.SparseTensor):
+            if not uploads_deltas and name in global_state:
+                scaled = scaled + global_state[name].reshape(-1)[value.indices]
+            out[name] = wire.SparseTensor(shape=value.shape, indices=value.indices, values=scaled)
+        else:
+            out[name] = scaled + global_state[name] if (not uploads_deltas and name in global_state) else scaled
     return out
 
 

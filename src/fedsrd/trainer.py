@@ -264,6 +264,7 @@ class FederatedTrainer(Trainer):
         """Run every round of the federation (the local phases use `Trainer.train`)."""
         from fedsrd.runtime.local import run_federation
 
+        self.resume_requested = bool(resume_from_checkpoint or self.args.resume_from_checkpoint)
         return run_federation(self)
 
     def local_train(self, client_id: int, round: int) -> TrainOutput:

@@ -28,6 +28,9 @@ class Algorithm(ABC):
     """Base class of every federated algorithm. Subclass it in one file and register it with `@register_algorithm`."""
 
     name: ClassVar[str]
+    # True if every uploaded tensor is itself a change (a delta); False if uploads under state names carry new
+    # values (the change is upload - global). Used by the server's optional norm clipping.
+    uploads_deltas: ClassVar[bool] = False
     paper: ClassVar[str] = ""
     uploads: ClassVar[str] = ""
     downloads: ClassVar[str] = ""

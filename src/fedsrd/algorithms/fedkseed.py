@@ -94,6 +94,7 @@ class KSeedZerothOrder(torch.optim.Optimizer):
 @register_algorithm
 class FedKSeed(FullParameterAlgorithm):
     name = "fedkseed"
+    uploads_deltas = True
     paper = "FedKSeed (Qin et al., ICML 2024; arXiv 2312.06353)"
     uploads = "(seed index, scalar) pairs for the seeds used"
     downloads = "the K cumulative scalars (sparse while smaller)"

@@ -93,6 +93,7 @@ class FedSRD(Algorithm):
     """FedSRD: importance-pruned upload, product aggregation, rank-r SVD target, alternating one-factor download."""
 
     name = "fedsrd"
+    uploads_deltas = True
     paper = "FedSRD (Yan et al., WWW 2026; arXiv 2510.04601)"
     uploads = "LoRA deltas dA, dB, importance-pruned (~95% sparse, adaptive per matrix)"
     downloads = "one factor's least-squares delta per round (B odd rounds, A even), DARE-dropped (80% sparse)"

@@ -13,6 +13,7 @@ random drop instead of top-k.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 
 import torch
 
@@ -40,8 +41,11 @@ def _dense(value: torch.Tensor | SparseTensor) -> torch.Tensor:
 class SparseDeltaFedAvg(Algorithm):
     """FedAvg of sparsified round deltas: subclasses say how a client sparsifies one delta tensor."""
 
+    uploads_deltas = True
+
+    @abstractmethod
     def sparsify(self, delta: torch.Tensor, rng: torch.Generator) -> SparseTensor:
-        raise NotImplementedError
+        """The sparse form of one tensor's round delta that this client uploads."""
 
     def client_update(self, global_state: State, local_state: State, round: int, rng: torch.Generator) -> Payload:
         upload: Payload = {}

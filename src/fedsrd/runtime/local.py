@@ -23,14 +23,51 @@ logger = logging.getLogger(__name__)
 MB = 1024 * 1024
 
 
-def sample_clients(seed: int, round: int, num_clients: int, per_round: int) -> list[int]:
-    """The clients that train in `round`: all of them, or `per_round` drawn by (seed, round), in id order."""
+def sample_clients(seed: int, round: int, num_clients: int, per_round: int, attempt: int = 0) -> list[int]:
+    """The clients that train in `round`: all of them, or `per_round` drawn by (seed, round[, retry]), in id order."""
     if per_round >= num_clients:
         return list(range(num_clients))
     import random
 
-    rng = random.Random(derive_seed(seed, "sample", round))
+    parts = ("sample", round) if attempt == 0 else ("sample", round, "retry", attempt)
+    rng = random.Random(derive_seed(seed, *parts))
     return sorted(rng.sample(range(num_clients), per_round))
+
+
+def train_clients(
+    trainer: FederatedTrainer, client_view: FederatedClient, clients: list[int], round: int
+) -> tuple[list[bytes], dict[str, str]]:
+    """Each client's local phase and encoded update. A client that raises or overruns `client_timeout_s` is dropped
+    (with the reason), and the others go on."""
+    cfg = trainer.fed_config
+    updates: list[bytes] = []
+    dropped: dict[str, str] = {}
+    for cid in clients:
+        t0 = time.time()
+        try:
+            trainer.global_state = client_view.state
+            trainer.load_global_state(client_view.start_state(cid))  # + this client's own tensors (FedSA-LoRA)
+            output = trainer.local_train(cid, round)
+            local_state = _adapter_state(trainer)
+            update = client_view.make_update(
+                local_state,
+                round=round,
+                client_id=cid,
+                num_samples=len(trainer.client_datasets[cid]),
+                metrics={"train_loss": float(output.training_loss)},
+            )
+        except Exception as err:  # a failing client must not take the federation down
+            dropped[str(cid)] = f"{type(err).__name__}: {err}"
+            logger.warning("round %d: client %d dropped: %s", round, cid, dropped[str(cid)])
+            continue
+        elapsed = time.time() - t0
+        if cfg.client_timeout_s is not None and elapsed > cfg.client_timeout_s:
+            dropped[str(cid)] = f"timed out ({elapsed:.1f} s > client_timeout_s={cfg.client_timeout_s:g})"
+            logger.warning("round %d: client %d dropped: %s", round, cid, dropped[str(cid)])
+            continue
+        client_view.keep_personal(cid, local_state)
+        updates.append(update)
+    return updates, dropped
 
 
 def run_federation(trainer: FederatedTrainer) -> TrainOutput:
@@ -47,6 +84,12 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
         (out_dir / "fed_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     table = RoundTable(enabled=is_main)
     cumulative_mb = 0.0
+    first_round = 1
+    if cfg.resume or trainer.resume_requested:
+        resumed = restore_round_checkpoint(out_dir, server, client_view, base_writer, trainer)
+        if resumed is not None:
+            first_round, cumulative_mb = resumed[0] + 1, resumed[1]
+            logger.info("resuming after round %d from %s", resumed[0], out_dir / "checkpoints")
     start = time.time()
     if trainer.eval_dataset and not trainer.history:
         # Round 0: the starting point of every curve (no bytes have moved yet).
@@ -54,32 +97,36 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
             {"round": 0, "upload_bytes": 0, "download_bytes": 0, "cumulative_mb": 0.0, **evaluate_global(trainer)}
         )
         table.add(trainer.history[0])
-    bar = tqdm(range(1, cfg.num_rounds + 1), desc="rounds", disable=not is_main or args.disable_tqdm)
+    bar = tqdm(
+        range(first_round, cfg.num_rounds + 1),
+        desc="rounds",
+        initial=first_round - 1,
+        total=cfg.num_rounds,
+        disable=not is_main or args.disable_tqdm,
+    )
     for round in bar:
         t0 = time.time()
-        clients = sample_clients(cfg.seed, round, cfg.num_clients, cfg.sampled_per_round)
-        trainer.call_round_event("on_round_begin", round=round, clients=clients)
-        updates: list[bytes] = []
-        for cid in clients:
-            trainer.global_state = client_view.state
-            trainer.load_global_state(client_view.start_state(cid))  # + this client's own tensors (FedSA-LoRA)
-            output = trainer.local_train(cid, round)
-            local_state = _adapter_state(trainer)
-            client_view.keep_personal(cid, local_state)
-            updates.append(
-                client_view.make_update(
-                    local_state,
-                    round=round,
-                    client_id=cid,
-                    num_samples=len(trainer.client_datasets[cid]),
-                    metrics={"train_loss": float(output.training_loss)},
-                )
-            )
-        result = server.step(round, updates)
+        upload = 0
+        for attempt in range(cfg.round_retries + 1):
+            clients = sample_clients(cfg.seed, round, cfg.num_clients, cfg.sampled_per_round, attempt)
+            trainer.call_round_event("on_round_begin", round=round, clients=clients)
+            updates, dropped = train_clients(trainer, client_view, clients, round)
+            upload += sum(len(u) for u in updates)
+            try:
+                result = server.step(round, updates, min_updates=cfg.min_clients)
+                break
+            except RuntimeError as err:  # too few valid updates; the state is unchanged
+                if attempt == cfg.round_retries:
+                    raise RuntimeError(
+                        f"round {round}: fewer than min_clients={cfg.min_clients} usable updates after "
+                        f"{attempt + 1} attempt(s); dropped clients: {dropped}; {err}. The last complete round's "
+                        f"checkpoint is in {out_dir / 'checkpoints'} (rerun with --resume true)."
+                    ) from err
+                logger.warning("round %d: %s; retrying with a fresh sample (%d/%d)", round, err, attempt + 1,
+                               cfg.round_retries)
         # The broadcast goes to every party, so all of them hold the current global adapter.
         client_view.receive(result.broadcast)
         base_writer.add(client_view.base_delta)  # once per round: every client folds it into its own copy
-        upload = sum(len(u) for u in updates)
         download = len(result.broadcast) * cfg.num_clients
         cumulative_mb += (upload + download) / MB
         trainer.global_state = server.state
@@ -95,6 +142,7 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
             "download_mb_per_client": download / MB / cfg.num_clients,
             "cumulative_mb": cumulative_mb,
             "rejected": result.rejected,
+            "dropped": dropped,
         }
         last = round == cfg.num_rounds
         if trainer.eval_dataset and ((cfg.eval_every and round % cfg.eval_every == 0) or last):
@@ -113,6 +161,8 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
         trainer.history.append(record)
         if is_main:
             (out_dir / "history.json").write_text(json.dumps(trainer.history, indent=2))
+            if cfg.checkpoint:
+                write_round_checkpoint(out_dir, round, server, client_view, base_writer, trainer, cumulative_mb)
         table.add(record)
         bar.set_postfix(loss=record["train_loss"], eval=record.get("eval_loss", float("nan")), mb=round_mb(record))
         trainer.callback_handler.on_log(args, trainer.state, trainer.control, _log_entry(record))
@@ -123,6 +173,76 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
     metrics["train_runtime"] = time.time() - start
     metrics["total_mb"] = cumulative_mb
     return TrainOutput(global_step=cfg.num_rounds, training_loss=final["train_loss"], metrics=metrics)
+
+
+def write_round_checkpoint(
+    out_dir: Path,
+    round: int,
+    server: FederatedServer,
+    client_view: FederatedClient,
+    base_writer: BaseWeightWriter,
+    trainer: FederatedTrainer,
+    cumulative_mb: float,
+) -> None:
+    """Everything a resumed run needs after `round`: global state, clients' own tensors, base-weight writes, history.
+
+    Per-round randomness is derived from (seed, round, client), so no RNG state has to be kept.
+    """
+    from fedsrd import wire
+    from fedsrd.checkpoint import save_checkpoint
+
+    tensors = {f"global/{k}": v for k, v in server.state.items()}
+    for cid, personal in client_view.personal_states.items():
+        tensors.update({f"personal/{cid}/{k}": v for k, v in personal.items()})
+    tensors.update({f"base/{k}": v for k, v in base_writer.checkpoint_tensors().items()})
+    meta = {
+        "fed_config": trainer.fed_config.to_dict(),
+        "digest": wire.state_digest(server.state),
+        "cumulative_mb": cumulative_mb,
+        "history": trainer.history,
+    }
+    save_checkpoint(out_dir, round, tensors, meta)
+
+
+def restore_round_checkpoint(
+    out_dir: Path,
+    server: FederatedServer,
+    client_view: FederatedClient,
+    base_writer: BaseWeightWriter,
+    trainer: FederatedTrainer,
+) -> tuple[int, float] | None:
+    """Load the last complete round's checkpoint into the roles and the model; (round, cumulative MB) or None."""
+    from fedsrd import wire
+    from fedsrd.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(out_dir)
+    if loaded is None:
+        logger.warning("resume requested but %s has no checkpoint; starting from round 1", out_dir)
+        return None
+    round, tensors, meta = loaded
+    saved, current = meta["fed_config"], trainer.fed_config.to_dict()
+    for key in ("algorithm", "num_clients", "clients_per_round", "fed_seed", "lora_r", "lora_target_modules"):
+        if saved.get(key) != current.get(key):
+            raise ValueError(
+                f"resume: the checkpoint in {out_dir} was written with {key}={saved.get(key)!r}, but this run has "
+                f"{key}={current.get(key)!r}; use the same settings or another output_dir."
+            )
+    state = {k[len("global/") :]: v for k, v in tensors.items() if k.startswith("global/")}
+    if wire.state_digest(state) != meta["digest"]:
+        raise ValueError(f"resume: checkpoint round {round} in {out_dir} fails its digest check.")
+    personal: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("personal/"):
+            _, cid, name = key.split("/", 2)
+            personal.setdefault(int(cid), {})[name] = value
+    base_writer.restore({k[len("base/") :]: v for k, v in tensors.items() if k.startswith("base/")})
+    server.state, server.round = state, round
+    client_view.state, client_view.round = dict(state), round
+    client_view.personal_states = personal
+    trainer.global_state = state
+    trainer.history = meta["history"]
+    trainer.load_global_state(trainer.algorithm.export_state(state, personal))
+    return round, float(meta["cumulative_mb"])
 
 
 def save_extras(

@@ -1,0 +1,125 @@
+"""Dropouts, retries, hostile updates at the server, and SIGKILL + resume giving the same bits."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsrd import wire
+from fedsrd.cli import run_train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "examples" / "configs" / "tiny.yaml")
+QUIET = ["--disable_tqdm", "true"]
+
+
+def _digest(out: Path) -> str:
+    from fedsrd.server import load_adapter_state
+
+    return wire.state_digest(load_adapter_state(out / "final"))
+
+
+def test_a_failing_client_is_dropped_and_the_round_completes(tmp_path, monkeypatch):
+    from fedsrd.trainer import FederatedTrainer
+
+    original = FederatedTrainer.local_train
+
+    def flaky(self, client_id, round):
+        if client_id == 1 and round == 1:
+            raise RuntimeError("out of memory on client 1")
+        return original(self, client_id, round)
+
+    monkeypatch.setattr(FederatedTrainer, "local_train", flaky)
+    trainer = run_train(["--config", TINY, "--output_dir", str(tmp_path), "--num_clients", "2", *QUIET])
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert "out of memory" in history[1]["dropped"]["1"]
+    assert history[2]["dropped"] == {}
+    assert all(torch.isfinite(v).all() for v in trainer.global_state.values())
+
+
+def test_too_few_clients_retries_then_stops_with_a_clear_message(tmp_path, monkeypatch):
+    from fedsrd.trainer import FederatedTrainer
+
+    calls = []
+
+    def broken(self, client_id, round):
+        calls.append((round, client_id))
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(FederatedTrainer, "local_train", broken)
+    with pytest.raises(RuntimeError, match="fewer than min_clients=1 usable updates after 2 attempt"):
+        run_train(["--config", TINY, "--output_dir", str(tmp_path), "--round_retries", "1", *QUIET])
+    assert len(calls) == 4  # 2 clients x 2 attempts
+
+
+def test_min_clients_larger_than_sample_is_a_config_error():
+    from fedsrd import FedSRDConfig
+
+    with pytest.raises(ValueError, match="FedSRDConfig.min_clients"):
+        FedSRDConfig(num_clients=4, clients_per_round=2, min_clients=3)
+
+
+def test_resume_after_sigkill_mid_round_gives_identical_adapter(tmp_path):
+    args = ["--config", TINY, "--num_rounds", "4", "--eval_every", "0", *QUIET]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run([sys.executable, str(REPO / "examples" / "fed_train.py"), *args, "--output_dir", str(reference)],
+                   check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    # A slow client phase (the test hook below) makes sure the kill lands inside round 3's local training.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_RUN, *args, "--output_dir", str(killed)], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    marker = killed / "checkpoints" / "round_0002"
+    try:
+        deadline = time.time() + 240
+        while not (killed / "in_round_3").exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "round 3 never started"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert marker.is_dir() and not (killed / "final").exists()
+    assert not (killed / "checkpoints" / "round_0003").exists()
+
+    subprocess.run([sys.executable, str(REPO / "examples" / "fed_train.py"), *args, "--output_dir", str(killed),
+                    "--resume", "true"], check=True, env=env, capture_output=True)
+    assert _digest(killed) == _digest(reference)
+    resumed = json.loads((killed / "history.json").read_text())
+    full = json.loads((reference / "history.json").read_text())
+    strip = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in strip} for r in full
+    ]
+
+
+# Runs the main job with a hook that announces round 3's first client phase and then sleeps, so the parent can
+# SIGKILL the process in the middle of that round.
+_SLOW_RUN = """
+import sys, time
+from pathlib import Path
+from fedsrd.trainer import FederatedTrainer
+from fedsrd.cli import run_train
+
+original = FederatedTrainer.local_train
+
+def slow(self, client_id, round):
+    if round == 3:
+        Path(self.args.output_dir, "in_round_3").touch()
+        time.sleep(600)
+    return original(self, client_id, round)
+
+FederatedTrainer.local_train = slow
+run_train(sys.argv[1:])
+"""
