@@ -172,19 +172,21 @@ def run_train(argv: list[str] | None = None):
     from fedsrd.trainer import FederatedTrainer
 
     fed, training, model_data = parse_train_args(sys.argv[1:] if argv is None else argv)
-    if model_data.task == "classification":
-        from fedsrd.models import load_sequence_classifier
+    # Under `accelerate launch` the main process downloads/converts/caches first; the others then read its caches.
+    with training.main_process_first(desc="loading the model and data"):
+        if model_data.task == "classification":
+            from fedsrd.models import load_sequence_classifier
 
-        model, tokenizer = load_sequence_classifier(
-            model_data.model_name_or_path, num_labels=model_data.num_labels, dtype=model_data.dtype, seed=fed.seed
-        )
-    else:
-        model, tokenizer = load_causal_lm(model_data.model_name_or_path, dtype=model_data.dtype)
-    train, evals = load_domains(model_data, fed.seed)
-    clients = build_clients(model_data, train, fed.num_clients, fed.seed)
-    if model_data.task == "classification":
-        clients = [_tokenize_classification(ds, tokenizer, model_data) for ds in clients]
-        evals = {name: _tokenize_classification(ds, tokenizer, model_data) for name, ds in evals.items()}
+            model, tokenizer = load_sequence_classifier(
+                model_data.model_name_or_path, num_labels=model_data.num_labels, dtype=model_data.dtype, seed=fed.seed
+            )
+        else:
+            model, tokenizer = load_causal_lm(model_data.model_name_or_path, dtype=model_data.dtype)
+        train, evals = load_domains(model_data, fed.seed)
+        clients = build_clients(model_data, train, fed.num_clients, fed.seed)
+        if model_data.task == "classification":
+            clients = [_tokenize_classification(ds, tokenizer, model_data) for ds in clients]
+            evals = {name: _tokenize_classification(ds, tokenizer, model_data) for name, ds in evals.items()}
     trainer = FederatedTrainer(
         model=model,
         args=training,

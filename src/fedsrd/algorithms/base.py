@@ -101,7 +101,7 @@ class Algorithm(ABC):
             return global_state
         exported = dict(global_state)
         for name in names:
-            values = [state[name].to(torch.float32) for state in personal_states.values() if name in state]
+            values = [s[name].to(torch.float32) for _, s in sorted(personal_states.items()) if name in s]
             exported[name] = torch.stack(values).mean(dim=0)
         return exported
 

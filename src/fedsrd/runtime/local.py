@@ -1,4 +1,8 @@
-"""The single-process simulation: every sampled client trains in turn on one model, every message is bytes."""
+"""The simulation's round loop: every sampled client trains in turn on one model, every message is bytes.
+
+Under `accelerate launch --num_processes P` every process runs this same loop, and `fedsrd.runtime.distributed` shares
+each round's clients (and the eval sets) out between them; the server step runs on the main process.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from transformers.trainer_utils import TrainOutput
 
 from fedsrd.client import BaseWeightWriter, FederatedClient
 from fedsrd.ops import derive_seed
+from fedsrd.runtime.distributed import process_team
 from fedsrd.server import FederatedServer
 
 if TYPE_CHECKING:
@@ -79,6 +84,7 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
     client_view = FederatedClient(trainer.algorithm, dict(trainer.global_state), cfg)
     base_writer = BaseWeightWriter(trainer.model)  # FLoRA, FedEx-LoRA: the merges into the (one) model's base
     is_main = args.process_index == 0
+    team = process_team(trainer)  # this process alone, or under `accelerate launch` P processes sharing the clients
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "fed_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -94,7 +100,7 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
     if trainer.eval_dataset and not trainer.history:
         # Round 0: the starting point of every curve (no bytes have moved yet).
         trainer.history.append(
-            {"round": 0, "upload_bytes": 0, "download_bytes": 0, "cumulative_mb": 0.0, **evaluate_global(trainer)}
+            {"round": 0, "upload_bytes": 0, "download_bytes": 0, "cumulative_mb": 0.0, **team.evaluate_global(trainer)}
         )
         table.add(trainer.history[0])
     bar = tqdm(
@@ -110,10 +116,10 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
         for attempt in range(cfg.round_retries + 1):
             clients = sample_clients(cfg.seed, round, cfg.num_clients, cfg.sampled_per_round, attempt)
             trainer.call_round_event("on_round_begin", round=round, clients=clients)
-            updates, dropped = train_clients(trainer, client_view, clients, round)
+            updates, dropped = team.train_clients(trainer, client_view, clients, round)
             upload += sum(len(u) for u in updates)
             try:
-                result = server.step(round, updates, min_updates=cfg.min_clients)
+                result = team.server_step(server, round, updates, min_updates=cfg.min_clients)  # on the main process
                 break
             except RuntimeError as err:  # too few valid updates; the state is unchanged
                 if attempt == cfg.round_retries:
@@ -129,9 +135,9 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
         base_writer.add(client_view.base_delta)  # once per round: every client folds it into its own copy
         download = len(result.broadcast) * cfg.num_clients
         cumulative_mb += (upload + download) / MB
-        trainer.global_state = server.state
+        trainer.global_state = client_view.state  # the server's state, bit for bit (receive checked the digest)
         # What is evaluated and saved: the global adapter (FedSA-LoRA: with the mean of the clients' own B).
-        trainer.load_global_state(trainer.algorithm.export_state(server.state, client_view.personal_states))
+        trainer.load_global_state(trainer.algorithm.export_state(client_view.state, client_view.personal_states))
         record: dict[str, Any] = {
             "round": round,
             "clients": clients,
@@ -146,7 +152,7 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
         }
         last = round == cfg.num_rounds
         if trainer.eval_dataset and ((cfg.eval_every and round % cfg.eval_every == 0) or last):
-            record.update(evaluate_global(trainer))
+            record.update(team.evaluate_global(trainer))
         saved_dir = None
         if is_main and ((cfg.save_every and round % cfg.save_every == 0) or last):
             saved_dir = out_dir / f"round_{round:04d}"
@@ -172,6 +178,7 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
     metrics = {k: v for k, v in final.items() if k.startswith("eval_")}
     metrics["train_runtime"] = time.time() - start
     metrics["total_mb"] = cumulative_mb
+    metrics["num_processes"] = team.num_processes
     return TrainOutput(global_step=cfg.num_rounds, training_loss=final["train_loss"], metrics=metrics)
 
 
@@ -238,7 +245,7 @@ def restore_round_checkpoint(
     base_writer.restore({k[len("base/") :]: v for k, v in tensors.items() if k.startswith("base/")})
     server.state, server.round = state, round
     client_view.state, client_view.round = dict(state), round
-    client_view.personal_states = personal
+    client_view.personal_states = dict(sorted(personal.items()))
     trainer.global_state = state
     trainer.history = meta["history"]
     trainer.load_global_state(trainer.algorithm.export_state(state, personal))
@@ -271,12 +278,23 @@ def _adapter_state(trainer: FederatedTrainer) -> dict:
 
 def evaluate_global(trainer: FederatedTrainer) -> dict[str, float]:
     """Held-out loss of the global adapter on each eval set, and their mean as `eval_loss`."""
+    return summarize_eval(evaluate_sets(trainer, list(trainer.eval_dataset)))
+
+
+def evaluate_sets(trainer: FederatedTrainer, names: list[str]) -> dict[str, float]:
+    """Held-out loss (and accuracy, for sequence classifiers) of the model as loaded on the eval sets `names`."""
     scores: dict[str, float] = {}
-    for name, ds in trainer.eval_dataset.items():
-        metrics = trainer.evaluate(eval_dataset=ds, metric_key_prefix=f"eval_{name}")
+    for name in names:
+        metrics = trainer.evaluate(eval_dataset=trainer.eval_dataset[name], metric_key_prefix=f"eval_{name}")
         scores[f"eval_{name}_loss"] = float(metrics[f"eval_{name}_loss"])
         if f"eval_{name}_accuracy" in metrics:  # sequence classifiers
             scores[f"eval_{name}_accuracy"] = float(metrics[f"eval_{name}_accuracy"])
+    return scores
+
+
+def summarize_eval(scores: dict[str, float]) -> dict[str, float]:
+    """Per-set scores (in the eval sets' order) with their means added: `eval_loss`, and `eval_accuracy`."""
+    scores = dict(scores)
     losses = [v for k, v in scores.items() if k.endswith("_loss")]
     scores["eval_loss"] = sum(losses) / len(losses)
     accuracies = [v for k, v in scores.items() if k.endswith("_accuracy")]
@@ -293,6 +311,8 @@ def _log_entry(record: dict) -> dict[str, float]:
     keys = ("round", "train_loss", "eval_loss", "upload_bytes", "download_bytes", "cumulative_mb")
     entry = {f"fed/{k}": float(record[k]) for k in keys if k in record}
     entry.update({f"fed/{k}": float(v) for k, v in record.items() if k.startswith("eval_") and k != "eval_loss"})
+    entry.update({f"fed/{k}": float(v) for k, v in record.items()
+                  if k.startswith("lm_eval/") and isinstance(v, (int, float)) and not isinstance(v, bool)})
     return entry
 
 
