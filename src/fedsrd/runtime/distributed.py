@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import logging
 import traceback
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -96,28 +97,28 @@ def single_process_view() -> Iterator[None]:
             shared.update(values)
 
 
-class ProcessTeam:
+class ProcessTeam(ABC):
     """The processes among which a run's clients are shared: this one alone (`SingleProcess`), or several under
     `accelerate launch` (`AccelerateTeam`). `fedsrd.runtime.local.run_federation` calls these three steps."""
 
     num_processes: int = 1
     is_main: bool = True
 
+    @abstractmethod
     def train_clients(
         self, trainer: FederatedTrainer, client_view: FederatedClient, clients: list[int], round: int
     ) -> tuple[list[bytes], dict[str, str]]:
         """Every sampled client's encoded update in client-id order, and the dropped ones' reasons."""
-        raise NotImplementedError
 
+    @abstractmethod
     def server_step(
         self, server: FederatedServer, round: int, updates: list[bytes], *, min_updates: int = 1
     ) -> RoundResult:
         """`FederatedServer.step`, run once; every process gets its result (the encoded broadcast included)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def evaluate_global(self, trainer: FederatedTrainer) -> dict[str, float]:
         """`fedsrd.runtime.local.evaluate_global` of the model as loaded, the same on every process."""
-        raise NotImplementedError
 
 
 class SingleProcess(ProcessTeam):
