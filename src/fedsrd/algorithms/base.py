@@ -137,7 +137,10 @@ class Algorithm(ABC):
         `trainable(name)` then says which of them autograd differentiates (the others change through the
         algorithm's own optimizer). `init_global_state` receives these weights' initial values.
         """
-        raise NotImplementedError(f"algorithm {self.name!r} trains a LoRA adapter; trainable_weights needs uses_lora.")
+        raise TypeError(
+            f"algorithm {self.name!r} trains a LoRA adapter (uses_lora=True); trainable_weights is only for "
+            "full-parameter algorithms, which override it."
+        )
 
     def materialize(self, state: State, initial: State) -> State:
         """Full-parameter algorithms: the weights every party loads, from the global state and the initial weights.
