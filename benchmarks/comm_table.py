@@ -40,6 +40,12 @@ TABLE_ORDER = [
     "fedavg", "fedprox", "ffa_lora", "flexlora", "fed_dare", "topk", "flora", "fedsa_lora", "fedex_lora", "fedsrd",
     "fedsrd_e",
 ]  # fmt: skip
+# The FedSRD paper's Table 8 (Llama-3.2-3B, r = 64, all 7 projections, float32, a 1-bit bitmap per sparse tensor):
+# (up, down) MB per client per round. FedSRD-e's bytes equal FedSRD's. Methods the paper does not list have none.
+PAPER_TABLE8 = {
+    "fedavg": (371.0, 371.0), "fedprox": (371.0, 371.0), "flexlora": (371.0, 371.0), "ffa_lora": (185.5, 185.5),
+    "fed_dare": (48.7, 141.5), "fedsrd": (31.0, 43.0), "fedsrd_e": (31.0, 43.0),
+}  # fmt: skip
 PRESETS = {
     # Llama-3.2-3B: hidden 3072, MLP 8192, 24 heads and 8 KV heads of 128, 28 layers
     "llama-3.2-3b": {"hidden": 3072, "intermediate": 8192, "kv": 1024, "layers": 28, "rank": 64},
@@ -132,6 +138,7 @@ def measure(name: str, dims: dict[str, int], rank: int, clients: int, rounds: in
     return {
         "algorithm": name,
         "paper": cls.paper,
+        "paper_up_down_mb": PAPER_TABLE8.get(name) if dims.get("layers") == 28 and rank == 64 else None,
         "uploads": cls.uploads,
         "downloads": cls.downloads,
         "upload_mb": statistics.fmean(up_rounds),
@@ -161,18 +168,22 @@ def _mb(x: float) -> str:
     return f"{x:,.1f}" if x >= 1 else f"{x:.4f}"
 
 
-def markdown(rows: list[dict], config: dict) -> str:
-    lines = [
-        f"Configuration: {config['description']}",
-        "",
-        "| algorithm | paper | client uploads | server broadcasts | up MB | down MB | total MB |",
-        "|---|---|---|---|---:|---:|---:|",
-    ]
+def markdown(rows: list[dict], config: dict, compact: bool = False) -> str:
+    """The table; with the paper's Table 8 figures beside ours for the Llama-3.2-3B preset at r = 64.
+    `compact`: without the long description columns."""
+    paper = config["preset"] == "llama-3.2-3b" and config["rank"] == 64
+    head = ["algorithm"] + ([] if compact else ["paper", "client uploads", "server broadcasts"])
+    head += ["up MB", "down MB", "total MB"] + (["paper up / down / total MB", "ours / paper"] if paper else [])
+    lines = [f"Configuration: {config['description']}", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * (1 if compact else 4) + "---:|" * (len(head) - (1 if compact else 4))]  # fmt: skip
     for r in rows:
-        lines.append(
-            f"| `{r['algorithm']}` | {r['paper']} | {r['uploads']} | {r['downloads']} | "
-            f"{_mb(r['upload_mb'])} | {_mb(r['download_mb'])} | {_mb(r['total_mb'])} |"
-        )
+        cells = [f"`{r['algorithm']}`"] + ([] if compact else [r["paper"], r["uploads"], r["downloads"]])
+        cells += [_mb(r["upload_mb"]), _mb(r["download_mb"]), _mb(r["total_mb"])]
+        if paper:
+            up, down = PAPER_TABLE8.get(r["algorithm"], (None, None))
+            cells += ["-", "-"] if up is None else [f"{up:g} / {down:g} / {up + down:g}",
+                                                   f"{r['total_mb'] / (up + down):.2f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -194,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--value-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--positions", default="auto", choices=["auto", "bitmap", "varint"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compact", action="store_true", help="Leave the description columns out of the table.")
     p.add_argument("--json", action="store_true", help="Also print one JSON object as the last line.")
     args = p.parse_args(argv)
     dims = PRESETS[args.preset]
@@ -238,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{name}: up {r['upload_mb']:.2f} MB, down {r['download_mb']:.2f} MB ({time.perf_counter() - start:.0f} s)",
             file=sys.stderr,
         )
-    print(markdown(rows, config))
+    print(markdown(rows, config, compact=args.compact))
     if config["skipped_full_parameter"]:
         print(f"\nNot measured here (full-parameter, no LoRA adapter): {', '.join(config['skipped_full_parameter'])}.")
     result = {"config": config, "rows": rows}

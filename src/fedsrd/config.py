@@ -142,6 +142,10 @@ class FedSRDConfig:
     eval_every: int = field(
         default=1, metadata={"help": "Evaluate the global adapter every k rounds (0: only at the end)."}
     )
+    eval_at_start: bool = field(
+        default=True,
+        metadata={"help": "Evaluate the starting adapter (round 0) too, the first point of every curve."},
+    )
     save_every: int = field(
         default=1, metadata={"help": "Save the global adapter as round_NNNN/ every k rounds (0: only final/)."}
     )

@@ -97,7 +97,7 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
             first_round, cumulative_mb = resumed[0] + 1, resumed[1]
             logger.info("resuming after round %d from %s", resumed[0], out_dir / "checkpoints")
     start = time.time()
-    if trainer.eval_dataset and not trainer.history:
+    if trainer.eval_dataset and not trainer.history and cfg.eval_at_start:
         # Round 0: the starting point of every curve (no bytes have moved yet).
         trainer.history.append(
             {"round": 0, "upload_bytes": 0, "download_bytes": 0, "cumulative_mb": 0.0, **team.evaluate_global(trainer)}
