@@ -7,6 +7,9 @@ process, so one failing method cannot take the others down); the figures are rea
 
 * ``eval_loss``: completion-only cross-entropy of the global adapter after the last round on each domain's dev split
   (the first ``--eval-size`` rows), and their mean;
+A method is an algorithm name, optionally with ``+option=value`` settings of the main job that apply to it alone:
+``fedsrd+value_dtype=bfloat16`` is FedSRD with bfloat16 values on the wire (the compact encoding).
+
 * ``upload_mb`` / ``download_mb``: MB (1024^2 bytes) per client per round, the lengths of the encoded messages, averaged
   over the rounds.
 
@@ -35,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FED_TRAIN = REPO / "examples" / "fed_train.py"
 DOMAINS = ["code", "medical", "finance", "math"]
-ALGORITHMS = ["fedavg", "fedsrd", "fedsrd_e", "ffa_lora", "fed_dare", "flexlora"]
+ALGORITHMS = ["fedavg", "fedsrd", "fedsrd_e", "ffa_lora", "fed_dare", "flexlora", "fedsrd+value_dtype=bfloat16"]
 LABELS = {
     "fedavg": "FedAvg-LoRA", "fedsrd": "FedSRD", "fedsrd_e": "FedSRD-e", "ffa_lora": "FFA-LoRA",
     "fed_dare": "Fed-DARE", "flexlora": "FlexLoRA",
@@ -69,8 +72,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def run_args(a: argparse.Namespace, algorithm: str, out: Path, first: bool) -> list[str]:
-    """The main job's arguments for one method: identical for every method but the algorithm."""
+def split_method(method: str) -> tuple[str, list[str]]:
+    """'fedsrd+value_dtype=bfloat16' -> ('fedsrd', ['--value_dtype', 'bfloat16'])."""
+    algorithm, *options = method.split("+")
+    extra = []
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--algorithms {method!r}: expected NAME or NAME+option=value[+option=value]")
+        extra += [f"--{key}", value]
+    return algorithm, extra
+
+
+def label(method: str) -> str:
+    algorithm, extra = split_method(method)
+    options = ", ".join(f"{k[2:]}={v}" for k, v in zip(extra[::2], extra[1::2]))
+    return LABELS.get(algorithm, algorithm) + (f" ({options})" if options else "")
+
+
+def run_args(a: argparse.Namespace, method: str, out: Path, first: bool) -> list[str]:
+    """The main job's arguments for one method: identical for every method but the algorithm (and its options)."""
+    algorithm, extra = split_method(method)
     return [
         "--model_name_or_path", a.model, "--data", *[str(Path(a.data) / d) for d in a.domains],
         "--partition", "domain", "--train_size", "0", "--eval_size", str(a.eval_size),
@@ -81,12 +103,12 @@ def run_args(a: argparse.Namespace, algorithm: str, out: Path, first: bool) -> l
         "--lora_dropout", "0.05", "--lora_target_modules", *a.targets, "--value_dtype", a.value_dtype,
         "--seed", str(a.seed), "--eval_every", "0", "--eval_at_start", "true" if first else "false",
         "--save_every", "0", "--checkpoint", "false", "--output_dir", str(out), "--report_to", "none",
-        "--use_cpu", "true", "--disable_tqdm", "true", "--logging_steps", "1000",
+        "--use_cpu", "true", "--disable_tqdm", "true", "--logging_steps", "1000", *extra,
     ]  # fmt: skip
 
 
 def run_method(a: argparse.Namespace, algorithm: str, first: bool) -> list[dict]:
-    out = Path(a.out) / algorithm
+    out = Path(a.out) / algorithm.replace("+", "__").replace("=", "-")
     settings = run_args(a, algorithm, out, first=False)  # what must match for --reuse (not the round-0 flag)
     stamp = out / "bench_settings.json"
     history_file = out / "history.json"
@@ -139,7 +161,7 @@ def table(results: dict[str, dict], base: dict | None, domains: list[str]) -> st
     for name, r in results.items():
         total = r["upload_mb"] + r["download_mb"]
         share = f"{100 * total / (ref['upload_mb'] + ref['download_mb']):.1f}%" if ref else "-"
-        cells = [LABELS.get(name, name), *(f"{r['eval_loss'][d]:.4f}" for d in [*domains, "mean"]),
+        cells = [label(name), *(f"{r['eval_loss'][d]:.4f}" for d in [*domains, "mean"]),
                  f"{r['upload_mb']:.3f}", f"{r['download_mb']:.3f}", share,
                  f"{r['seconds_per_round']:.0f}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -156,7 +178,7 @@ def plot(results: dict[str, dict], path: str) -> None:
     for name, r in results.items():
         total = r["upload_mb"] + r["download_mb"]
         ax.scatter(total, r["eval_loss"]["mean"])
-        ax.annotate(LABELS.get(name, name), (total, r["eval_loss"]["mean"]), textcoords="offset points",
+        ax.annotate(label(name), (total, r["eval_loss"]["mean"]), textcoords="offset points",
                     xytext=(4, 4))
     ax.set_xscale("log")
     ax.set_xlabel("MB per client per round (up + down, log scale)")

@@ -39,17 +39,20 @@ def last_json(capsys) -> dict:
 
 def test_accuracy_vs_bytes_json_is_keyed_by_algorithm(data_dir, tmp_path, capsys):
     bench = load_benchmark("accuracy_vs_bytes")
-    argv = ["--data", str(data_dir), "--domains", *DOMAINS, "--algorithms", "fedavg", "fedsrd", "--model",
+    argv = ["--data", str(data_dir), "--domains", *DOMAINS, "--algorithms", "fedavg", "fedsrd",
+            "fedsrd+value_dtype=bfloat16", "--model",
             "tiny-llama", "--rounds", "1", "--local-steps", "2", "--eval-size", "4", "--max-length", "64",
             "--targets", "q_proj", "v_proj", "--out", str(tmp_path / "runs"), "--json"]  # fmt: skip
     bench.main(argv)
     result = last_json(capsys)
-    assert list(result) == ["fedavg", "fedsrd"]
+    assert list(result) == ["fedavg", "fedsrd", "fedsrd+value_dtype=bfloat16"]
     for r in result.values():
         assert set(r["eval_loss"]) == {*DOMAINS, "mean"}
         assert r["upload_mb"] > 0 and r["download_mb"] > 0
     # The bytes are the encoded messages: FedSRD's sparse upload is smaller than FedAvg's dense one.
     assert result["fedsrd"]["upload_mb"] < result["fedavg"]["upload_mb"]
+    # A method's own options reach its run: bfloat16 values make FedSRD's messages smaller still.
+    assert result["fedsrd+value_dtype=bfloat16"]["upload_mb"] < result["fedsrd"]["upload_mb"]
     # Only the first method evaluates the base model (round 0); the others start at round 1.
     first = json.loads((tmp_path / "runs" / "fedavg" / "history.json").read_text())
     second = json.loads((tmp_path / "runs" / "fedsrd" / "history.json").read_text())
