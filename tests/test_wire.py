@@ -526,3 +526,102 @@ if HAVE_HYPOTHESIS:
     def test_property_varint_round_trip(values):
         array = np.array(values, dtype=np.uint64)
         assert _varint_decode(_varint_encode(array), "x").tolist() == values
+
+
+# ----------------------------------------------------------------------------------------------
+# seeded positions: a DARE mask travels as its seed
+# ----------------------------------------------------------------------------------------------
+
+
+def _metadata(data: bytes) -> str:
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n])["__metadata__"]["fedsrd"]
+
+
+def _rewrite_header(data: bytes, edit) -> bytes:
+    """The same container with its fedsrd header changed by `edit` (a hostile sender's message)."""
+    stored = safetensors.torch.load(data)
+    header = json.loads(_metadata(data))
+    edit(header)
+    return safetensors.torch.save(stored, metadata={"fedsrd": json.dumps(header)})
+
+
+def _dare_message(drop: float = 0.8, seed: int = 3) -> tuple[Message, torch.Tensor]:
+    from fedsrd.ops.sparsify import dare_drop
+
+    dense = torch.randn(48, 32, generator=torch.Generator().manual_seed(seed))
+    sparse = dare_drop(dense, drop, torch.Generator().manual_seed(seed))
+    return Message(kind="broadcast", algorithm="fedsrd", round=1, tensors={"w": sparse}), sparse.to_dense()
+
+
+def test_seeded_positions_round_trip_and_cost_no_position_bytes():
+    msg, dense = _dare_message()
+    seeded = encode(msg)
+    header = json.loads(_metadata(seeded))["tensors"]["w"]
+    assert header["positions"] == "seeded" and header["drop"] == 0.8 and len(header["seeds"]) == 1
+    decoded = decode(seeded, expected={"w": TensorSpec((48, 32), sparse_ok=True)})
+    assert torch.equal(decoded.tensors["w"].to_dense(), dense)
+    assert decoded.tensors["w"].mask == msg.tensors["w"].mask  # a receiver can pass the mask on (unions)
+    bitmap = encode(msg, positions="bitmap")  # the paper's accounting
+    assert len(bitmap) - len(seeded) >= math.ceil(48 * 32 / 8) - 64  # the bitmap, less a few header bytes
+
+
+def test_seeded_positions_cover_a_subset_with_explicit_zeros():
+    msg, dense = _dare_message()
+    sparse = msg.tensors["w"]
+    keep = torch.ones(sparse.nnz, dtype=torch.bool)
+    keep[::3] = False  # some kept entries became exact zeros and were dropped from the positions
+    subset = SparseTensor(sparse.shape, sparse.indices[keep], sparse.values[keep], mask=sparse.mask)
+    data = encode(Message(kind="broadcast", algorithm="fedsrd", round=1, tensors={"w": subset}))
+    assert json.loads(_metadata(data))["tensors"]["w"]["positions"] == "seeded"
+    assert torch.equal(decode(data).tensors["w"].to_dense(), subset.to_dense())
+    # Positions outside the mask cannot be sent as its seed: the encoder falls back to explicit positions.
+    outside = SparseTensor(sparse.shape, torch.tensor([0, 1, 2, 3, 4, 5]), torch.ones(6), mask=sparse.mask)
+    data = encode(Message(kind="broadcast", algorithm="fedsrd", round=1, tensors={"w": outside}))
+    assert json.loads(_metadata(data))["tensors"]["w"]["positions"] in ("bitmap", "varint")
+    assert torch.equal(decode(data).tensors["w"].to_dense(), outside.to_dense())
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda h: h["tensors"]["w"].update(nnz=h["tensors"]["w"]["nnz"] - 1), "nnz entries"),
+        (lambda h: h["tensors"]["w"].update(seeds=[h["tensors"]["w"]["seeds"][0] + 1]), "declares"),
+        (lambda h: h["tensors"]["w"].update(seeds=[]), "seeds must be a list"),
+        (lambda h: h["tensors"]["w"].update(seeds=list(range(257))), "seeds must be a list"),
+        (lambda h: h["tensors"]["w"].update(seeds=["1"]), "seeds must be ints"),
+        (lambda h: h["tensors"]["w"].update(seeds=[-1]), "seeds must be ints"),
+        (lambda h: h["tensors"]["w"].update(seeds=[2**64]), "seeds must be ints"),
+        (lambda h: h["tensors"]["w"].update(drop=1.0), "drop must be"),
+        (lambda h: h["tensors"]["w"].update(drop=True), "drop must be"),
+        (lambda h: h["tensors"]["w"].update(drop="0.8"), "drop must be"),
+        (lambda h: h["tensors"]["w"].pop("seeds"), "exactly the fields"),
+        (lambda h: h["tensors"]["w"].update(positions="bitmap"), "exactly the fields"),
+        (lambda h: h["tensors"]["w"].update(shape=[2**20, 2**20]), "more work than allowed"),
+    ],
+)
+def test_hostile_seeded_headers_are_rejected(edit, message):
+    msg, _ = _dare_message()
+    with pytest.raises(WireError, match=message):
+        decode(_rewrite_header(encode(msg), edit))
+
+
+def test_fed_dare_broadcast_sends_the_union_of_the_clients_seeds():
+    from fedsrd import FedSRDConfig, get_algorithm
+    from fedsrd.ops.sparse import SeededMask
+
+    algo = get_algorithm("fed_dare", FedSRDConfig(algorithm="fed_dare", num_clients=3))
+    state = {"m.lora_A.weight": torch.zeros(4, 64), "m.lora_B.weight": torch.zeros(64, 4)}
+    updates = []
+    for cid in range(3):
+        local = {k: v + torch.randn(v.shape, generator=torch.Generator().manual_seed(cid)) for k, v in state.items()}
+        payload = algo.client_update(state, local, 1, torch.Generator().manual_seed(100 + cid))
+        updates.append(decode(encode(Message(kind="update", algorithm="fed_dare", round=1, tensors=payload))).tensors)
+    broadcast = algo.server_step(state, updates, [1 / 3] * 3, 1, torch.Generator().manual_seed(0))
+    for name, sparse in broadcast.items():
+        seeds = tuple(s for u in updates for s in u[name].mask.seeds)
+        assert sparse.mask == SeededMask(seeds, 0.9)
+        expected = sum(u[name].to_dense() for u in updates) / 3
+        data = encode(Message(kind="broadcast", algorithm="fed_dare", round=1, tensors={name: sparse}))
+        assert json.loads(_metadata(data))["tensors"][name]["positions"] == "seeded"
+        torch.testing.assert_close(decode(data).tensors[name].to_dense(), expected)

@@ -149,7 +149,7 @@ def as_received(payload: dict, value_dtype: str) -> dict:
     for name, value in payload.items():
         if isinstance(value, wire.SparseTensor):
             values = value.values.to(dtype).to(torch.float32)
-            out[name] = wire.SparseTensor(shape=value.shape, indices=value.indices, values=values)
+            out[name] = wire.SparseTensor(shape=value.shape, indices=value.indices, values=values, mask=value.mask)
         else:
             out[name] = value.to(dtype).to(torch.float32)
     return out
@@ -183,7 +183,7 @@ def clip_update(payload: dict, global_state: State, max_norm: float, uploads_del
         if isinstance(value, wire.SparseTensor):
             if not uploads_deltas and name in global_state:
                 scaled = scaled + global_state[name].reshape(-1)[value.indices]
-            out[name] = wire.SparseTensor(shape=value.shape, indices=value.indices, values=scaled)
+            out[name] = wire.SparseTensor(shape=value.shape, indices=value.indices, values=scaled, mask=value.mask)
         else:
             out[name] = scaled + global_state[name] if (not uploads_deltas and name in global_state) else scaled
     return out

@@ -6,12 +6,17 @@ the key ``"fedsrd"``::
     {"format": "fedsrd-wire", "version": 1, "kind": "update"|"broadcast", "algorithm": str,
      "round": int, "meta": {...},
      "tensors": {name: {"layout": "dense", "shape": [...]}
-                       | {"layout": "sparse", "shape": [...], "nnz": int, "positions": "bitmap"|"varint"}}}
+                       | {"layout": "sparse", "shape": [...], "nnz": int, "positions": "bitmap"|"varint"}
+                       | {"layout": "sparse", "shape": [...], "nnz": int, "positions": "seeded",
+                          "seeds": [int, ...], "drop": float}}}
 
 A dense tensor is stored under its own name. A sparse tensor is stored as ``name + "::values"`` (the
 non-zero values, 1-D) and ``name + "::positions"`` (uint8 bytes): either a packed bitmap over the flat
 (row-major) tensor (``numpy.packbits``, ``bitorder="little"``, ``ceil(numel / 8)`` bytes) or the LEB128
-varints of the gaps between successive flat positions (the first gap counted from -1).
+varints of the gaps between successive flat positions (the first gap counted from -1). A sparse tensor whose positions
+are those of a seeded random mask (DARE: `fedsrd.ops.SeededMask`) can instead send the mask's seeds and drop
+probability in the header (``"positions": "seeded"``, no ``::positions`` bytes); the receiver regenerates the
+positions and checks their count against ``nnz``. ``positions="auto"`` uses this whenever it applies.
 
 Communication is always ``len(encode(message))``. :func:`decode` treats its input as hostile: every
 malformed or unexpected message raises :class:`WireError`, and nothing else.
@@ -29,7 +34,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from fedsrd.ops.sparse import SparseTensor
+from fedsrd.ops.sparse import MAX_MASK_SEEDS, SeededMask, SparseTensor
 
 __all__ = [
     "Message",
@@ -76,6 +81,7 @@ _ST_ITEMSIZE = {
 _ST_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 _MAX_NUMEL = 2**62  # keeps every flat position inside int64 arithmetic
+_MAX_SEEDED_DRAWS = 2**30  # random draws a receiver makes to regenerate one tensor's seeded positions
 _MAX_VARINT_BYTES = 9  # 9 * 7 = 63 bits: any gap that fits a non-negative int64
 _HEADER_KEYS = frozenset({"format", "version", "kind", "algorithm", "round", "meta", "tensors"})
 
@@ -238,6 +244,10 @@ def _encode_sparse(
         raise WireError(f"tensor {name!r}: sparse indices out of range for shape {list(sparse.shape)}")
     if idx.size > 1 and np.any(np.diff(idx) <= 0):
         raise WireError(f"tensor {name!r}: sparse indices must be strictly increasing")
+    if positions == "auto" and sparse.mask is not None:
+        seeded = _encode_seeded(name, sparse, idx, wire_dtype)
+        if seeded is not None:
+            return seeded
     values = _wire_values(sparse.values, wire_dtype, name)
     if positions == "auto":
         varint_size = int(_varint_lengths(np.diff(idx, prepend=-1)).sum())
@@ -248,13 +258,32 @@ def _encode_sparse(
     return entry, stored
 
 
+def _encode_seeded(
+    name: str, sparse: SparseTensor, idx: np.ndarray, wire_dtype: torch.dtype
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """The tensor with its positions sent as the mask's seeds, or None if its positions are not within the mask."""
+    mask_positions = sparse.mask.positions(sparse.shape).numpy()
+    if np.array_equal(mask_positions, idx):
+        values = sparse.values
+    else:  # a subset of the mask (zeros dropped): send the mask's positions, with explicit zeros
+        slots = np.searchsorted(mask_positions, idx)
+        if slots.size and (slots[-1] >= mask_positions.size or not np.array_equal(mask_positions[slots], idx)):
+            return None
+        values = torch.zeros(mask_positions.size, dtype=sparse.values.dtype)
+        values[torch.from_numpy(slots)] = sparse.values.detach().cpu()
+    entry = {"layout": "sparse", "shape": list(sparse.shape), "nnz": int(mask_positions.size), "positions": "seeded",
+             "seeds": [int(s) for s in sparse.mask.seeds], "drop": float(sparse.mask.drop)}  # fmt: skip
+    return entry, {name + _VALUES_SUFFIX: _wire_values(values, wire_dtype, name)}
+
+
 def encode(msg: Message, *, value_dtype: str = "float32", positions: str = "auto") -> bytes:
     """Encode ``msg`` as safetensors bytes.
 
     Args:
         msg: the message; its tensors are dense ``torch.Tensor`` or :class:`SparseTensor`.
         value_dtype: dtype of the values on the wire (dense tensors too): "float32", "float16" or "bfloat16".
-        positions: sparse position encoding, "bitmap", "varint", or "auto" (the smaller, per tensor).
+        positions: sparse position encoding, "bitmap", "varint", or "auto": a seeded mask's seeds where the tensor
+            carries one (`SparseTensor.mask`), else the smaller of bitmap and varint, per tensor.
 
     Raises:
         WireError: the message is invalid (bad kind/round/meta, non-floating or non-finite tensors,
@@ -400,6 +429,8 @@ def _parse_header(text: str) -> dict[str, Any]:
             raise WireError(f"{what}: header entry must be an object")
         layout = entry.get("layout")
         keys = {"layout", "shape"} if layout == "dense" else {"layout", "shape", "nnz", "positions"}
+        if layout == "sparse" and entry.get("positions") == "seeded":
+            keys = keys | {"seeds", "drop"}
         if layout not in ("dense", "sparse"):
             raise WireError(f"{what}: layout must be 'dense' or 'sparse', got {layout!r}")
         if set(entry) != keys:
@@ -409,9 +440,25 @@ def _parse_header(text: str) -> dict[str, Any]:
             nnz = entry["nnz"]
             if not _is_int(nnz) or not 0 <= nnz <= numel:
                 raise WireError(f"{what}: nnz must be an int in [0, {numel}], got {nnz!r}")
-            if entry["positions"] not in ("bitmap", "varint"):
-                raise WireError(f"{what}: positions must be 'bitmap' or 'varint', got {entry['positions']!r}")
+            if entry["positions"] not in ("bitmap", "varint", "seeded"):
+                raise WireError(
+                    f"{what}: positions must be 'bitmap', 'varint' or 'seeded', got {entry['positions']!r}"
+                )
+            if entry["positions"] == "seeded":
+                _check_seeded(entry, numel, what)
     return header
+
+
+def _check_seeded(entry: dict[str, Any], numel: int, what: str) -> None:
+    seeds, drop = entry["seeds"], entry["drop"]
+    if not isinstance(seeds, list) or not 1 <= len(seeds) <= MAX_MASK_SEEDS:
+        raise WireError(f"{what}: seeds must be a list of 1 to {MAX_MASK_SEEDS} ints, got {str(seeds)[:80]}")
+    if not all(_is_int(s) and 0 <= s < 2**63 for s in seeds):
+        raise WireError(f"{what}: seeds must be ints in [0, 2**63), got {str(seeds)[:80]}")
+    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop < 1.0:
+        raise WireError(f"{what}: drop must be a probability in [0, 1), got {drop!r}")
+    if len(seeds) * numel > _MAX_SEEDED_DRAWS:
+        raise WireError(f"{what}: regenerating {len(seeds)} masks of {numel} entries is more work than allowed")
 
 
 def _check_expected(header: dict[str, Any], expected: dict[str, TensorSpec], require_all: bool) -> None:
@@ -439,7 +486,8 @@ def _check_stored(header: dict[str, Any], stored: dict[str, dict[str, Any]]) -> 
             wanted[name] = (_ST_FLOAT_DTYPES, entry["shape"])
         else:
             wanted[name + _VALUES_SUFFIX] = (_ST_FLOAT_DTYPES, [entry["nnz"]])
-            wanted[name + _POSITIONS_SUFFIX] = (("U8",), None)
+            if entry["positions"] != "seeded":
+                wanted[name + _POSITIONS_SUFFIX] = (("U8",), None)
     if set(stored) != set(wanted):
         extra, missing = sorted(set(stored) - set(wanted)), sorted(set(wanted) - set(stored))
         raise WireError(f"container tensors do not match the header: unexpected {extra}, missing {missing}")
@@ -509,8 +557,15 @@ def decode(
             continue
         what = f"tensor {name!r}"
         values = _float32_values(stored[name + _VALUES_SUFFIX], name + _VALUES_SUFFIX)
-        packed = stored[name + _POSITIONS_SUFFIX].numpy()
         numel, nnz = math.prod(shape), entry["nnz"]
+        if entry["positions"] == "seeded":
+            mask = SeededMask(tuple(entry["seeds"]), float(entry["drop"]))
+            indices = mask.positions(shape)
+            if indices.numel() != nnz:
+                raise WireError(f"{what}: the seeded mask keeps {indices.numel()} positions, the header declares {nnz}")
+            tensors[name] = SparseTensor(shape=shape, indices=indices, values=values, mask=mask)
+            continue
+        packed = stored[name + _POSITIONS_SUFFIX].numpy()
         if entry["positions"] == "bitmap":
             positions = _bitmap_to_positions(packed, numel, nnz, what)
         else:

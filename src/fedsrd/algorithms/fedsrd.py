@@ -168,7 +168,7 @@ class FedSRD(Algorithm):
         """The delta as clients will decode it: values rounded to the wire dtype, so server and clients stay equal."""
         wire_dtype = _WIRE_DTYPES.get(self.config.value_dtype, torch.float32)
         values = delta.values.to(wire_dtype).to(torch.float32)
-        return SparseTensor(shape=delta.shape, indices=delta.indices, values=values)
+        return SparseTensor(shape=delta.shape, indices=delta.indices, values=values, mask=delta.mask)
 
     # ---- both roles ------------------------------------------------------------------------------------------
     def apply(self, state: State, broadcast: Payload) -> State:

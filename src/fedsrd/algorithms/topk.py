@@ -19,7 +19,8 @@ import torch
 
 from fedsrd.algorithms import register_algorithm
 from fedsrd.algorithms.base import Algorithm, Payload, State
-from fedsrd.ops import SparseTensor, weighted_sum
+from fedsrd.ops import SeededMask, SparseTensor, weighted_sum
+from fedsrd.ops.sparse import MAX_MASK_SEEDS
 
 
 def topk_sparsify(delta: torch.Tensor, density: float) -> SparseTensor:
@@ -60,11 +61,19 @@ class SparseDeltaFedAvg(Algorithm):
     ) -> Payload:
         if not updates:
             raise ValueError(f"{self.name}.server_step: no client updates to aggregate.")
-        # sum_i p_i d_i is non-zero only on the union of the clients' kept positions
-        return {
-            name: SparseTensor.from_dense(weighted_sum([_dense(u[name]) for u in updates], weights))
-            for name in updates[0]
-        }
+        # sum_i p_i d_i is non-zero only on the union of the clients' kept positions: where every client's positions
+        # came from a seeded mask (Fed-DARE), the union is the union of those masks, and travels as their seeds.
+        payload: Payload = {}
+        for name in updates[0]:
+            total = weighted_sum([_dense(u[name]) for u in updates], weights)
+            masks = [u[name].mask if isinstance(u[name], SparseTensor) else None for u in updates]
+            seeded = all(m is not None for m in masks) and len({m.drop for m in masks}) == 1
+            if seeded and sum(len(m.seeds) for m in masks) <= MAX_MASK_SEEDS:
+                union = SeededMask(tuple(s for m in masks for s in m.seeds), masks[0].drop)
+                payload[name] = SparseTensor.from_mask(total, union)
+            else:
+                payload[name] = SparseTensor.from_dense(total)
+        return payload
 
     def apply(self, state: State, broadcast: Payload) -> State:
         new_state = dict(state)

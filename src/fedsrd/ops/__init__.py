@@ -2,6 +2,6 @@
 
 from fedsrd.ops.aggregate import normalized_weights, weighted_sum
 from fedsrd.ops.seeding import derive_seed, generator_for
-from fedsrd.ops.sparse import SparseTensor
+from fedsrd.ops.sparse import SeededMask, SparseTensor
 
-__all__ = ["SparseTensor", "derive_seed", "generator_for", "normalized_weights", "weighted_sum"]
+__all__ = ["SeededMask", "SparseTensor", "derive_seed", "generator_for", "normalized_weights", "weighted_sum"]

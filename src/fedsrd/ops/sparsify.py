@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from fedsrd.ops.sparse import SparseTensor
+from fedsrd.ops.sparse import SeededMask, SparseTensor
 
 # torch.quantile refuses inputs with more than 2**24 elements; above that an exact kthvalue equivalent is used.
 QUANTILE_MAX_NUMEL = 2**24
@@ -121,16 +121,18 @@ def importance_prune(
 def dare_drop(tensor: torch.Tensor, drop: float, generator: torch.Generator) -> SparseTensor:
     """Zero each entry independently with probability ``drop``; scale the survivors by ``1 / (1 - drop)`` (DARE).
 
-    The mask is drawn on the CPU from ``generator``, so the same generator state gives the same mask on any device.
+    The mask's seed is drawn from ``generator`` and the mask from that seed on the CPU (`SeededMask`), so the same
+    generator state gives the same mask on any device, and the wire can send the seed instead of the positions.
     """
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"dare_drop: drop probability must be in [0, 1), got {drop}.")
     tensor = tensor.detach().to(torch.float32)
     if drop == 0.0:
         return SparseTensor.from_dense(tensor)
-    keep = torch.rand(tensor.shape, generator=generator, device="cpu") >= drop  # P(keep) = 1 - drop
+    mask = SeededMask((int(torch.randint(0, 2**62, (1,), generator=generator)),), float(drop))
+    keep = mask.keep(tuple(tensor.shape))  # P(keep) = 1 - drop
     dropped = torch.where(keep.to(tensor.device), tensor / (1.0 - drop), torch.zeros((), device=tensor.device))
-    return SparseTensor.from_dense(dropped)
+    return SparseTensor.from_mask(dropped, mask)
 
 
 __all__ = [
