@@ -1,15 +1,17 @@
 """`make bench`: run the benchmarks, print their tables, and write them into docs/benchmarks.md.
 
-    python benchmarks/run_all.py                          # everything (about 75 min on 2 CPU cores)
+    python benchmarks/run_all.py                          # everything (about 80 min on 2 CPU cores)
     python benchmarks/run_all.py --only accuracy overhead  # some sections
-    python benchmarks/run_all.py --quick                  # smaller settings of the model-free ones (minutes)
+    python benchmarks/run_all.py --quick                  # a smaller version of each (about 30 min), prints only
     python benchmarks/run_all.py --data ../shared/data    # where the real domains are (default: ../shared/data)
 
 Each section runs one script with ``--json``; its printed table (everything before the JSON line) goes into
 docs/benchmarks.md between that section's ``<!-- bench:NAME:begin/end -->`` markers, with the command that
 reproduces it, the date and the machine, plus a few lines checked from the JSON (the papers' claims and the targets).
 Hand-written text outside the markers is kept. Sections that need the real data or Gemma-3-270M are skipped, and
-say so, when the data directory is missing. ``--no-write`` only prints.
+say so, when the data directory is missing. ``--no-write`` only prints; so does ``--quick`` (its smaller settings:
+FedAvg-LoRA and FedSRD only for 2 rounds, fewer repeats, sampled layers), unless ``--write`` is given. The accuracy
+runs are kept under outputs/bench/ and reused while their settings are unchanged.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ def sections(data: str, quick: bool) -> dict[str, dict]:
     """name -> {cmd, needs_data}: the order of docs/benchmarks.md."""
     return {
         "accuracy": {
-            "cmd": ["accuracy_vs_bytes.py", "--data", data, "--reuse", "--plot", "docs/img/accuracy_vs_bytes.png"],
+            "cmd": ["accuracy_vs_bytes.py", "--data", data, "--reuse", "--plot", "docs/img/accuracy_vs_bytes.png",
+                    *(["--algorithms", "fedavg", "fedsrd", "--rounds", "2", "--out", "outputs/bench/accuracy_quick"]
+                      if quick else [])],
             "needs_data": True,
         },
         "comm": {"cmd": ["comm_table.py", "--sample-layers", "1" if quick else "2", "--compact"], "needs_data": False},
@@ -48,14 +52,16 @@ def sections(data: str, quick: bool) -> dict[str, dict]:
             "cmd": ["server_step.py", *(["--repeats", "1", "--dense-max-numel", "1e7"] if quick else [])],
             "needs_data": False,
         },
-        "overhead": {"cmd": ["client_overhead.py", "--data", data], "needs_data": True},
-        "throughput": {"cmd": ["throughput.py", "--data", data], "needs_data": True},
+        "overhead": {"cmd": ["client_overhead.py", "--data", data, *(["--rounds", "1"] if quick else [])],
+                     "needs_data": True},
+        "throughput": {"cmd": ["throughput.py", "--data", data, *(["--repeats", "1"] if quick else [])],
+                       "needs_data": True},
         "full_parameter": {"cmd": ["full_parameter.py", "--preset", "roberta-base"], "needs_data": False},
         "reliability": {
             "cmd": ["reliability.py", *(["--rounds", "3", "--fuzz", "2000"] if quick else [])],
             "needs_data": False,
         },
-        "parallel": {"cmd": ["parallel_clients.py"], "needs_data": False},
+        "parallel": {"cmd": ["parallel_clients.py", *(["--rounds", "3"] if quick else [])], "needs_data": False},
     }
 
 
@@ -190,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", nargs="+", default=None, help="Run only these sections.")
     p.add_argument("--quick", action="store_true", help="Smaller settings for the model-free benchmarks.")
     p.add_argument("--no-write", action="store_true", help="Print only; leave docs/benchmarks.md as it is.")
+    p.add_argument("--write", action="store_true", help="With --quick: write docs/benchmarks.md all the same.")
     a = p.parse_args(argv)
     data = os.path.relpath(a.data, REPO) if Path(a.data).is_absolute() else a.data
     all_sections = sections(data, a.quick)
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         print(text, flush=True)
         if code != 0:
             failed.append(name)
-        if not a.no_write:
+        if not a.no_write and (a.write or not a.quick):
             doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
             DOC.write_text(write_section(doc, name, render(name, cmd, text, result, seconds, code)))
     if failed:
