@@ -21,6 +21,7 @@ Prints a table; with --json the last line is one JSON object, ``{"encode_fractio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -34,6 +35,12 @@ TARGET = 0.03
 
 
 def main(argv: list[str] | None = None) -> dict:
+    with contextlib.redirect_stdout(sys.stderr):  # Trainer's logs; stdout is the table (and the JSON line)
+        a, rows = measure(argv)
+    return report(a, rows)
+
+
+def measure(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True)
     p.add_argument("--domains", nargs="+", default=["code", "medical", "finance", "math"])
@@ -98,7 +105,11 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         view.receive(result.broadcast)
         receive_s.append(time.perf_counter() - t0)
+    return a, (rows, receive_s)
 
+
+def report(a: argparse.Namespace, measured: tuple[list[dict], list[float]]) -> dict:
+    rows, receive_s = measured
     print(
         f"\n{a.algorithm} on {a.model}, LoRA r={a.lora_r} on {','.join(a.targets)}, {a.local_steps} "
         f"local steps of batch {a.batch_size} (max_length {a.max_length}) per client and round; times in seconds.\n"

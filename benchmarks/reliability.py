@@ -13,6 +13,7 @@ broadcast's digest. "Data lost" counts rounds that did not complete and honest u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -132,7 +133,8 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(1)
-    row = {**run_with_faults(a.rounds, a.clients, a.fault_rate, a.seed), **fuzz(a.fuzz, a.seed)}
+    with contextlib.redirect_stdout(sys.stderr):  # the runs' logs; stdout is the table (and the JSON line)
+        row = {**run_with_faults(a.rounds, a.clients, a.fault_rate, a.seed), **fuzz(a.fuzz, a.seed)}
     print("| figure | value |\n|---|---|")
     for k, v in row.items():
         print(f"| {k} | {v} |")

@@ -24,6 +24,7 @@ Prints a table; with --json the last line is one JSON object, ``{"ratio_vs_plain
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -37,6 +38,12 @@ TARGET = 0.95
 
 
 def main(argv: list[str] | None = None) -> dict:
+    with contextlib.redirect_stdout(sys.stderr):  # Trainer's logs; stdout is the table (and the JSON line)
+        a, rows = measure(argv)
+    return report(a, rows)
+
+
+def measure(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True)
     p.add_argument("--domain", default="math")
@@ -108,6 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
             if repeat:
                 times[name].append(seconds)
                 tokens[name].append(seen)
+    return a, (times, tokens)
+
+
+def report(a: argparse.Namespace, measured: tuple[dict[str, list[float]], dict[str, list[int]]]) -> dict:
+    times, tokens = measured
+    runs = list(times)
     rates = {n: median([tok / s for tok, s in zip(tokens[n], times[n])]) for n in runs}
     if len({t for n in runs for t in tokens[n]}) != 1:
         print(f"note: the runs saw different token counts: {tokens}", file=sys.stderr)
