@@ -94,7 +94,7 @@ def run_args(a: argparse.Namespace, method: str, out: Path, first: bool) -> list
     """The main job's arguments for one method: identical for every method but the algorithm (and its options)."""
     algorithm, extra = split_method(method)
     return [
-        "--model_name_or_path", a.model, "--data", *[str(Path(a.data) / d) for d in a.domains],
+        "--model_name_or_path", a.model, "--data", *[str((Path(a.data) / d).resolve()) for d in a.domains],
         "--partition", "domain", "--train_size", "0", "--eval_size", str(a.eval_size),
         "--max_length", str(a.max_length), "--algorithm", algorithm, "--num_clients", str(len(a.domains)),
         "--num_rounds", str(a.rounds), "--local_steps", str(a.local_steps), "--learning_rate", str(a.learning_rate),
@@ -108,7 +108,7 @@ def run_args(a: argparse.Namespace, method: str, out: Path, first: bool) -> list
 
 
 def run_method(a: argparse.Namespace, algorithm: str, first: bool) -> list[dict]:
-    out = Path(a.out) / algorithm.replace("+", "__").replace("=", "-")
+    out = Path(a.out).resolve() / algorithm.replace("+", "__").replace("=", "-")
     settings = run_args(a, algorithm, out, first=False)  # what must match for --reuse (not the round-0 flag)
     stamp = out / "bench_settings.json"
     history_file = out / "history.json"
@@ -170,17 +170,22 @@ def table(results: dict[str, dict], base: dict | None, domains: list[str]) -> st
 
 def plot(results: dict[str, dict], path: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in results.items():
+    for i, (name, r) in enumerate(results.items()):
         total = r["upload_mb"] + r["download_mb"]
         ax.scatter(total, r["eval_loss"]["mean"])
-        ax.annotate(label(name), (total, r["eval_loss"]["mean"]), textcoords="offset points",
-                    xytext=(4, 4))
+        text = label(name).replace("value_dtype=bfloat16", "bf16 values")
+        ax.annotate(text, (total, r["eval_loss"]["mean"]), textcoords="offset points", fontsize=8,
+                    xytext=(5, -11 if i % 2 else 4))  # alternate below/above: close points stay readable
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks([0.25, 0.5, 1, 2, 4, 8])
     ax.set_xlabel("MB per client per round (up + down, log scale)")
     ax.set_ylabel("mean held-out loss (4 domains)")
     ax.set_title("Gemma-3-270M, 4 clients, one real domain each")

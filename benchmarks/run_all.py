@@ -169,6 +169,9 @@ def render(name: str, cmd: list[str], text: str, result: dict | None, seconds: f
            f"{seconds / 60:.1f} min)", ""]  # fmt: skip
     if code != 0:
         out += [f"**The run failed (exit {code}).** Its output:", ""]
+    if not text.strip() and result is not None:  # a script whose --json prints only the JSON object
+        scalars = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}
+        text = "| figure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in scalars.items())
     out.append(text if "|---" in text else f"```text\n{text}\n```")  # plain-text tables as they print
     if result is not None and name in CHECKS:
         checks = CHECKS[name](result)
