@@ -31,3 +31,23 @@ def domain_data(data_dir: str, domain: str, tokenizer, max_length: int, split: s
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def add_run_arguments(parser) -> None:
+    """The settings every Gemma benchmark shares: model, LoRA, batch and sequence length, --json."""
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--json", action="store_true")
+
+
+def run_quietly(measure, report, argv):
+    """`report(*measure(argv))` with Trainer's logs sent to stderr: stdout holds only the table and the JSON line."""
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):
+        a, measured = measure(argv)
+    return report(a, measured)

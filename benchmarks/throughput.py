@@ -24,7 +24,6 @@ Prints a table; with --json the last line is one JSON object, ``{"ratio_vs_plain
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
@@ -32,15 +31,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _gemma import domain_data, load_model, median  # noqa: E402
+from _gemma import add_run_arguments, domain_data, load_model, median, run_quietly  # noqa: E402
 
 TARGET = 0.95
 
 
 def main(argv: list[str] | None = None) -> dict:
-    with contextlib.redirect_stdout(sys.stderr):  # Trainer's logs; stdout is the table (and the JSON line)
-        a, rows = measure(argv)
-    return report(a, rows)
+    return run_quietly(measure, report, argv)
 
 
 def measure(argv: list[str] | None):
@@ -49,12 +46,7 @@ def measure(argv: list[str] | None):
     p.add_argument("--domain", default="math")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=192)
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
-    p.add_argument("--model", default="gemma-3-270m")
-    p.add_argument("--json", action="store_true")
+    add_run_arguments(p)
     a = p.parse_args(argv)
 
     from peft import get_peft_model
