@@ -34,6 +34,8 @@ class FederatedClient:
         self.round = 0
         # Client-kept tensors (`Algorithm.personal`) by client id, so a client finds its own wherever it trains next.
         self.personal_states: dict[int, State] = {}
+        # What each client carries from one upload to its next (`Algorithm.client_update_with_memory`), by client id.
+        self.memories: dict[int, State] = {}
         # What the last broadcast asks every party to fold into its base weights (`BaseWeightWriter.add`).
         self.base_delta: BaseDelta = {}
 
@@ -75,7 +77,12 @@ class FederatedClient:
     ) -> bytes:
         """Encode what this client uploads after local training ended in `local_state`."""
         rng = generator_for(self.config.seed, "client_update", round, client_id)
-        payload = self.algorithm.client_update(self.state, local_state, round, rng)
+        memory = self.memories.get(client_id, {})
+        payload, kept = self.algorithm.client_update_with_memory(self.state, local_state, memory, round, rng)
+        if kept:
+            self.memories[client_id] = {k: v.detach().to("cpu", torch.float32) for k, v in kept.items()}
+        else:
+            self.memories.pop(client_id, None)
         meta = {"client_id": int(client_id), "num_samples": int(num_samples), **(metrics or {})}
         msg = wire.Message(kind="update", algorithm=self.algorithm.name, round=round, tensors=payload, meta=meta)
         return wire.encode(msg, value_dtype=self.config.value_dtype, positions=self.config.positions)

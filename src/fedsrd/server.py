@@ -40,6 +40,8 @@ class FederatedServer:
         self.config = config
         self.state = global_state
         self.round = 0
+        # Server-side state carried between rounds and never broadcast (`Algorithm.server_step_with_memory`).
+        self.memory: State = {}
 
     def decode_update(self, data: bytes, round: int) -> wire.Message:
         msg = wire.decode(
@@ -68,11 +70,11 @@ class FederatedServer:
 
     def _aggregate(
         self, round: int, accepted: list[wire.Message], rejected: dict[str, str]
-    ) -> tuple[State, dict, list[wire.Message]]:
+    ) -> tuple[State, dict, State, list[wire.Message]]:
         """Run the server step; if it fails or yields a non-finite state, find and exclude the updates that cause it.
 
-        Returns the new state, the payload to broadcast, and the updates that were aggregated. `self.state` is not
-        touched here, so nothing a client sends can leave the server half-updated.
+        Returns the new state, the payload to broadcast, the server's new memory and the updates that were
+        aggregated. `self.state` and `self.memory` are not touched here, so nothing a client sends can leave the server half-updated.
         """
         try:
             return (*self._try_aggregate(round, accepted), accepted)
@@ -90,21 +92,23 @@ class FederatedServer:
             raise RuntimeError(f"round {round}: no update could be aggregated; rejected: {rejected}")
         return (*self._try_aggregate(round, good), good)
 
-    def _try_aggregate(self, round: int, messages: list[wire.Message]) -> tuple[State, dict]:
+    def _try_aggregate(self, round: int, messages: list[wire.Message]) -> tuple[State, dict, State]:
         if self.config.aggregation == "samples":
             weights = normalized_weights([m.meta["num_samples"] for m in messages])
         else:
             weights = normalized_weights([1.0] * len(messages))
         rng = generator_for(self.config.seed, "server_step", round)
         with torch.no_grad():
-            payload = self.algorithm.server_step(self.state, [m.tensors for m in messages], weights, round, rng)
+            payload, memory = self.algorithm.server_step_with_memory(
+                self.state, [m.tensors for m in messages], weights, round, rng, self.memory
+            )
             # Apply what the clients will decode (values rounded to the wire dtype), so every party stays equal.
             payload = as_received(payload, self.config.value_dtype)
             state = self.algorithm.reinitialize(self.algorithm.apply(self.state, payload), round)
         for name, value in state.items():
             if not bool(torch.isfinite(value).all()):
                 raise ArithmeticError(f"the aggregated state has non-finite values in {name!r}")
-        return state, payload
+        return state, payload, memory
 
     def step(self, round: int, updates: list[bytes], min_updates: int = 1) -> RoundResult:
         """Aggregate the round's encoded updates, apply the result and return the encoded broadcast."""
@@ -121,7 +125,7 @@ class FederatedServer:
                 f"round {round}: only {len(accepted)} valid update(s) arrived, at least {min_updates} needed; "
                 f"rejected: {rejected}"
             )
-        self.state, payload, accepted = self._aggregate(round, accepted, rejected)
+        self.state, payload, self.memory, accepted = self._aggregate(round, accepted, rejected)
         self.round = round
         broadcast = wire.Message(
             kind="broadcast",

@@ -181,7 +181,9 @@ class FederatedTrainer(Trainer):
         for name, ds in sets.items():
             if ds is None or len(ds) == 0:
                 raise ValueError(f"eval_dataset[{name!r}] is empty.")
-        return {name: self._tokenized(ds, tokenizer, f"eval_dataset[{name!r}]") for name, ds in sets.items()}
+        return {
+            name: _longest_first(self._tokenized(ds, tokenizer, f"eval_dataset[{name!r}]")) for name, ds in sets.items()
+        }
 
     def _tokenized(self, ds: Any, tokenizer: Any, what: str) -> Any:
         columns = getattr(ds, "column_names", None) or []
@@ -470,3 +472,18 @@ def classification_accuracy(eval_prediction: Any) -> dict[str, float]:
     logits = logits[0] if isinstance(logits, tuple) else logits
     labels = np.asarray(eval_prediction.label_ids)
     return {"accuracy": float((np.asarray(logits).argmax(-1) == labels).mean())}
+
+
+def _longest_first(ds: Any) -> Any:
+    """The evaluation rows sorted by token length, longest first (stable), so each batch pads to little.
+
+    Trainer evaluates in dataset order; rows of similar length in one batch cut the padded positions that the model
+    computes for nothing, and the longest batch comes first, so running out of memory shows at once. The loss of each
+    row is unchanged; Trainer's eval loss (the mean of the batch means) is taken over these batches.
+    """
+    columns = getattr(ds, "column_names", None) or []
+    if "input_ids" not in columns or not hasattr(ds, "sort") or len(ds) < 2:
+        return ds
+    lengths = [len(ids) for ids in ds["input_ids"]]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return ds.select(order)

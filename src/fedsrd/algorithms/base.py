@@ -67,6 +67,34 @@ class Algorithm(ABC):
     def apply(self, state: State, broadcast: Payload) -> State:
         """The next global state from the current one and the broadcast, run by the server and by every client."""
 
+    # ---- state a party keeps between rounds (error feedback: fedsrd_ef) ------------------------------------------
+    def client_update_with_memory(
+        self, global_state: State, local_state: State, memory: State, round: int, rng: torch.Generator
+    ) -> tuple[Payload, State]:
+        """`client_update` for algorithms that carry per-client state from one upload to the next.
+
+        `memory` is what this client kept after its previous upload (empty at first, and it may be several rounds
+        old when the client was not sampled in between). Returns the payload and what the client keeps; the client
+        role stores it by client id (and in checkpoints). Default: `client_update`, nothing kept.
+        """
+        return self.client_update(global_state, local_state, round, rng), {}
+
+    def server_step_with_memory(
+        self,
+        global_state: State,
+        updates: list[Payload],
+        weights: list[float],
+        round: int,
+        rng: torch.Generator,
+        memory: State,
+    ) -> tuple[Payload, State]:
+        """`server_step` for algorithms that carry server-side state from one round to the next (never broadcast).
+
+        Returns the broadcast payload and the server's new memory; the server role commits it only when the round
+        completes (and checkpoints it). Default: `server_step`, nothing kept.
+        """
+        return self.server_step(global_state, updates, weights, round, rng), {}
+
     # ---- what the receiver checks ----------------------------------------------------------------------------------
     def update_shapes(self, global_state: State) -> dict[str, tuple[tuple[int, ...], bool]]:
         """Expected upload: name -> (shape, may it be sparse). Default: every trainable tensor, dense."""
