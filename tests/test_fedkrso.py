@@ -439,3 +439,62 @@ def test_fedkseed_refuses_a_decaying_learning_rate(tmp_path):
                 *E2E,
             ]
         )
+
+
+# ---- fp16 loss scaling (issue: an overflow must not freeze the local phase) ----------------------------------------
+def _krso_trainer_with_loss_scaler(tmp_path, local_steps: int):
+    """A FedKRSO trainer whose local phases run Accelerate's fp16 loss-scaling path (a CPU GradScaler: Accelerate
+    creates none on a CPU), with an inf forced into one coordinate's gradient before the second optimizer step."""
+    from transformers import TrainerCallback, TrainingArguments
+
+    from fedsrd.data import load_synthetic
+    from fedsrd.models import build_tiny_llama, build_tiny_tokenizer
+    from fedsrd.trainer import FederatedTrainer
+
+    data = load_synthetic(("arithmetic", "units"), train_size=16, test_size=8, seed=0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+    )
+    cfg = FedSRDConfig(algorithm="fedkrso", num_clients=2, num_rounds=1, local_steps=local_steps, krso_tau=2)
+    trainer = FederatedTrainer(
+        model=build_tiny_llama(seed=0),
+        args=args,
+        fed_config=cfg,
+        client_datasets=[d["train"] for d in data.values()],
+        processing_class=build_tiny_tokenizer(),
+        max_length=96,
+    )
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+
+    class Overflow(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                next(iter(trainer.fed_optimizer.coordinates.values())).grad.fill_(float("inf"))
+
+    trainer.add_callback(Overflow())
+    return trainer
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])  # unscaled by the scaler's step, or by clipping first
+def test_fedkrso_resumes_after_an_fp16_overflow(tmp_path, max_grad_norm):
+    from fedsrd.trainer import _AlgorithmGradientsCleared
+
+    trainer = _krso_trainer_with_loss_scaler(tmp_path, local_steps=8)
+    trainer.args.max_grad_norm = max_grad_norm
+    trainer.local_train(0, 1)
+    assert trainer.fed_optimizer.num_steps == 7  # only the overflowing step was skipped
+    assert trainer.accelerator.scaler.get_scale() < 2.0**8  # the scaler did see the overflow
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert all(c.grad is None for c in trainer.fed_optimizer.coordinates.values())
+    assert all(torch.isfinite(a).all() for a in trainer.local_state().values())
+
+    # without clearing the coordinates' gradients, the inf stays and every later step is skipped as well
+    trainer.remove_callback(_AlgorithmGradientsCleared)
+    trainer.local_train(1, 1)
+    assert trainer.fed_optimizer.num_steps == 1

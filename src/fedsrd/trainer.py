@@ -41,6 +41,22 @@ class FederatedCallback(TrainerCallback):
         pass
 
 
+class _AlgorithmGradientsCleared(TrainerCallback):
+    """After every optimizer step, taken or skipped, clear the gradients of the algorithm's own optimizer.
+
+    Trainer clears gradients with `model.zero_grad()`, which misses tensors that live outside the model (FedKRSO's
+    out x r coordinates). When the fp16 loss scaler skips an overflowing step, the optimizer's `step` never runs, so
+    it cannot clear them itself: the inf would stay and every later step of the local phase would be skipped too.
+    """
+
+    def __init__(self, trainer: FederatedTrainer) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer.fed_optimizer is not None:
+            self.trainer.fed_optimizer.zero_grad(set_to_none=True)
+
+
 class FederatedTrainer(Trainer):
     """Federated fine-tuning of a LoRA adapter with the `transformers.Trainer` API.
 
@@ -127,6 +143,7 @@ class FederatedTrainer(Trainer):
         self.args.save_strategy = SaveStrategy.NO
         self.args.eval_strategy = IntervalStrategy.NO
         self.remove_callback(ProgressCallback)  # one bar over rounds instead of one per local phase
+        self.add_callback(_AlgorithmGradientsCleared(self))
         for callback in round_callbacks:
             self.add_callback(callback)
         if self.algorithm.uses_lora:
