@@ -420,6 +420,17 @@ def test_other_algorithms_match_the_simulation(algorithm, tmp_path, tmp_path_fac
     assert history[-1]["final_sync"]["1"]["kind"] == expected
 
 
+@needs_flwr
+def test_round_learning_rate_schedule_reaches_the_nodes(tmp_path, tmp_path_factory, task_identity):
+    """FedSRDConfig.round_lr_scheduler: each node's local phase trains at the round's rate, as in the simulation."""
+    overrides = {"num-rounds": 2, "round-lr-scheduler": "cosine", "round-lr-min": 0.0003}
+    history, _ = _run_in_process(tmp_path, **overrides)
+    assert [r["learning_rate"] for r in history[1:]] == pytest.approx([0.003, 0.00165])  # 3e-4 + 1.35e-3 (1 + cos pi/2)
+    final = _final_digest(tmp_path / "server")
+    assert final == _simulated_digest(tmp_path_factory, **overrides)
+    assert final != _simulated_digest(tmp_path_factory, **{"num-rounds": 2})  # the rate did change the training
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # a real deployment: SuperLink + 2 SuperNodes as subprocesses on loopback
 # ---------------------------------------------------------------------------------------------------------------------

@@ -149,6 +149,21 @@ class FedSRDConfig:
     save_every: int = field(
         default=1, metadata={"help": "Save the global adapter as round_NNNN/ every k rounds (0: only final/)."}
     )
+    # ---- learning rate across rounds (fedsrd.schedule; docs/user_guide.md) --------------------------------------
+    round_lr_scheduler: str | None = field(
+        default=None,
+        metadata={
+            "help": "One learning rate per round across the federation, constant within each round (as OpenFedLLM): "
+            "'constant', 'linear' or 'cosine' from TrainingArguments.learning_rate down towards round_lr_min; "
+            "replaces TrainingArguments.lr_scheduler_type. Default (None): TrainingArguments' schedule runs within "
+            "each round's local phase and restarts every round."
+        },
+    )
+    round_lr_min: float = field(
+        default=0.0,
+        metadata={"help": "The rate that round_lr_scheduler 'linear' / 'cosine' decays towards (OpenFedLLM: 1e-6)."},
+    )
+    # ---- end of learning rate across rounds ----------------------------------------------------------------------
     # ---- lm-eval during training and Hub publishing (fedsrd.eval, fedsrd.hub; docs/evaluation.md) ---------------
     # The Hub repo, token and privacy are TrainingArguments' own push_to_hub / hub_model_id / hub_token /
     # hub_private_repo; FederatedTrainer pushes the global adapter (not each client's) once per saved round.
@@ -258,6 +273,15 @@ class FedSRDConfig:
         _require(self.max_update_value > 0, "max_update_value", f"must be > 0, got {self.max_update_value}")
         _require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         _require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
+        # learning rate across rounds
+        from fedsrd.schedule import ROUND_LR_SCHEDULERS
+
+        _require(
+            self.round_lr_scheduler is None or self.round_lr_scheduler in ROUND_LR_SCHEDULERS,
+            "round_lr_scheduler",
+            f"must be one of {ROUND_LR_SCHEDULERS} or None, got {self.round_lr_scheduler!r}",
+        )
+        _require(self.round_lr_min >= 0, "round_lr_min", f"must be >= 0, got {self.round_lr_min}")
         # lm-eval / Hub
         if isinstance(self.lm_eval_tasks, str):
             self.lm_eval_tasks = [self.lm_eval_tasks]

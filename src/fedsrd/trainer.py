@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import IntervalStrategy, SaveStrategy, TrainOutput, set_seed
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType, TrainOutput, set_seed
 
 from fedsrd.algorithms import State, get_algorithm
 from fedsrd.config import FedSRDConfig
+from fedsrd.schedule import check_round_schedule, round_learning_rate
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,10 @@ class FederatedTrainer(Trainer):
             fed_config.fed_seed = args.seed  # one --seed for local training and the federation
         self.fed_config = fed_config
         self.algorithm = get_algorithm(fed_config.algorithm, fed_config)
+        check_round_schedule(fed_config, args)
+        if fed_config.round_lr_scheduler is not None:  # one rate per round (fedsrd.schedule), constant within it
+            args.lr_scheduler_type = SchedulerType.CONSTANT
+        self.base_learning_rate = args.learning_rate  # round_lr_scheduler's starting rate; restored after each round
         self.algorithm.check_training_args(args)  # e.g. FedKSeed's constant learning rate, before any training
         self.is_classifier = is_sequence_classifier(model)
         self.initial_weights: State = {}  # full-parameter algorithms: the trained weights' shared initial values
@@ -292,15 +297,25 @@ class FederatedTrainer(Trainer):
 
         self.train_dataset = self.client_datasets[client_id]
         self.args.max_steps = self.fed_config.local_steps
+        self.args.learning_rate = self.round_learning_rate(round)  # the optimizers (Trainer's, the algorithm's) read it
         self.optimizer, self.lr_scheduler = None, None
         self.fed_optimizer, self._fed_round, self._fed_client = None, round, client_id
         set_seed(derive_seed(self.fed_config.seed, "local", round, client_id) % (2**32))
         try:
             return super().train()
         finally:
+            self.args.learning_rate = self.base_learning_rate
             close = getattr(self.fed_optimizer, "close", None)  # e.g. FedKRSO's forward hooks
             if close is not None:
                 close()
+
+    def round_learning_rate(self, round: int) -> float:
+        """The learning rate of `round`'s local phases (`FedSRDConfig.round_lr_scheduler`; unset: the rate
+        TrainingArguments' own schedule starts each round from)."""
+        cfg = self.fed_config
+        return round_learning_rate(
+            cfg.round_lr_scheduler, self.base_learning_rate, round, cfg.num_rounds, cfg.round_lr_min
+        )
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """The algorithm's own optimizer where it has one (`Algorithm.create_optimizer`), else Trainer's."""

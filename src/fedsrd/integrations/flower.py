@@ -52,6 +52,7 @@ from fedsrd.integrations.checkpoint import ServerCheckpoint, atomic_write_bytes,
 from fedsrd.integrations.node import FederationNode
 from fedsrd.integrations.settings import RunSettings, parse_run_config
 from fedsrd.runtime.local import MB, RoundTable, sample_clients
+from fedsrd.schedule import round_learning_rate
 from fedsrd.server import FederatedServer, save_adapter
 
 logger = logging.getLogger(__name__)
@@ -367,6 +368,10 @@ class FlowerCoordinator:
             "round": round,
             "clients": clients,
             "train_loss": result.metrics.get("train_loss", float("nan")),
+            "learning_rate": round_learning_rate(
+                self.cfg.round_lr_scheduler, self.settings.training.learning_rate, round, self.cfg.num_rounds,
+                self.cfg.round_lr_min,
+            ),
             "upload_bytes": upload,
             "download_bytes": download,
             "upload_mb_per_client": upload / MB / max(1, len(updates)),

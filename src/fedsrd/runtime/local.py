@@ -142,6 +142,7 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
             "round": round,
             "clients": clients,
             "train_loss": result.metrics.get("train_loss", math.nan),
+            "learning_rate": trainer.round_learning_rate(round),
             "upload_bytes": upload,
             "download_bytes": download,
             "upload_mb_per_client": upload / MB / len(clients),
