@@ -65,6 +65,17 @@ class FedSRDConfig:
     download_drop: float = field(
         default=0.8, metadata={"help": "FedSRD: DARE drop probability on the broadcast delta (kept entries x 1/(1-p))."}
     )
+    # ---- fedsrd_ef: FedSRD with error feedback (this library's variant; docs/fedsrd.md) ----------------------------
+    ef_upload: bool = field(
+        default=True,
+        metadata={"help": "fedsrd_ef: each client keeps what importance pruning removed from its upload and adds it "
+                  "to its next upload's delta (no L1 rescale: the kept residual carries that mass)."},
+    )
+    ef_download: bool = field(
+        default=True,
+        metadata={"help": "fedsrd_ef: the server keeps what the random drop removed from the broadcast and adds it to "
+                  "that factor's next delta (survivors are not scaled by 1/(1-p))."},
+    )
     # ---- baselines (docs/algorithms.md): fedprox, fed_dare, topk -------------------------------------------------
     fedprox_mu: float = field(
         default=0.01,
@@ -96,6 +107,20 @@ class FedSRDConfig:
     )
     kseed_eps: float = field(
         default=5e-4, metadata={"help": "FedKSeed: perturbation scale eps of the two-point zeroth-order estimate."}
+    )
+    krso_head_bias_decay: bool = field(
+        default=False,
+        metadata={
+            "help": "FedKRSO: apply weight_decay to the head's biases too, as the authors' code does (default: only "
+            "to the head's matrices, Trainer's convention)."
+        },
+    )
+    kseed_grad_clip: float = field(
+        default=0.0,
+        metadata={
+            "help": "FedKSeed: skip a local step whose two losses differ by more than this, |L(w + eps z) - "
+            "L(w - eps z)| > kseed_grad_clip (the reference's optional grad_clip); 0: never skip."
+        },
     )
     # ---- end of full-parameter family ------------------------------------------------------------------------------
     value_dtype: str = field(
@@ -243,6 +268,7 @@ class FedSRDConfig:
         _require(self.krso_tau >= 1, "krso_tau", f"must be >= 1, got {self.krso_tau}")
         _require(self.kseed_num_seeds >= 1, "kseed_num_seeds", f"must be >= 1, got {self.kseed_num_seeds}")
         _require(self.kseed_eps > 0, "kseed_eps", f"must be > 0, got {self.kseed_eps}")
+        _require(self.kseed_grad_clip >= 0, "kseed_grad_clip", f"must be >= 0 (0: off), got {self.kseed_grad_clip}")
         _require(
             self.value_dtype in VALUE_DTYPES, "value_dtype", f"must be one of {VALUE_DTYPES}, got {self.value_dtype!r}"
         )

@@ -17,6 +17,7 @@ _BUILTIN: dict[str, str] = {
     "fedavg": "fedsrd.algorithms.fedavg",
     "fedsrd": "fedsrd.algorithms.fedsrd",
     "fedsrd_e": "fedsrd.algorithms.fedsrd",
+    "fedsrd_ef": "fedsrd.algorithms.fedsrd_ef",
     "fedprox": "fedsrd.algorithms.fedprox",
     "ffa_lora": "fedsrd.algorithms.ffa_lora",
     "flexlora": "fedsrd.algorithms.flexlora",

@@ -118,8 +118,11 @@ def importance_prune(
 
 
 # ---- DARE random drop (download) -------------------------------------------------------------------------------------
-def dare_drop(tensor: torch.Tensor, drop: float, generator: torch.Generator) -> SparseTensor:
+def dare_drop(tensor: torch.Tensor, drop: float, generator: torch.Generator, *, rescale: bool = True) -> SparseTensor:
     """Zero each entry independently with probability ``drop``; scale the survivors by ``1 / (1 - drop)`` (DARE).
+
+    With ``rescale=False`` the survivors keep their values (random-k sparsification, as error feedback wants: what is
+    dropped is kept and sent later, so nothing needs to be inflated now).
 
     The mask's seed is drawn from ``generator`` and the mask from that seed on the CPU (`SeededMask`), so the same
     generator state gives the same mask on any device, and the wire can send the seed instead of the positions.
@@ -131,7 +134,8 @@ def dare_drop(tensor: torch.Tensor, drop: float, generator: torch.Generator) -> 
         return SparseTensor.from_dense(tensor)
     mask = SeededMask((int(torch.randint(0, 2**62, (1,), generator=generator)),), float(drop))
     keep = mask.keep(tuple(tensor.shape))  # P(keep) = 1 - drop
-    dropped = torch.where(keep.to(tensor.device), tensor / (1.0 - drop), torch.zeros((), device=tensor.device))
+    kept = tensor / (1.0 - drop) if rescale else tensor
+    dropped = torch.where(keep.to(tensor.device), kept, torch.zeros((), device=tensor.device))
     return SparseTensor.from_mask(dropped, mask)
 
 

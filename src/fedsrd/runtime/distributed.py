@@ -161,10 +161,12 @@ class AccelerateTeam(ProcessTeam):
                 for cid in share:
                     updates, dropped = train_clients(trainer, client_view, [cid], round)
                     personal = client_view.personal_states.get(cid)
+                    memory = client_view.memories.get(cid)
                     results[cid] = {
                         "updates": updates,
                         "dropped": dropped,
                         "personal": None if personal is None else encode_state(personal),
+                        "memory": None if memory is None else encode_state(memory),
                     }
             return results
 
@@ -178,6 +180,10 @@ class AccelerateTeam(ProcessTeam):
             dropped.update(result["dropped"])
             if result["personal"] is not None:
                 client_view.personal_states[cid] = decode_state(result["personal"])
+            if result["memory"] is not None:  # error-feedback residuals follow the client to any process
+                client_view.memories[cid] = decode_state(result["memory"])
+            else:
+                client_view.memories.pop(cid, None)
         _order_like_one_process(client_view.personal_states, known_before, clients)
         return updates, dropped
 

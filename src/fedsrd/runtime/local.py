@@ -203,6 +203,9 @@ def write_round_checkpoint(
     for cid, personal in client_view.personal_states.items():
         tensors.update({f"personal/{cid}/{k}": v for k, v in personal.items()})
     tensors.update({f"base/{k}": v for k, v in base_writer.checkpoint_tensors().items()})
+    for cid, memory in client_view.memories.items():  # error feedback residuals (fedsrd_ef)
+        tensors.update({f"memory/{cid}/{k}": v for k, v in memory.items()})
+    tensors.update({f"server_memory/{k}": v for k, v in server.memory.items()})
     meta = {
         "fed_config": trainer.fed_config.to_dict(),
         "digest": wire.state_digest(server.state),
@@ -239,10 +242,13 @@ def restore_round_checkpoint(
     if wire.state_digest(state) != meta["digest"]:
         raise ValueError(f"resume: checkpoint round {round} in {out_dir} fails its digest check.")
     personal: dict[int, dict] = {}
+    memories: dict[int, dict] = {}
     for key, value in tensors.items():
-        if key.startswith("personal/"):
-            _, cid, name = key.split("/", 2)
-            personal.setdefault(int(cid), {})[name] = value
+        if key.startswith(("personal/", "memory/")):
+            kind, cid, name = key.split("/", 2)
+            (personal if kind == "personal" else memories).setdefault(int(cid), {})[name] = value
+    server.memory = {k[len("server_memory/") :]: v for k, v in tensors.items() if k.startswith("server_memory/")}
+    client_view.memories = dict(sorted(memories.items()))
     base_writer.restore({k[len("base/") :]: v for k, v in tensors.items() if k.startswith("base/")})
     server.state, server.round = state, round
     client_view.state, client_view.round = dict(state), round

@@ -1,0 +1,122 @@
+"""FedSRD-EF: FedSRD with error feedback on both links (this library's variant; `fedsrd` stays the paper's method).
+
+FedSRD (Yan et al., WWW 2026; `fedsrd.algorithms.fedsrd`) loses information twice per round, and never recovers it:
+
+* the upload keeps only the most important ~5% of each LoRA delta (Eq. 6-8); the rest of the client's progress is
+  gone, because the client starts its next round from the new global state;
+* the download drops 80% of the least-squares factor update at random (DARE, survivors x 5): unbiased, but the
+  dropped part is gone for the same reason, and the x5 rescale adds variance.
+
+Error feedback (Seide et al., Interspeech 2014; Stich et al., NeurIPS 2018; Karimireddy et al., ICML 2019) keeps
+what a compressor removed and adds it to the next message, so every bit of progress is sent eventually:
+
+* **upload** (``ef_upload``): client i keeps ``e_i = (delta_i + e_i_old) - sent_i``, where ``sent_i`` is the pruned
+  message as the server decodes it (values rounded to the wire dtype), and adds ``e_i`` to the delta of its next
+  upload. A client that is not sampled keeps its residual until it trains again. No L1 rescale: the residual carries
+  the mass that the rescale would approximate.
+* **download** (``ef_download``): the server keeps ``R_k = (delta_k + R_k_old) - sent_k`` for each factor k it
+  broadcasts, and adds ``R_k`` to factor k's next delta (B's in B-rounds, A's in A-rounds). Survivors are sent
+  unscaled. Positions still travel as the mask's seed, so the download costs the same bytes as FedSRD's.
+
+Residuals never travel; they are checkpointed with the run (clients' under ``memory/``, the server's under
+``server_memory/``). Everything else (reconstruction, SVD target, alternating least-squares factor, wire format) is
+FedSRD's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedsrd.algorithms import register_algorithm
+from fedsrd.algorithms.base import Payload, State
+from fedsrd.algorithms.fedsrd import FedSRD, lora_modules
+from fedsrd.ops.lowrank import solve_left_update, solve_right_update
+from fedsrd.ops.sparsify import dare_drop, importance_prune, importance_scores_a, importance_scores_b
+
+
+@register_algorithm
+class FedSRDEF(FedSRD):
+    """FedSRD with error feedback: pruned upload entries and dropped download entries are kept and sent later."""
+
+    name = "fedsrd_ef"
+    paper = "FedSRD (Yan et al., WWW 2026) + error feedback on both links (this library; Karimireddy et al., ICML 2019)"
+    uploads = "LoRA deltas plus the client's kept residual, importance-pruned (no L1 rescale)"
+    downloads = "one factor's least-squares delta plus the server's kept residual, random-dropped (seeded, unscaled)"
+
+    # ---- client ------------------------------------------------------------------------------------------------
+    def client_update(self, global_state: State, local_state: State, round: int, rng: torch.Generator) -> Payload:
+        return self.client_update_with_memory(global_state, local_state, {}, round, rng)[0]
+
+    def client_update_with_memory(
+        self, global_state: State, local_state: State, memory: State, round: int, rng: torch.Generator
+    ) -> tuple[Payload, State]:
+        if not self.config.ef_upload:
+            return super().client_update(global_state, local_state, round, rng), {}
+        cfg = self.config
+        prune = {"alpha": cfg.upload_sparsity_alpha, "coeff": cfg.upload_sparsity_coeff, "cap": cfg.upload_sparsity_cap}
+        upload: Payload = {}
+        kept: State = {}
+        for module in lora_modules(global_state):
+            a, b = global_state[module.a_key], global_state[module.b_key]
+            b_new = local_state[module.b_key].detach().to("cpu", torch.float32)
+            a_new = local_state[module.a_key].detach().to("cpu", torch.float32)
+            delta_b = b_new - b + _residual(memory, module.b_key, b)  # the round's delta plus what was not sent
+            delta_a = a_new - a + _residual(memory, module.a_key, a)
+            for key, delta, score in (
+                (module.b_key, delta_b, importance_scores_b(delta_b, a)),  # Eq. 6, on the corrected delta
+                (module.a_key, delta_a, importance_scores_a(delta_a, b_new)),
+            ):
+                sent = self._on_wire(importance_prune(delta, score, **prune, l1_rescale=False))  # Eq. 7-8
+                upload[key] = sent
+                kept[key] = delta - sent.to_dense(torch.float32)
+        return upload, kept
+
+    # ---- server ------------------------------------------------------------------------------------------------
+    def server_step(
+        self, global_state: State, updates: list[Payload], weights: list[float], round: int, rng: torch.Generator
+    ) -> Payload:
+        return self.server_step_with_memory(global_state, updates, weights, round, rng, {})[0]
+
+    def server_step_with_memory(
+        self,
+        global_state: State,
+        updates: list[Payload],
+        weights: list[float],
+        round: int,
+        rng: torch.Generator,
+        memory: State,
+    ) -> tuple[Payload, State]:
+        if not self.config.ef_download:
+            return super().server_step(global_state, updates, weights, round, rng), {}
+        if not updates:
+            raise ValueError("FedSRD-EF.server_step: no client updates to aggregate.")
+        b_round = round % 2 == 1  # as FedSRD: odd rounds send dB, even rounds dA
+        payload: Payload = {}
+        kept: State = dict(memory)  # the factor not sent this round keeps its residual for its next round
+        for module in lora_modules(global_state):
+            a, b = global_state[module.a_key].to(torch.float32), global_state[module.b_key].to(torch.float32)
+            delta_w = self.target_change(module, a, b, updates, weights)  # Eq. 9-11
+            if b_round:
+                key, delta = module.b_key, solve_left_update(delta_w, a)  # Eq. 12
+            elif bool(b.any()):
+                key, delta = module.a_key, solve_right_update(delta_w, b)  # Eq. 13
+            else:
+                continue
+            corrected = delta + _residual(memory, key, global_state[key])
+            sent = self._on_wire(dare_drop(corrected, self.config.download_drop, rng, rescale=False))
+            payload[key] = sent
+            kept[key] = corrected - sent.to_dense(torch.float32)
+        return payload, kept
+
+
+def _residual(memory: State, key: str, like: torch.Tensor) -> torch.Tensor:
+    """The kept residual of `key` (zeros if none); a residual of another shape means the settings changed."""
+    value = memory.get(key)
+    if value is None:
+        return torch.zeros(like.shape, dtype=torch.float32)
+    if tuple(value.shape) != tuple(like.shape):
+        raise ValueError(
+            f"FedSRD-EF: the kept residual of {key!r} has shape {tuple(value.shape)}, but the tensor is "
+            f"{tuple(like.shape)}; was the run resumed with other LoRA settings?"
+        )
+    return value.to(torch.float32)

@@ -1,0 +1,127 @@
+"""FedSRD-EF: error feedback's bookkeeping (nothing is lost), its switches, and resume with the residuals."""
+
+import json
+
+import pytest
+import torch
+
+from fedsrd import FedSRDConfig, wire
+from fedsrd.algorithms import get_algorithm
+from fedsrd.cli import run_train
+from fedsrd.ops import generator_for
+
+from test_reliability import QUIET, TINY  # noqa: E402  (the tiny preset and quiet flags)
+
+
+def _state(seed: int, modules=("m0", "m1"), d_out=12, d_in=10, r=3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for m in modules:
+        state[f"{m}.lora_A.weight"] = torch.randn(r, d_in, generator=g)
+        state[f"{m}.lora_B.weight"] = torch.randn(d_out, r, generator=g) * 0.1
+    return state
+
+
+def _dense(payload):
+    return {k: (v.to_dense(torch.float32) if isinstance(v, wire.SparseTensor) else v) for k, v in payload.items()}
+
+
+@pytest.mark.parametrize("value_dtype", ["float32", "bfloat16"])
+def test_upload_residual_loses_nothing_over_two_rounds(value_dtype):
+    algo = get_algorithm("fedsrd_ef", FedSRDConfig(algorithm="fedsrd_ef", value_dtype=value_dtype))
+    glob = _state(0)
+    true_deltas = [{k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i + 10)) * 0.01
+                    for k, v in glob.items()} for i in range(2)]  # fmt: skip
+    memory, sent_total = {}, {k: torch.zeros_like(v) for k, v in glob.items()}
+    for rnd, delta in enumerate(true_deltas, start=1):
+        local = {k: glob[k] + delta[k] for k in glob}
+        payload, memory = algo.client_update_with_memory(glob, local, memory, rnd, torch.Generator().manual_seed(0))
+        for k, v in _dense(payload).items():
+            sent_total[k] += v
+        sparse = [v for v in payload.values() if isinstance(v, wire.SparseTensor)]
+        assert sparse and all(v.nnz < v.numel for v in sparse)  # it really prunes
+    for k in glob:
+        # sent values (as the server decodes them) + kept residual == the sum of the true deltas
+        torch.testing.assert_close(sent_total[k] + memory[k], true_deltas[0][k] + true_deltas[1][k],
+                                   rtol=0, atol=1e-6)  # fmt: skip
+    # the values sent are exactly representable in the wire dtype: the decoder sees what the residual assumed
+    again = wire.decode(wire.encode(wire.Message(kind="update", algorithm="fedsrd_ef", round=2, tensors=payload),
+                                    value_dtype=value_dtype))  # fmt: skip
+    for k, v in _dense(again.tensors).items():
+        torch.testing.assert_close(v, _dense(payload)[k], rtol=0, atol=0)
+
+
+def test_download_residual_keeps_what_the_drop_removed():
+    cfg = FedSRDConfig(algorithm="fedsrd_ef", download_drop=0.8)
+    ef = get_algorithm("fedsrd_ef", cfg)
+    exact = get_algorithm("fedsrd", FedSRDConfig(algorithm="fedsrd", download_drop=0.0))  # the undropped delta
+    glob = _state(1)
+    updates = [{k: wire.SparseTensor.from_dense(torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) * 0.01)
+                for k, v in glob.items()} for i in range(3)]  # fmt: skip
+    weights = [1 / 3] * 3
+    old = {k: torch.full(v.shape, 0.001) for k, v in glob.items() if k.endswith("lora_B.weight")}
+    old["m0.lora_A.weight"] = torch.full(glob["m0.lora_A.weight"].shape, -0.002)  # an A residual, kept in B rounds
+    payload, kept = ef.server_step_with_memory(glob, updates, weights, 1, generator_for(0, "s", 1), old)
+    full = _dense(exact.server_step(glob, updates, weights, 1, generator_for(0, "s", 1)))
+    assert set(payload) == {k for k in glob if k.endswith("lora_B.weight")}  # a B-round
+    for k, sent in _dense(payload).items():
+        torch.testing.assert_close(sent + kept[k], full[k] + old[k], rtol=0, atol=1e-6)
+        dropped = int((sent == 0).sum())
+        assert 0 < dropped < sent.numel()  # some dropped, survivors not rescaled (checked by the sum above)
+    torch.testing.assert_close(kept["m0.lora_A.weight"], old["m0.lora_A.weight"])  # untouched until an A-round
+
+
+def test_switches_off_give_fedsrd_without_l1_rescale():
+    glob = _state(2)
+    local = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(5)) for k, v in glob.items()}
+    off = get_algorithm("fedsrd_ef", FedSRDConfig(algorithm="fedsrd_ef", ef_upload=False, ef_download=False))
+    paper = get_algorithm("fedsrd", FedSRDConfig(algorithm="fedsrd"))
+    rng = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    payload, kept = off.client_update_with_memory(glob, local, {}, 1, rng())
+    assert kept == {}
+    assert _dense(payload).keys() == _dense(paper.client_update(glob, local, 1, rng())).keys()
+    for k, v in _dense(payload).items():
+        torch.testing.assert_close(v, _dense(paper.client_update(glob, local, 1, rng()))[k])
+    upd = [payload]
+    bc, mem = off.server_step_with_memory(glob, upd, [1.0], 1, rng(), {})
+    assert mem == {}
+    ref = paper.server_step(glob, upd, [1.0], 1, rng())
+    for k, v in _dense(bc).items():
+        torch.testing.assert_close(v, _dense(ref)[k])
+
+
+def test_a_residual_of_another_shape_is_refused():
+    algo = get_algorithm("fedsrd_ef", FedSRDConfig(algorithm="fedsrd_ef"))
+    glob = _state(3)
+    with pytest.raises(ValueError, match="kept residual of 'm0.lora_B.weight' has shape"):
+        algo.client_update_with_memory(glob, glob, {"m0.lora_B.weight": torch.zeros(2, 2)}, 1, torch.Generator())
+
+
+@pytest.mark.parametrize("switches", [("true", "true"), ("false", "true"), ("true", "false")])
+def test_tiny_federation_runs_with_each_switch(tmp_path, switches):
+    out = tmp_path / "run"
+    run_train(["--config", TINY, "--algorithm", "fedsrd_ef", "--num_rounds", "2", "--local_steps", "2",
+               "--ef_upload", switches[0], "--ef_download", switches[1], "--eval_every", "0",
+               "--output_dir", str(out), *QUIET])  # fmt: skip
+    history = json.loads((out / "history.json").read_text())
+    rounds = [r for r in history if r["round"] >= 1]
+    assert len(rounds) == 2 and all(0 < r["upload_mb_per_client"] < r["download_mb_per_client"] * 10 for r in rounds)
+    from safetensors.torch import load_file
+
+    ckpt = sorted((out / "checkpoints").glob("round_*"))[-1]
+    names = load_file(str(ckpt / "tensors.safetensors")).keys()  # the residuals are checkpointed with the run
+    assert any(n.startswith("memory/") for n in names) == (switches[0] == "true")
+    assert any(n.startswith("server_memory/") for n in names) == (switches[1] == "true")
+
+
+def test_resume_restores_the_residuals_bit_for_bit(tmp_path):
+    from fedsrd.server import load_adapter_state
+
+    common = ["--config", TINY, "--algorithm", "fedsrd_ef", "--local_steps", "2", "--eval_every", "0", *QUIET]
+    run_train([*common, "--num_rounds", "3", "--output_dir", str(tmp_path / "full")])
+    run_train([*common, "--num_rounds", "2", "--output_dir", str(tmp_path / "cut")])
+    # same run, continued to round 3 from round 2's checkpoint (residuals included)
+    run_train([*common, "--num_rounds", "3", "--output_dir", str(tmp_path / "cut"), "--resume", "true"])
+    full = load_adapter_state(tmp_path / "full" / "final")
+    resumed = load_adapter_state(tmp_path / "cut" / "final")
+    assert wire.state_digest(full) == wire.state_digest(resumed)
