@@ -67,7 +67,7 @@ class Toy(torch.nn.Module):
         return self.classifier(torch.tanh(self.layers[1](torch.tanh(self.layers[0](x)))))
 
 
-def _optimizer(model, seeds=(11, 22, 33), tau=2, lr=1e-2, weight_decay=0.0, rank=2):
+def _optimizer(model, seeds=(11, 22, 33), tau=2, lr=1e-2, weight_decay=0.0, rank=2, decay_head_biases=False):
     for p in model.parameters():
         p.requires_grad_(False)
     model.classifier.weight.requires_grad_(True)
@@ -83,6 +83,7 @@ def _optimizer(model, seeds=(11, 22, 33), tau=2, lr=1e-2, weight_decay=0.0, rank
         picker=torch.Generator().manual_seed(5),
         lr=lr,
         weight_decay=weight_decay,
+        decay_head_biases=decay_head_biases,
     )
 
 
@@ -157,13 +158,14 @@ def test_weights_change_only_within_the_span_of_the_used_projections():
     assert torch.equal(model(x), model.classifier(torch.tanh(model.layers[1](torch.tanh(model.layers[0](x))))))
 
 
-def test_head_is_plain_adamw():
+@pytest.mark.parametrize("decay_head_biases", [False, True])  # True: the authors' code decays every head parameter
+def test_head_is_plain_adamw(decay_head_biases):
     model, ref_model = Toy(), Toy()
-    opt = _optimizer(model, lr=1e-2, weight_decay=0.1)
+    opt = _optimizer(model, lr=1e-2, weight_decay=0.1, decay_head_biases=decay_head_biases)
     ref = torch.optim.AdamW(
         [
             {"params": [ref_model.classifier.weight], "weight_decay": 0.1},
-            {"params": [ref_model.classifier.bias], "weight_decay": 0.0},
+            {"params": [ref_model.classifier.bias], "weight_decay": 0.1 if decay_head_biases else 0.0},
         ],
         lr=1e-2,
     )
@@ -311,6 +313,50 @@ def test_fedkseed_two_point_estimate_update_and_replay():
     replayed = algo.materialize({COEFF: opt.upload_state()[LOCAL_INCREMENT]}, initial)
     for n, p in params:
         assert torch.allclose(replayed[n], p.detach(), atol=1e-5)
+
+
+def test_fedkseed_skips_steps_whose_losses_differ_by_more_than_the_clip():
+    torch.manual_seed(0)
+    params = [("layers.0.weight", torch.nn.Parameter(torch.randn(4, 3)))]
+    before = params[0][1].detach().clone()
+    seeds = seed_pool(0, "fedkseed", size=16)
+
+    def loss_fn():
+        return 0.5 * params[0][1].double().square().sum()
+
+    def run(clip):
+        params[0][1].data.copy_(before)
+        opt = KSeedZerothOrder(
+            params, seeds, lr=1e-2, eps=1e-3, picker=torch.Generator().manual_seed(1), loss_difference_clip=clip
+        )
+        opt.zeroth_order_step(loss_fn)
+        return opt
+
+    k = run(0.0).seed_history[0]
+    difference = abs(2e-3 * float((direction(seeds[k], "layers.0.weight", (4, 3)) * before).sum()))  # L+ - L-
+    kept = run(2 * difference)
+    assert kept.skipped_steps == 0 and torch.count_nonzero(kept.increments) == 1
+    skipped = run(difference / 2)
+    assert skipped.skipped_steps == 1 and skipped.seed_history == [k]
+    assert torch.count_nonzero(skipped.increments) == 0
+    assert torch.allclose(params[0][1].detach(), before, atol=1e-6)  # restored, not moved
+    with pytest.raises(ValueError, match="loss_difference_clip"):
+        KSeedZerothOrder(params, seeds, lr=1e-2, eps=1e-3, picker=torch.Generator(), loss_difference_clip=-1.0)
+    with pytest.raises(ValueError, match="kseed_grad_clip"):
+        FedSRDConfig(algorithm="fedkseed", kseed_grad_clip=-1.0)
+    assert get_algorithm("fedkseed", FedSRDConfig(algorithm="fedkseed", kseed_grad_clip=0.5)).config.kseed_grad_clip
+
+
+def test_recipe_config_follows_the_authors():
+    """examples/configs/sst2_minilm.yaml is presented as the FedKRSO authors' GLUE recipe: no gradient clipping,
+    weight decay on every head parameter, r = 4, K = 10, tau = 10, 100 local steps of batch 32, lr 2e-4 cosine."""
+    from fedsrd.cli import parse_train_args
+
+    fed, args, _ = parse_train_args(["--config", str(REPO / "examples" / "configs" / "sst2_minilm.yaml")])
+    assert args.max_grad_norm == 0 and fed.krso_head_bias_decay
+    assert (fed.algorithm, fed.krso_rank, fed.krso_num_seeds, fed.krso_tau) == ("fedkrso", 4, 10, 10)
+    assert (fed.num_clients, fed.local_steps, args.per_device_train_batch_size) == (10, 100, 32)
+    assert (args.learning_rate, str(args.lr_scheduler_type.value), args.weight_decay) == (2e-4, "cosine", 0.01)
 
 
 def test_fedkseed_uploads_seed_scalar_pairs_and_broadcasts_cumulative_scalars():

@@ -122,6 +122,20 @@ class FedSRDConfig:
             "L(w - eps z)| > kseed_grad_clip (the reference's optional grad_clip); 0: never skip."
         },
     )
+    krso_head_bias_decay: bool = field(
+        default=False,
+        metadata={
+            "help": "FedKRSO: apply weight_decay to the head's biases too, as the authors' code does (default: only "
+            "to the head's matrices, Trainer's convention)."
+        },
+    )
+    kseed_grad_clip: float = field(
+        default=0.0,
+        metadata={
+            "help": "FedKSeed: skip a local step whose two losses differ by more than this, |L(w + eps z) - "
+            "L(w - eps z)| > kseed_grad_clip (the reference's optional grad_clip); 0: never skip."
+        },
+    )
     # ---- end of full-parameter family ------------------------------------------------------------------------------
     value_dtype: str = field(
         default="float32",
@@ -268,6 +282,7 @@ class FedSRDConfig:
         _require(self.krso_tau >= 1, "krso_tau", f"must be >= 1, got {self.krso_tau}")
         _require(self.kseed_num_seeds >= 1, "kseed_num_seeds", f"must be >= 1, got {self.kseed_num_seeds}")
         _require(self.kseed_eps > 0, "kseed_eps", f"must be > 0, got {self.kseed_eps}")
+        _require(self.kseed_grad_clip >= 0, "kseed_grad_clip", f"must be >= 0 (0: off), got {self.kseed_grad_clip}")
         _require(self.kseed_grad_clip >= 0, "kseed_grad_clip", f"must be >= 0 (0: off), got {self.kseed_grad_clip}")
         _require(
             self.value_dtype in VALUE_DTYPES, "value_dtype", f"must be one of {VALUE_DTYPES}, got {self.value_dtype!r}"

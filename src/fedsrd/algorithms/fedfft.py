@@ -1,10 +1,10 @@
 """Federated full fine-tuning (FedAvg on the trained weights): FedKRSO's reference baseline.
 
 The full-parameter family (`fedfft`, `fedkrso`, `fedkseed`) trains the model's own weights, not a LoRA adapter. They
-share one trained set (FedKRSO §1.3 / A7): the weight of every `torch.nn.Linear` inside the transformer blocks (no
-biases, embeddings or norms), plus, for a sequence classifier, every parameter of its head (``classifier``,
-``score``, ``pre_classifier`` and BERT's ``pooler``, which feeds only the classifier), trained normally and sent
-dense. A causal LM's ``lm_head`` stays frozen, as under LoRA.
+share one trained set, that of the FedKRSO authors' code (docs/full_parameter.md, "What is trained"): the weight of
+every `torch.nn.Linear` inside the transformer blocks (no biases, embeddings or norms), plus, for a sequence
+classifier, every parameter of its head (``classifier``, ``score``, ``pre_classifier`` and BERT's ``pooler``, which
+feeds only the classifier), trained normally and sent dense. A causal LM's ``lm_head`` stays frozen, as under LoRA.
 
 The global state holds each trained weight's change from the initial weights every party shares (zero at round 0,
 so nothing travels before the first round and the server needs no model weights). FedFFT's clients upload their

@@ -1,22 +1,28 @@
 """FedKRSO (Yang et al., INFOCOM 2026; arXiv 2602.03019): federated full fine-tuning in K shared random subspaces.
 
-Notation as in ../shared/specs/fedkrso.md (section numbers below refer to it). Each round the server draws K fresh
-seeds (`round_seeds`; every party derives them from the run seed and the round, so nothing travels). Seed k defines,
-for every trained weight W (out x in), a projection P_k (r x in, entries N(0, 1/r), drawn on the CPU from
-(seed, weight name): `fedsrd.ops.projection`). A client trains W only through P: W + B P with B (out x r) fixed at
-zero, so autograd yields G_B = grad_W f . P^T (§1.1); `KRSOAdamW` runs AdamW on B's coordinates and writes each step
-straight into W (W <- W + dB P). Every tau steps it switches to a seed drawn uniformly from the K and resets the
-moments (§1.4, A4: the step counter keeps running). It adds every dB to the accumulator of the current seed, A_k.
+Sources: the paper's method section (K seeds per round, each defining a random subspace per weight matrix; clients
+upload per-seed accumulators, the server averages them per seed) and the authors' code (github.com/yangguohao/RSO,
+folder FedKRSO/, commit 0e6bb444: `optimizer.py` for the local step, `fed_agg.py` for the averaging), which fixes
+what the paper leaves open. docs/full_parameter.md walks through the method and lists every difference from that code.
+
+Each round the server draws K fresh seeds (`round_seeds`; every party derives them from the run seed and the round,
+so nothing travels). Seed k defines, for every trained weight W (out x in), a projection P_k (r x in, entries
+N(0, 1/r), so E[P^T P] = I; drawn on the CPU from (seed, weight name): `fedsrd.ops.projection`). A client trains W
+only through P: W + B P with B (out x r) fixed at zero, so autograd yields G_B = grad_W f . P^T, the sketched
+gradient; `KRSOAdamW` runs AdamW on B's coordinates and writes each step straight into W (W <- W + dB P). Every tau
+steps it switches to a seed drawn uniformly from the K and resets the moments (as the authors' code: the step
+counter keeps running). It adds every dB to the accumulator of the current seed, A_k.
 
 Upload: A_k for the seeds the client used (``"<weight>@<k>"``, out x r, dense) and the head's change (dense).
-Server: per seed, Abar_k = sum_n w_n A_k^n (a client that did not use seed k counts as zero, §1.5), the head averaged.
-Broadcast: Abar_k for every seed some client used, the head, and the round (``"fedkrso.round"``, which names the
-seeds). Everyone: W <- W + sum_k Abar_k P_k (§1.5, `apply`), in float32 on the CPU, so all parties hold the same bits.
+Server: per seed, Abar_k = sum_n w_n A_k^n (a client that did not use seed k counts as zero, which equals averaging
+the clients' full weights), the head averaged. Broadcast: Abar_k for every seed some client used, the head, and the
+round (``"fedkrso.round"``, which names the seeds). Everyone: W <- W + sum_k Abar_k P_k (`apply`), in float32 on the
+CPU, so all parties hold the same bits.
 
-Deviations from the authors' code (docs/full_parameter.md): weight decay is 0 on projected weights (A5: decay on the
-full W leaves the span of the P_k, and the accumulators could not carry it), seeds are 63-bit and derived per
-(round, k) rather than ``randint(1, 63)``, and P is drawn per (seed, weight name) on the CPU rather than from one
-CUDA stream in parameter order (A2).
+Deviations from the authors' code (docs/full_parameter.md, "Where we deviate"): weight decay is 0 on projected
+weights (decay on the full W leaves the span of the P_k, and the accumulators could not carry it), seeds are 63-bit
+and derived per (round, k) rather than ``randint(1, 63)``, and P is drawn per (seed, weight name) on the CPU rather
+than from one CUDA stream in parameter order.
 """
 
 from __future__ import annotations
@@ -51,14 +57,15 @@ def parse_accumulator_name(key: str) -> tuple[str, int] | None:
 
 
 class KRSOAdamW(torch.optim.Optimizer):
-    """FedKRSO's local optimizer: AdamW in the r-dimensional coordinates of seeded random subspaces (§1.4).
+    """FedKRSO's local optimizer: AdamW in the r-dimensional coordinates of seeded random subspaces.
 
     For each projected Linear (name -> module) it keeps a zero coordinate B (out x r) and a forward hook that adds
     ``(x P^T) B^T`` to the layer's output, so backward yields ``B.grad = G P^T`` without any out x in gradient. A step
     turns B.grad into the AdamW direction dB = -lr * m_hat / (sqrt(v_hat) + eps) (moments out x r, float32), adds
     dB to the current seed's accumulator and writes ``W += dB P``; B stays zero. Every `tau` steps a new seed index
     is drawn from `picker` (uniform over `seeds`), every P is regenerated and the moments reset (not the step
-    counts). Head parameters get plain AdamW with decoupled weight decay on their matrices.
+    counts). Head parameters get plain AdamW with decoupled weight decay on their matrices, and on their biases too
+    if `decay_head_biases` (the authors' code decays every head parameter).
 
     `upload_state()` returns the accumulators; `extra_parameters()` the coordinates B (clipped with the model's
     gradients); `close()` removes the hooks. Call it when the local phase ends.
@@ -77,6 +84,7 @@ class KRSOAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        decay_head_biases: bool = False,
     ) -> None:
         if not projected:
             raise ValueError("KRSOAdamW: expected at least one projected Linear, got none.")
@@ -92,8 +100,8 @@ class KRSOAdamW(torch.optim.Optimizer):
             for name, m in projected
         }
         groups: list[dict[str, Any]] = [{"params": list(self.coordinates.values()), "projected": True}]
-        decay = [p for _, p in head if p.dim() >= 2]
-        no_decay = [p for _, p in head if p.dim() < 2]
+        decay = [p for _, p in head if p.dim() >= 2 or decay_head_biases]
+        no_decay = [p for _, p in head if p.dim() < 2 and not decay_head_biases]
         if decay:
             groups.append({"params": decay, "weight_decay": weight_decay})
         if no_decay:
@@ -119,7 +127,7 @@ class KRSOAdamW(torch.optim.Optimizer):
         return hook
 
     def _switch_subspace(self) -> None:
-        """Draw a seed index uniformly from the K, regenerate every P from it, reset the moments (§1.4 step 4)."""
+        """Draw a seed index uniformly from the K, regenerate every P, reset the moments (not the step count)."""
         self.seed_index = int(torch.randint(len(self.seeds), (1,), generator=self.picker))
         self.seed_history.append(self.seed_index)
         seed = self.seeds[self.seed_index]
@@ -210,7 +218,7 @@ class FedKRSO(FullParameterAlgorithm):
         return is_head(name)
 
     def round_seeds(self, round: int) -> list[int]:
-        """The K seeds of `round` (A1: fresh every round), the same for every party."""
+        """The K seeds of `round` (fresh every round, as the authors' code), the same for every party."""
         return seed_pool(self.config.seed, "fedkrso", round, size=self.config.krso_num_seeds)
 
     def create_optimizer(self, model: torch.nn.Module, args: Any, round: int, client_id: int) -> KRSOAdamW:
@@ -228,6 +236,7 @@ class FedKRSO(FullParameterAlgorithm):
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_epsilon,
             weight_decay=args.weight_decay,
+            decay_head_biases=self.config.krso_head_bias_decay,
         )
 
     # ---- what travels -----------------------------------------------------------------------------------------------

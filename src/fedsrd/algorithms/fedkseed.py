@@ -1,19 +1,26 @@
 """FedKSeed (Qin et al., ICML 2024; arXiv 2312.06353): zeroth-order full fine-tuning with K shared seeds.
 
-Notation as in ../shared/specs/fedkrso.md §5. One pool of K seeds serves the whole run (`seed_pool`). A local step
+Sources: the paper (one pool of K candidate seeds for the run; a client uploads per-seed accumulated scalar
+gradients; everyone replays the model from the initial weights) and its reference code (zhenqincn/FedKSeed, as
+copied in Ahmed-Khaled-Saleh/FedKseed, `optimizers/mezo_optimizer.py`: the MeZO step, the optional skip of steps
+whose two losses differ by more than `grad_clip`). docs/full_parameter.md lists every difference from that code.
+
+One pool of K seeds serves the whole run (`seed_pool`). A local step
 picks a seed uniformly, regenerates z ~ N(0, I) over the trained weights from (seed, weight name) on the CPU
 (`fedsrd.ops.projection.direction`), evaluates the batch at w + eps z and w - eps z (forward passes only) and takes
 the two-point estimate g = (L+ - L-) / (2 eps); then w <- w - lr g z and the seed's scalar accumulator grows by
--lr g (`KSeedZerothOrder`).
+-lr g (`KSeedZerothOrder`). With `kseed_grad_clip` > 0, a step with |L+ - L-| above it changes nothing (the
+reference's optional step skip).
 
 Upload: (seed index, scalar) pairs: a sparse K-vector (``"fedkseed.coeff"``, at most local_steps non-zeros). Server:
 the weighted sum, added to the run's cumulative coefficients c. Broadcast: c (sparse while smaller). Everyone
 replays the model from the initial weights: w = w_0 + sum_s c_s z_s (`materialize`), which is why the learning rate
 must be constant and weight decay zero (`check_training_args` refuses anything else before training).
 
-Deviations from the reference (docs/full_parameter.md): the accumulators carry -lr g rather than g (the same under
-a constant lr, and the server needs no learning rate); z covers the family's trained set (block Linear weights and
-the classifier head) rather than every parameter; z is drawn per (seed, weight name) on the CPU, not on the device.
+Deviations from the reference (docs/full_parameter.md, "Where we deviate"): the accumulators carry -lr g rather than
+g (the same under a constant lr, and the server needs no learning rate); z covers the family's trained set (block
+Linear weights and the classifier head) rather than every parameter; z is drawn per (seed, weight name) on the CPU,
+not on the device.
 """
 
 from __future__ import annotations
@@ -35,10 +42,12 @@ LOCAL_INCREMENT = "fedkseed.increment"  # the local state: this client's per-see
 
 
 class KSeedZerothOrder(torch.optim.Optimizer):
-    """FedKSeed's local optimizer: two-point zeroth-order steps along seeded directions (§5.1).
+    """FedKSeed's local optimizer: two-point zeroth-order steps along seeded directions.
 
     `zeroth_order_step(loss_fn)` does the whole step (perturb, evaluate twice, restore and update in one pass,
     accumulate); Trainer's later `step()` call does nothing. `upload_state()` returns the per-seed sums of -lr g.
+    With `loss_difference_clip` > 0, a step whose two losses differ by more than it only restores the weights (the
+    reference's `grad_clip`); `skipped_steps` counts those.
     """
 
     def __init__(
@@ -49,9 +58,12 @@ class KSeedZerothOrder(torch.optim.Optimizer):
         lr: float,
         eps: float,
         picker: torch.Generator,
+        loss_difference_clip: float = 0.0,
     ) -> None:
         if not named_params:
             raise ValueError("KSeedZerothOrder: expected at least one weight to perturb, got none.")
+        if loss_difference_clip < 0:
+            raise ValueError(f"KSeedZerothOrder: loss_difference_clip must be >= 0, got {loss_difference_clip}")
         super().__init__([p for _, p in named_params], {"lr": lr})
         self.named_params = list(named_params)
         self.seeds = list(seeds)
@@ -59,6 +71,8 @@ class KSeedZerothOrder(torch.optim.Optimizer):
         self.picker = picker
         self.increments = torch.zeros(len(self.seeds), dtype=torch.float32)
         self.seed_history: list[int] = []
+        self.loss_difference_clip = loss_difference_clip
+        self.skipped_steps = 0
 
     @torch.no_grad()
     def _move(self, seed: int, scale: float) -> None:
@@ -77,8 +91,10 @@ class KSeedZerothOrder(torch.optim.Optimizer):
         self._move(seed, -2 * eps)
         loss_minus = loss_fn().detach()
         grad = float(loss_plus - loss_minus) / (2 * eps)  # the projected gradient along z
-        if not math.isfinite(grad):
-            self._move(seed, eps)  # restore only; a non-finite estimate must not reach the accumulators
+        too_far = 0 < self.loss_difference_clip < abs(float(loss_plus - loss_minus))
+        if not math.isfinite(grad) or too_far:
+            self._move(seed, eps)  # restore only; a non-finite or clipped estimate must not reach the accumulators
+            self.skipped_steps += 1
             return (loss_plus + loss_minus) / 2
         self._move(seed, eps - lr * grad)  # restore (+eps z) and step (-lr g z) in one pass
         self.increments[k] += -lr * grad
@@ -131,6 +147,7 @@ class FedKSeed(FullParameterAlgorithm):
             lr=args.learning_rate,
             eps=self.config.kseed_eps,
             picker=generator_for(self.config.seed, "fedkseed_pick", round, client_id),
+            loss_difference_clip=self.config.kseed_grad_clip,
         )
 
     # ---- state ------------------------------------------------------------------------------------------------------

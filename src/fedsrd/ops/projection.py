@@ -26,7 +26,7 @@ def seed_pool(seed: int, *parts: object, size: int) -> list[int]:
 
 
 def projection(seed: int, name: str, rank: int, in_features: int) -> torch.Tensor:
-    """FedKRSO's P for weight `name` under `seed`: rank x in_features, i.i.d. N(0, 1/rank), so E[P^T P] = I (§1.2).
+    """FedKRSO's P for weight `name` under `seed`: rank x in_features, i.i.d. N(0, 1/rank), so E[P^T P] = I.
 
     float32 on the CPU; move it to the weight's device after drawing, never draw on the device.
     """
@@ -37,7 +37,7 @@ def projection(seed: int, name: str, rank: int, in_features: int) -> torch.Tenso
 
 
 def direction(seed: int, name: str, shape: Sequence[int]) -> torch.Tensor:
-    """FedKSeed's z for weight `name` under `seed`: i.i.d. N(0, 1) of `shape`, float32 on the CPU (§5.1)."""
+    """FedKSeed's z for weight `name` under `seed`: i.i.d. N(0, 1) of `shape`, float32 on the CPU."""
     generator = generator_for(seed, name)
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
 
@@ -45,7 +45,7 @@ def direction(seed: int, name: str, shape: Sequence[int]) -> torch.Tensor:
 def reconstruct(
     accumulators: Mapping[int, torch.Tensor], seeds: Sequence[int], name: str, in_features: int
 ) -> torch.Tensor:
-    """sum_k A_k P_k for one weight (out x in): seed index k -> its out x r accumulator A_k (FedKRSO §1.5).
+    """sum_k A_k P_k for one weight (out x in): seed index k -> its out x r accumulator A_k (FedKRSO's reconstruction).
 
     float32 on the CPU, summed in increasing seed index, so every party that runs it gets the same bits.
     """
