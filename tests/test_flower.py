@@ -255,12 +255,12 @@ def test_node_store_ignores_a_state_that_does_not_match_its_digest(tmp_path):
 class LoopbackGrid:
     """A Flower Grid that hands each message to the ClientApp in this process, one Context per SuperNode."""
 
-    def __init__(self, run_config: dict, node_configs: list[dict]) -> None:
+    def __init__(self, run_config: dict, node_configs: list[dict], app=None) -> None:
         from flwr.app import Context, RecordDict
 
         from fedsrd.integrations.flower import make_client_app
 
-        self.app = make_client_app()
+        self.app = app or make_client_app()
         self.contexts = {
             100 + i: Context(run_id=1, node_id=100 + i, node_config=c, state=RecordDict(), run_config=run_config)
             for i, c in enumerate(node_configs)
@@ -429,6 +429,96 @@ def test_round_learning_rate_schedule_reaches_the_nodes(tmp_path, tmp_path_facto
     final = _final_digest(tmp_path / "server")
     assert final == _simulated_digest(tmp_path_factory, **overrides)
     assert final != _simulated_digest(tmp_path_factory, **{"num-rounds": 2})  # the rate did change the training
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# hostile SuperNodes: one bad client costs at most its own update (tests/apps/hostile-app)
+# ---------------------------------------------------------------------------------------------------------------------
+
+HOSTILE_APP = REPO / "tests" / "apps" / "hostile-app"
+HOSTILE_RUN = {"num-clients": 3, "clients-per-round": 3, "partition": "iid", "num-rounds": 2, "local-steps": 2,
+               "save-every": 0}
+
+
+def _hostile_client_app():
+    sys.path.insert(0, str(HOSTILE_APP))
+    try:
+        from hostileapp.client_app import HELLO_ATTACKS, TRAIN_ATTACKS, app
+    finally:
+        sys.path.remove(str(HOSTILE_APP))
+    return app, TRAIN_ATTACKS, HELLO_ATTACKS
+
+
+def _reply_to_train(content):
+    """A Flower reply with `content` to a train message for client 2 in round 1."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedsrd.integrations.flower import CONFIG, TRAIN
+
+    msg = Message(RecordDict({CONFIG: ConfigRecord({"round": 1})}), 102, TRAIN, group_id="1")
+    return Message(content, reply_to=msg)
+
+
+@needs_flwr
+def test_every_hostile_train_reply_is_refused_with_a_reason(task_identity):
+    """Each attack on a valid train reply: the coordinator's parsing refuses it (or the server step does) and raises
+    nothing."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedsrd.integrations.flower import CONFIG, FlowerCoordinator, _parse_reply, bytes_record
+
+    _, attacks, _ = _hostile_client_app()
+    coordinator = FlowerCoordinator(LoopbackGrid({}, []), parse_run_config({**RUN_CONFIG, **HOSTILE_RUN}))
+    config, algo, init, server, _ = _federation("fedavg", 0)
+    coordinator.server = FederatedServer(algo, dict(init), config)
+    coordinator.ledger = SyncLedger({0: wire.state_digest(init)})
+    local = {k: v + 0.01 for k, v in init.items()}
+    update = FederatedClient(algo, dict(init), config).make_update(local, round=1, client_id=2, num_samples=8)
+    other = FederatedClient(algo, dict(init), config).make_update(local, round=1, client_id=3, num_samples=8)
+    held = {"client-id": 2, "round": 0, "digest": wire.state_digest(init), "status": "ok"}
+    honest = RecordDict({CONFIG: ConfigRecord(held), "payload": bytes_record({"update": update})})
+    info, blobs, error = _parse_reply(_reply_to_train(honest))
+    assert error is None and coordinator._train_reply_error(2, info, blobs) is None
+    for name, attack in attacks.items():
+        info, blobs, error = _parse_reply(_reply_to_train(attack(honest)))
+        error = error or coordinator._train_reply_error(2, info, blobs)
+        if error is None:  # well-formed reply, lying update: the server step refuses it, the state is untouched
+            before = wire.state_digest(server.state)
+            with pytest.raises(RuntimeError, match="valid update"):
+                server.step(1, [blobs["update"]], senders=[2])
+            assert wire.state_digest(server.state) == before and server.round == 0, name
+            result = FederatedServer(algo, dict(init), config).step(1, [blobs["update"], other], senders=[2, 3])
+            assert list(result.rejected) == ["2"] and result.accepted == [3], name
+            continue
+        assert "malformed" in error or "ClientApp" in error, (name, error)
+
+
+@needs_flwr
+def test_hostile_supernodes_cost_only_their_own_updates(tmp_path, task_identity):
+    """Three clients, client 2 hostile in every reply, a fourth SuperNode posing as client 0 with a forged PEFT
+    config: the run completes with clients 0 and 1, and the server's adapter_config.json is its own."""
+    from fedsrd.integrations.flower import run_server
+
+    app, _, _ = _hostile_client_app()
+    rc = {**RUN_CONFIG, **HOSTILE_RUN, "output-dir": str(tmp_path / "server")}
+    nodes = [{"partition-id": i, "num-partitions": 3, "state-dir": str(tmp_path / f"node{i}")} for i in range(3)]
+    nodes[2]["hostile"] = "no-round payload-config-record"
+    nodes.append({"partition-id": 0, "num-partitions": 3, "hostile-hello": "claim-0"})
+    history = run_server(LoopbackGrid(rc, nodes, app=app), rc)
+    assert [r["round"] for r in history] == [0, 1, 2]
+    for record in history[1:]:
+        assert record["accepted"] == [0, 1] and list(record["rejected"]) == ["2"]
+        assert "malformed train reply" in record["rejected"]["2"] or "malformed reply" in record["rejected"]["2"]
+    assert "malformed sync reply" in history[-1]["final_sync_rejected"]["2"]
+    assert history[-1]["clients_in_sync"] == [0, 1]
+    saved = json.loads((tmp_path / "server" / "final" / "adapter_config.json").read_text())
+    (own,) = (tmp_path / "node0").glob("*/client_*/adapter_config.json")
+    client = json.loads(own.read_text())
+    assert saved["r"] == client["r"] == 4 and saved["lora_alpha"] == client["lora_alpha"] == 8
+    assert sorted(saved["target_modules"]) == sorted(client["target_modules"])
+    assert saved["base_model_name_or_path"] == "tiny-llama"
+    final = load_adapter_state(tmp_path / "server" / "final")
+    assert all(bool(torch.isfinite(t).all()) for t in final.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------------

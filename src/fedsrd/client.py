@@ -48,6 +48,7 @@ class FederatedClient:
             algorithm=self.algorithm.name,
             max_bytes=self.config.max_message_bytes,
             require_all=not self.algorithm.broadcast_is_partial(),
+            max_mask_seeds=self.config.num_clients,  # a broadcast's mask: at most the union of every client's seed
         )
         new_state = self.algorithm.reinitialize(self.algorithm.apply(self.state, msg.tensors), msg.round)
         digest = wire.state_digest(new_state)

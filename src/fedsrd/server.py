@@ -43,7 +43,9 @@ class FederatedServer:
         # Server-side state carried between rounds and never broadcast (`Algorithm.server_step_with_memory`).
         self.memory: State = {}
 
-    def decode_update(self, data: bytes, round: int) -> wire.Message:
+    def decode_update(self, data: bytes, round: int, sender: int | None = None) -> wire.Message:
+        """Decode and validate one client's update; `sender`: the client id the transport knows it by, if any (the
+        update must carry that id). Raises WireError naming what is wrong."""
         msg = wire.decode(
             data,
             expected=expected_specs(self.algorithm.update_shapes(self.state)),
@@ -51,12 +53,11 @@ class FederatedServer:
             algorithm=self.algorithm.name,
             max_bytes=self.config.max_message_bytes,
             require_all=not self.algorithm.update_is_partial(),
+            max_mask_seeds=1,  # a client's mask is one seeded draw; more would only multiply the server's work
         )
         if msg.round != round:
             raise wire.WireError(f"update is for round {msg.round}, but the server is running round {round}.")
-        num_samples = msg.meta.get("num_samples", 0)
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 0:
-            raise wire.WireError(f"update meta 'num_samples' must be a non-negative integer, got {num_samples!r}.")
+        msg.meta = validate_update_meta(msg.meta, sender)
         largest = max((_max_abs(t) for t in msg.tensors.values()), default=0.0)
         if largest > self.config.max_update_value:
             raise wire.WireError(
@@ -78,14 +79,14 @@ class FederatedServer:
         """
         try:
             return (*self._try_aggregate(round, accepted), accepted)
-        except (ArithmeticError, RuntimeError, ValueError) as err:
+        except _STEP_ERRORS as err:
             logger.warning("round %d: server step failed (%s); checking updates one by one", round, err)
         good = []
         for msg in accepted:
             try:
                 self._try_aggregate(round, [msg])
                 good.append(msg)
-            except (ArithmeticError, RuntimeError, ValueError) as err:
+            except _STEP_ERRORS as err:
                 rejected[f"client {msg.meta.get('client_id', '?')}"] = f"breaks the server step: {err}"
                 logger.warning("round %d: excluded client %s: %s", round, msg.meta.get("client_id", "?"), err)
         if not good:
@@ -94,7 +95,7 @@ class FederatedServer:
 
     def _try_aggregate(self, round: int, messages: list[wire.Message]) -> tuple[State, dict, State]:
         if self.config.aggregation == "samples":
-            weights = normalized_weights([m.meta["num_samples"] for m in messages])
+            weights = normalized_weights(capped_sample_counts([m.meta["num_samples"] for m in messages]))
         else:
             weights = normalized_weights([1.0] * len(messages))
         rng = generator_for(self.config.seed, "server_step", round)
@@ -110,38 +111,125 @@ class FederatedServer:
                 raise ArithmeticError(f"the aggregated state has non-finite values in {name!r}")
         return state, payload, memory
 
-    def step(self, round: int, updates: list[bytes], min_updates: int = 1) -> RoundResult:
-        """Aggregate the round's encoded updates, apply the result and return the encoded broadcast."""
+    def step(
+        self, round: int, updates: list[bytes], min_updates: int = 1, senders: list[int] | None = None
+    ) -> RoundResult:
+        """Aggregate the round's encoded updates, apply the result and return the encoded broadcast.
+
+        `senders`: the client id the transport delivered each update from (Flower: the SuperNode's client); an update
+        claiming another id is rejected, and rejections are keyed by that id instead of ``#position``.
+
+        Nothing changes until the whole update set is validated, the step has run and the broadcast is encoded:
+        any exception leaves `state`, `memory` and `round` as they were.
+        """
+        if senders is not None and len(senders) != len(updates):
+            raise ValueError(f"step: {len(updates)} updates but {len(senders)} senders; expected one sender each.")
         accepted: list[wire.Message] = []
         rejected: dict[str, str] = {}
+        claimed: set[int] = set()
         for position, data in enumerate(updates):
+            sender = None if senders is None else senders[position]
+            label = f"#{position}" if sender is None else str(sender)
             try:
-                accepted.append(self.decode_update(data, round))
+                msg = self.decode_update(data, round, sender)
+                if msg.meta["client_id"] in claimed:
+                    raise wire.WireError(f"a second update from client_id {msg.meta['client_id']} in this round.")
             except wire.WireError as err:
-                rejected[f"#{position}"] = str(err)
-                logger.warning("round %d: rejected update #%d: %s", round, position, err)
+                rejected[label] = str(err)
+                logger.warning("round %d: rejected update %s: %s", round, label, err)
+                continue
+            claimed.add(msg.meta["client_id"])
+            accepted.append(msg)
         if len(accepted) < min_updates:
             raise RuntimeError(
                 f"round {round}: only {len(accepted)} valid update(s) arrived, at least {min_updates} needed; "
                 f"rejected: {rejected}"
             )
-        self.state, payload, self.memory, accepted = self._aggregate(round, accepted, rejected)
-        self.round = round
+        state, payload, memory, accepted = self._aggregate(round, accepted, rejected)
         broadcast = wire.Message(
             kind="broadcast",
             algorithm=self.algorithm.name,
             round=round,
             tensors=payload,
-            meta={"digest": wire.state_digest(self.state)},
+            meta={"digest": wire.state_digest(state)},
         )
         data = wire.encode(broadcast, value_dtype=self.config.value_dtype, positions=self.config.positions)
-        return RoundResult(
+        result = RoundResult(
             round=round,
             broadcast=data,
-            accepted=[int(m.meta.get("client_id", -1)) for m in accepted],
+            accepted=[m.meta["client_id"] for m in accepted],
             rejected=rejected,
             metrics=_mean_metrics(accepted),
         )
+        self.state, self.memory, self.round = state, memory, round  # the only place the step changes the server
+        return result
+
+
+# What a broken update can make an algorithm's server step raise (it is then isolated and excluded).
+_STEP_ERRORS = (ArithmeticError, RuntimeError, ValueError, TypeError, IndexError, KeyError)
+
+# Bounds on an update's metadata (`validate_update_meta`).
+MAX_META_ENTRIES = 64
+MAX_META_KEY_CHARS = 64
+MAX_META_VALUE = 1e30  # a reported metric of larger magnitude is not a metric
+MAX_CLIENT_ID = 2**31 - 1
+MAX_NUM_SAMPLES = 2**40
+SAMPLES_CAP_RATIO = 10.0  # aggregation="samples": no client counts more than this times the round's lower median
+
+
+def validate_update_meta(meta: object, sender: int | None = None) -> dict:
+    """An update's metadata, checked against its schema; WireError naming the field otherwise.
+
+    Schema: ``client_id`` an int in 0..2**31-1 (equal to `sender` where the transport knows the sender),
+    ``num_samples`` an int in 0..2**40 (0 if absent), and at most 64 other entries, each a metric: a name of at most
+    64 characters and a finite number of magnitude at most 1e30.
+    """
+    if not isinstance(meta, dict):
+        raise wire.WireError(f"update meta must be an object, got {type(meta).__name__}.")
+    if len(meta) > MAX_META_ENTRIES:
+        raise wire.WireError(f"update meta has {len(meta)} entries, at most {MAX_META_ENTRIES} allowed.")
+    client_id = meta.get("client_id")
+    if not _is_int(client_id) or not 0 <= client_id <= MAX_CLIENT_ID:
+        raise wire.WireError(f"update meta 'client_id' must be an int in 0..{MAX_CLIENT_ID}, got {_short(client_id)}.")
+    if sender is not None and client_id != sender:
+        raise wire.WireError(f"update meta 'client_id' is {client_id}, but the update came from client {sender}.")
+    num_samples = meta.get("num_samples", 0)
+    if not _is_int(num_samples) or not 0 <= num_samples <= MAX_NUM_SAMPLES:
+        raise wire.WireError(
+            f"update meta 'num_samples' must be an int in 0..{MAX_NUM_SAMPLES}, got {_short(num_samples)}."
+        )
+    out = {"client_id": client_id, "num_samples": num_samples}
+    for key, value in meta.items():
+        if key in out:
+            continue
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_META_KEY_CHARS:
+            raise wire.WireError(f"update meta key {_short(key)}: expected a name of 1 to {MAX_META_KEY_CHARS} chars.")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wire.WireError(f"update meta {key!r}: expected a number (a metric), got {_short(value)}.")
+        if not abs(value) <= MAX_META_VALUE:  # exact for ints of any size; False for NaN and infinities
+            raise wire.WireError(f"update meta {key!r}: expected a finite number of magnitude <= 1e30, "
+                                 f"got {_short(value)}.")
+        out[key] = float(value)
+    return out
+
+
+def capped_sample_counts(counts: list[int]) -> list[int]:
+    """Sample counts with each capped at `SAMPLES_CAP_RATIO` x the lower median, so no one client's claim can take
+    (nearly) all the weight of a ``samples``-weighted step."""
+    if len(counts) < 2:
+        return list(counts)
+    lower_median = sorted(counts)[(len(counts) - 1) // 2]
+    cap = max(1, int(SAMPLES_CAP_RATIO * lower_median))
+    return [min(c, cap) for c in counts]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def as_received(payload: dict, value_dtype: str) -> dict:
@@ -261,7 +349,7 @@ def merge_adapters(
 def _round_of(blobs: list[bytes]) -> int:
     for blob in blobs:
         try:
-            return wire.decode(blob).round
+            return wire.read_header(blob)["round"]  # the header only: nothing is regenerated to read the round
         except wire.WireError:
             continue
     raise ValueError("merge_adapters: no update could be read to find the round; pass round= explicitly.")

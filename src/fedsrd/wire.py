@@ -43,6 +43,7 @@ __all__ = [
     "WireError",
     "decode",
     "encode",
+    "read_header",
     "state_digest",
 ]
 
@@ -80,8 +81,11 @@ _ST_ITEMSIZE = {
 }
 _ST_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+DEFAULT_MAX_HEADER_BYTES = 16 * 1024 * 1024  # header budget of a message decoded without expected shapes
+MAX_META_BYTES = 64 * 1024  # room for a message's meta in the header budget computed from expected shapes
 _MAX_NUMEL = 2**62  # keeps every flat position inside int64 arithmetic
 _MAX_SEEDED_DRAWS = 2**30  # random draws a receiver makes to regenerate one tensor's seeded positions
+DEFAULT_SEEDED_DRAWS = 2**24  # per-message draw budget without expected shapes (~0.1 s, ~100 MB at worst)
 _MAX_VARINT_BYTES = 9  # 9 * 7 = 63 bits: any gap that fits a non-negative int64
 _HEADER_KEYS = frozenset({"format", "version", "kind", "algorithm", "round", "meta", "tensors"})
 
@@ -336,7 +340,7 @@ def _reject_constant(token: str) -> None:
     raise WireError(f"header JSON contains the non-standard constant {token}")
 
 
-def _parse_container(data: bytes) -> tuple[dict[str, dict[str, Any]], str]:
+def _parse_container(data: bytes, max_header_bytes: int = _MAX_HEADER_BYTES) -> tuple[dict[str, dict[str, Any]], str]:
     """Validate the safetensors framing; return its tensor entries and the fedsrd header string."""
     if len(data) < 8:
         raise WireError(f"message truncated: {len(data)} bytes, a safetensors container needs at least 8")
@@ -345,8 +349,11 @@ def _parse_container(data: bytes) -> tuple[dict[str, dict[str, Any]], str]:
         raise WireError(
             f"safetensors header length {header_len} exceeds the {len(data) - 8} bytes after the length prefix"
         )
-    if header_len > _MAX_HEADER_BYTES:
-        raise WireError(f"safetensors header length {header_len} exceeds {_MAX_HEADER_BYTES}")
+    if header_len > min(max_header_bytes, _MAX_HEADER_BYTES):
+        raise WireError(
+            f"safetensors header has {header_len} bytes, more than the {min(max_header_bytes, _MAX_HEADER_BYTES)} "
+            "this message may have (its tensor entries and metadata); rejected before parsing"
+        )
     try:
         st_header = json.loads(data[8 : 8 + header_len].decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
@@ -396,8 +403,11 @@ def _check_shape(shape: object, what: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _parse_header(text: str) -> dict[str, Any]:
-    """Parse and schema-check the fedsrd JSON header."""
+def _parse_header(text: str, max_mask_seeds: int = MAX_MASK_SEEDS, max_seeded_draws: int = _MAX_SEEDED_DRAWS) -> dict[
+    str, Any
+]:
+    """Parse and schema-check the fedsrd JSON header; seeded positions within `max_mask_seeds` seeds per tensor and
+    `max_seeded_draws` random draws for the whole message."""
     try:
         header = json.loads(text, parse_constant=_reject_constant)
     except (json.JSONDecodeError, RecursionError) as err:
@@ -421,6 +431,7 @@ def _parse_header(text: str) -> dict[str, Any]:
         raise WireError(f"header meta must be a JSON object, got {type(header['meta']).__name__}")
     if not isinstance(header["tensors"], dict):
         raise WireError("header tensors must be a JSON object")
+    draws = 0
     for name, entry in header["tensors"].items():
         what = f"tensor {name!r}"
         if _SEPARATOR in name or not name:
@@ -445,14 +456,23 @@ def _parse_header(text: str) -> dict[str, Any]:
                     f"{what}: positions must be 'bitmap', 'varint' or 'seeded', got {entry['positions']!r}"
                 )
             if entry["positions"] == "seeded":
-                _check_seeded(entry, numel, what)
+                _check_seeded(entry, numel, what, max_mask_seeds)
+                draws += len(entry["seeds"]) * numel
+                if draws > max_seeded_draws:
+                    raise WireError(
+                        f"{what}: regenerating the seeded masks would take {draws} random draws so far, more than "
+                        f"this message's budget of {max_seeded_draws} (its expected shapes x {max_mask_seeds} seed(s))"
+                    )
     return header
 
 
-def _check_seeded(entry: dict[str, Any], numel: int, what: str) -> None:
+def _check_seeded(entry: dict[str, Any], numel: int, what: str, max_seeds: int = MAX_MASK_SEEDS) -> None:
     seeds, drop = entry["seeds"], entry["drop"]
-    if not isinstance(seeds, list) or not 1 <= len(seeds) <= MAX_MASK_SEEDS:
-        raise WireError(f"{what}: seeds must be a list of 1 to {MAX_MASK_SEEDS} ints, got {str(seeds)[:80]}")
+    max_seeds = min(max_seeds, MAX_MASK_SEEDS)
+    if max_seeds < 1:
+        raise WireError(f"{what}: seeded positions are not accepted in this message")
+    if not isinstance(seeds, list) or not 1 <= len(seeds) <= max_seeds:
+        raise WireError(f"{what}: seeds must be a list of 1 to {max_seeds} ints, got {str(seeds)[:80]}")
     if not all(_is_int(s) and 0 <= s < 2**63 for s in seeds):
         raise WireError(f"{what}: seeds must be ints in [0, 2**63), got {str(seeds)[:80]}")
     if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop < 1.0:
@@ -517,6 +537,9 @@ def decode(
     algorithm: str | None = None,
     max_bytes: int | None = None,
     require_all: bool = True,
+    max_mask_seeds: int = MAX_MASK_SEEDS,
+    max_seeded_draws: int | None = None,
+    max_header_bytes: int | None = None,
 ) -> Message:
     """Decode and validate bytes from :func:`encode`; values come back as float32.
 
@@ -526,17 +549,67 @@ def decode(
             ``require_all`` so are missing ones. ``None`` skips these checks.
         kind, algorithm: if given, the message must carry these.
         max_bytes: reject larger messages before parsing anything.
+        max_mask_seeds: seeds one seeded-position tensor may carry (a client's update: 1; a broadcast: the round's
+            clients); 0 accepts no seeded positions at all.
+        max_seeded_draws: random draws the whole message may cost to regenerate its seeded positions; default: the
+            expected shapes' entries x `max_mask_seeds`, or `DEFAULT_SEEDED_DRAWS` without expected shapes.
+        max_header_bytes: size of the container's JSON header (tensor entries and metadata), checked before it is
+            parsed; default: what the expected tensors need plus `MAX_META_BYTES`, or `DEFAULT_MAX_HEADER_BYTES`.
 
     Raises:
-        WireError: on any malformed or unexpected input.
+        WireError: on any malformed or unexpected input, and when decoding runs out of memory.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireError(f"message must be bytes, got {type(data).__name__}")
-    data = bytes(data)
     if max_bytes is not None and len(data) > max_bytes:
         raise WireError(f"message has {len(data)} bytes, more than max_bytes={max_bytes}")
-    stored_entries, header_text = _parse_container(data)
-    header = _parse_header(header_text)
+    if max_seeded_draws is None:
+        max_seeded_draws = DEFAULT_SEEDED_DRAWS if expected is None else max_mask_seeds * _expected_numel(expected)
+    if max_header_bytes is None:
+        max_header_bytes = DEFAULT_MAX_HEADER_BYTES if expected is None else _header_budget(expected, max_mask_seeds)
+    try:
+        return _decode(bytes(data), expected, kind, algorithm, require_all, max_mask_seeds, max_seeded_draws,
+                       max_header_bytes)
+    except (MemoryError, RuntimeError) as err:  # allocation failures while rebuilding tensors: the message's fault
+        raise WireError(f"message could not be decoded within the available memory: {type(err).__name__}: "
+                        f"{str(err)[:200]}") from err
+
+
+def read_header(data: bytes, *, max_bytes: int | None = None) -> dict[str, Any]:
+    """The checked fedsrd header of a message (kind, algorithm, round, meta, tensor entries) without loading or
+    regenerating any tensor: cheap whatever the message claims. Raises WireError as `decode` does."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError(f"message must be bytes, got {type(data).__name__}")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise WireError(f"message has {len(data)} bytes, more than max_bytes={max_bytes}")
+    _, header_text = _parse_container(bytes(data), DEFAULT_MAX_HEADER_BYTES)
+    return _parse_header(header_text, MAX_MASK_SEEDS, 2**63)
+
+
+def _expected_numel(expected: dict[str, TensorSpec]) -> int:
+    return sum(math.prod(spec.shape) for spec in expected.values())
+
+
+def _header_budget(expected: dict[str, TensorSpec], max_mask_seeds: int) -> int:
+    """Bytes the JSON header of a message of the `expected` tensors can need: per tensor its stored entries (values,
+    positions) and its fedsrd entry (seeds included), escaped once inside the metadata string, plus the meta."""
+    seeds = min(max(max_mask_seeds, 0), MAX_MASK_SEEDS)
+    per_tensor = sum(3 * len(name) + 512 + 24 * seeds for name in expected)
+    return 2 * (per_tensor + MAX_META_BYTES) + 4096
+
+
+def _decode(
+    data: bytes,
+    expected: dict[str, TensorSpec] | None,
+    kind: str | None,
+    algorithm: str | None,
+    require_all: bool,
+    max_mask_seeds: int,
+    max_seeded_draws: int,
+    max_header_bytes: int,
+) -> Message:
+    stored_entries, header_text = _parse_container(data, max_header_bytes)
+    header = _parse_header(header_text, max_mask_seeds, max_seeded_draws)
     if kind is not None and header["kind"] != kind:
         raise WireError(f"message kind is {header['kind']!r}, expected {kind!r}")
     if algorithm is not None and header["algorithm"] != algorithm:

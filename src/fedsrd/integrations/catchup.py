@@ -148,7 +148,8 @@ def decode_full_state(
 ) -> tuple[State, int]:
     """Decode and check a full-state message (against the names and shapes of `like`, if given); (state, round)."""
     specs = None if like is None else {k: wire.TensorSpec(tuple(t.shape), sparse_ok=False) for k, t in like.items()}
-    msg = wire.decode(data, expected=specs, kind="broadcast", algorithm=algorithm, max_bytes=max_bytes)
+    msg = wire.decode(data, expected=specs, kind="broadcast", algorithm=algorithm, max_bytes=max_bytes,
+                      max_mask_seeds=0)  # dense only: nothing to regenerate, whatever the header claims
     if msg.meta.get(FULL_STATE_KEY) is not True:
         raise wire.WireError(f"round {msg.round}: expected a full-state message, got a broadcast delta.")
     if any(isinstance(t, wire.SparseTensor) for t in msg.tensors.values()):

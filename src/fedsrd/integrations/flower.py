@@ -81,15 +81,18 @@ def bytes_record(blobs: Mapping[str, bytes]) -> ArrayRecord:
 
 
 def record_bytes(content: RecordDict) -> dict[str, bytes]:
-    """The encoded messages in `content` (empty if it carries none)."""
+    """The encoded messages in `content` (empty if it carries none); WireError if the payload is not ours."""
     if PAYLOAD not in content:
         return {}
+    record = content[PAYLOAD]
+    if not isinstance(record, ArrayRecord):
+        raise wire.WireError(f"{PAYLOAD!r}: expected an ArrayRecord of {WIRE_STYPE} arrays, "
+                             f"got {type(record).__name__}.")
     out = {}
-    for key, array in content[PAYLOAD].items():
-        if array.stype != WIRE_STYPE or array.dtype != "uint8":
-            raise wire.WireError(
-                f"payload {key!r}: expected a {WIRE_STYPE} uint8 array, got {array.stype}/{array.dtype}."
-            )
+    for key, array in record.items():
+        if not isinstance(array, Array) or array.stype != WIRE_STYPE or array.dtype != "uint8":
+            got = f"{array.stype}/{array.dtype}" if isinstance(array, Array) else type(array).__name__
+            raise wire.WireError(f"payload {key!r}: expected a {WIRE_STYPE} uint8 array, got {got}.")
         out[key] = array.data
     return out
 
@@ -265,7 +268,9 @@ class FlowerCoordinator:
         self.server = FederatedServer(self.algorithm, ckpt.state, self.cfg)
         self.server.round = ckpt.round
         self.ledger, self.history = ckpt.ledger, ckpt.history
-        self.federation_id, self.adapter_config = ckpt.federation_id, ckpt.adapter_config
+        self.federation_id = ckpt.federation_id
+        if self.algorithm.uses_lora:  # rebuilt from this run's settings (a checkpoint's copy is never trusted)
+            self.adapter_config = server_adapter_config(ckpt.state, self.settings)
         _say(f"resume: checkpoint of round {ckpt.round} from {self.settings.checkpoint_dir}")
         return True
 
@@ -296,24 +301,41 @@ class FlowerCoordinator:
         timeout = min(self.settings.node_timeout, self.settings.round_timeout)
         for node_id, reply in self._exchange(messages, timeout).items():
             info, blobs, error = _parse_reply(reply)
+            cid = None
+            if error is None:
+                try:
+                    cid, round, digest = _held_fields(info, self.cfg.num_clients, self.ledger.round)
+                    error = self._claim_error(cid, node_id) or self._init_error(blobs, want_init and cid == 0)
+                except ReplyError as err:
+                    error = f"malformed hello reply: {err}"
             if error is not None:
                 if self._hello_errors.get(node_id) != error:
                     _say(f"SuperNode {node_id} did not answer hello: {error}")
                 self._hello_errors[node_id] = error
                 continue
             self._hello_errors.pop(node_id, None)
-            cid = int(info["client-id"])
-            if self.nodes.get(cid, node_id) != node_id and self.nodes[cid] in set(self.grid.get_node_ids()):
-                raise RuntimeError(
-                    f"SuperNodes {self.nodes[cid]} and {node_id} both say they are client {cid}; give each data "
-                    "owner its own --node-config 'partition-id=N'."
-                )
             self.nodes[cid] = node_id
-            self.ledger.set_held(cid, int(info["round"]), str(info["digest"]))
-            if self.adapter_config is None and info.get("adapter-config"):
-                self.adapter_config = json.loads(str(info["adapter-config"]))
-            init = blobs.get("init", init)
+            self.ledger.set_held(cid, round, digest)
+            init = blobs.get("init", init) if want_init and cid == 0 else init  # only client 0 is asked for it
         return init
+
+    def _claim_error(self, cid: int, node_id: int) -> str | None:
+        """Why SuperNode `node_id` may not be client `cid` (another live SuperNode already is), or None."""
+        holder = self.nodes.get(cid, node_id)
+        if holder != node_id and holder in set(self.grid.get_node_ids()):
+            return (f"says it is client {cid}, but SuperNode {holder} already is; give each data owner its own "
+                    "--node-config 'partition-id=N'")
+        return None
+
+    def _init_error(self, blobs: Mapping[str, bytes], want_init: bool) -> str | None:
+        """Why the initial adapter in a hello reply is unusable, or None (also None when none was asked for)."""
+        if not want_init or "init" not in blobs:
+            return None
+        try:
+            decode_full_state(blobs["init"], self.algorithm.name, max_bytes=self.cfg.max_message_bytes)
+        except wire.WireError as err:
+            return f"its initial adapter is not a valid full-state message: {err}"
+        return None
 
     def _start(self, init: bytes | None) -> None:
         """Begin a new federation from client 0's initial adapter, after checking every client built the same one."""
@@ -328,6 +350,8 @@ class FlowerCoordinator:
             )
         self.server = FederatedServer(self.algorithm, state, self.cfg)
         self.ledger.digests[0] = digest
+        if self.algorithm.uses_lora:
+            self.adapter_config = server_adapter_config(state, self.settings)
         self.history.append({"round": 0, "upload_bytes": len(init), "download_bytes": 0, "initial_adapter_bytes":
                              len(init), "cumulative_mb": len(init) / MB})
         self._checkpoint()
@@ -345,20 +369,25 @@ class FlowerCoordinator:
         for cid in plans:
             reply = replies.get(self.nodes[cid])
             info, blobs, error = _parse_reply(reply)
+            if error is None:
+                error = self._train_reply_error(cid, info, blobs)
             if error is not None:
                 self.ledger.held[cid] = None  # it may or may not have applied the catch-up: ask before it trains again
                 rejected[str(cid)] = error
                 missing += [cid] if reply is None else []
+                _say(f"round {round}: client {cid} excluded: {error}")
                 continue
-            self.ledger.set_held(cid, int(info["round"]), str(info["digest"]))
-            if info.get("status") != "ok":
-                rejected[str(cid)] = str(info.get("reason"))
+            _, held_round, digest = _held_fields(info, self.cfg.num_clients, self.ledger.round)
+            self.ledger.set_held(cid, held_round, digest)
+            if info["status"] != "ok":
+                rejected[str(cid)] = f"out of sync: {_short(info.get('reason'))}"
                 continue
-            updates.append(blobs.get("update", b""))
+            updates.append(blobs["update"])
             senders.append(cid)
-        result = self.server.step(round, updates)
-        for position, reason in result.rejected.items():
-            rejected[str(senders[int(position.lstrip("#"))])] = reason
+        result = self.server.step(round, updates, senders=senders)
+        for key, reason in result.rejected.items():  # keyed by sender ("3"), or "client 3" if it broke the step
+            rejected[key.removeprefix("client ")] = reason
+            _say(f"round {round}: client {key.removeprefix('client ')} excluded: {reason}")
         self.ledger.add_round(round, result.broadcast, wire.state_digest(self.server.state))
         self.ledger.prune(None if self.algorithm.writes_base_weights else len(self._full_state_bytes()))
         upload = sum(len(u) for u in updates)
@@ -379,6 +408,7 @@ class FlowerCoordinator:
             "broadcast_bytes": len(result.broadcast),
             "catch_up": {str(c): _describe_plan(p) for c, p in plans.items()},
             "cumulative_mb": self._cumulative_bytes() / MB + (upload + download) / MB,
+            "accepted": result.accepted,
             "rejected": rejected,
             "missing": missing,
             "seconds": time.time() - t0,
@@ -389,6 +419,21 @@ class FlowerCoordinator:
             self._save_adapter(self.out_dir / f"round_{round:04d}")
         self._checkpoint()
 
+    def _train_reply_error(self, cid: int, info: Mapping[str, Any], blobs: Mapping[str, bytes]) -> str | None:
+        """Why a train reply from client `cid`'s SuperNode is unusable, or None."""
+        try:
+            claimed, _, _ = _held_fields(info, self.cfg.num_clients, self.ledger.round)
+        except ReplyError as err:
+            return f"malformed train reply: {err}"
+        if claimed != cid:
+            return f"malformed train reply: the SuperNode of client {cid} answers as client {claimed}"
+        status = info.get("status")
+        if status not in ("ok", "out-of-sync"):
+            return f"malformed train reply: 'status' must be 'ok' or 'out-of-sync', got {_short(status)}"
+        if status == "ok" and not isinstance(blobs.get("update"), bytes):
+            return "malformed train reply: status 'ok' without an 'update' payload"
+        return None
+
     def _final_sync(self) -> None:
         """Bring every client to the final global state and have each save its adapter; count the bytes."""
         self._refresh(sorted(self.nodes))
@@ -398,11 +443,18 @@ class FlowerCoordinator:
         replies = self._exchange(messages, self.settings.round_timeout)
         for cid in plans:
             info, _, error = _parse_reply(replies.get(self.nodes[cid]))
+            try:
+                if error is None:
+                    claimed, held_round, digest = _held_fields(info, self.cfg.num_clients, self.ledger.round)
+                    if claimed != cid:
+                        raise ReplyError(f"the SuperNode of client {cid} answers as client {claimed}")
+            except ReplyError as err:
+                error = f"malformed sync reply: {err}"
             if error is not None:
                 self.ledger.held[cid] = None
                 rejected[str(cid)] = error
             else:
-                self.ledger.set_held(cid, int(info["round"]), str(info["digest"]))
+                self.ledger.set_held(cid, held_round, digest)
         sent = sum(plan.num_bytes for plan in plans.values())
         in_sync = sorted(c for c in self.nodes if self.ledger.in_sync(c))
         record = self.history[-1]
@@ -493,6 +545,7 @@ class FlowerCoordinator:
         `FederatedTrainer.load_global_state` rebuilds the weights from it on any party).
         """
         if self.algorithm.uses_lora:
+            self.adapter_config = server_adapter_config(self.server.state, self.settings)
             save_adapter(self.server.state, directory, self.adapter_config)
         else:
             from safetensors.torch import save
@@ -501,17 +554,72 @@ class FlowerCoordinator:
             atomic_write_bytes(directory / "global_state.safetensors", save(state, metadata={"format": "pt"}))
 
 
+def server_adapter_config(state: Mapping[str, Any], settings: RunSettings) -> dict[str, Any]:
+    """The PEFT ``adapter_config.json`` of the global adapter, from the server's own settings and state alone.
+
+    Never a client's: a client could name another base model, rank or target modules. The target modules are the
+    module-name suffixes that carry LoRA tensors in the global state (what `find_lora_target_modules` resolves on
+    every client), the rank and scaling are the run's.
+    """
+    targets = sorted({name.split(".lora_")[0].rsplit(".", 1)[-1] for name in state if ".lora_" in name})
+    lora = settings.fed.to_lora_config(target_modules=targets or None)
+    lora.base_model_name_or_path = settings.model_data.model_name_or_path
+    config = lora.to_dict()
+    return json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set | frozenset) else str(v)))
+
+
 def _describe_plan(plan: CatchUp) -> dict[str, Any]:
     return {"kind": plan.kind, "bytes": plan.num_bytes, "to_round": plan.to_round}
 
 
 def _parse_reply(reply: Message | None) -> tuple[dict[str, Any], dict[str, bytes], str | None]:
-    """(control fields, payload bytes, error or None) of a node's reply."""
+    """(control fields, payload bytes, error or None) of a node's reply. Never raises: whatever a node sends, a reply
+    that is not what our ClientApp sends comes back as an error, and the caller excludes that node."""
     if reply is None:
         return {}, {}, "no reply before the timeout"
-    if reply.has_error():
-        return {}, {}, f"the ClientApp failed (code {reply.error.code}): {reply.error.reason}"
     try:
-        return dict(reply.content[CONFIG]), record_bytes(reply.content), None
-    except (KeyError, wire.WireError) as err:
+        if reply.has_error():
+            return {}, {}, f"the ClientApp failed (code {reply.error.code}): {str(reply.error.reason)[:500]}"
+        content = reply.content
+        if CONFIG not in content or not isinstance(content[CONFIG], ConfigRecord):
+            return {}, {}, f"malformed reply: no {CONFIG!r} ConfigRecord"
+        return dict(content[CONFIG]), record_bytes(content), None
+    except wire.WireError as err:
         return {}, {}, f"malformed reply: {err}"
+    except (AttributeError, KeyError, TypeError, ValueError) as err:  # what Flower's records raise on odd content
+        return {}, {}, f"malformed reply: {type(err).__name__}: {str(err)[:300]}"
+
+
+class ReplyError(ValueError):
+    """A node's reply carries a control field that is missing, of the wrong type or out of range."""
+
+
+MAX_ROUND = 2**31 - 1
+
+
+def _int_field(info: Mapping[str, Any], key: str, low: int, high: int) -> int:
+    """`info[key]` as an int in [low, high] (a bool, float or string is not an int); ReplyError otherwise."""
+    if key not in info:
+        raise ReplyError(f"reply field {key!r} is missing (expected an integer in {low}..{high})")
+    value = info[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ReplyError(f"reply field {key!r}: expected an integer in {low}..{high}, got {_short(value)}")
+    return value
+
+
+def _digest_field(info: Mapping[str, Any]) -> str:
+    value = info.get("digest")
+    if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ReplyError(f"reply field 'digest': expected a 64-character SHA-256 hex string, got {_short(value)}")
+    return value
+
+
+def _held_fields(info: Mapping[str, Any], num_clients: int, latest_round: int) -> tuple[int, int, str]:
+    """(client id, round, digest) a node says it holds, validated: the round is one the server has run."""
+    client_id = _int_field(info, "client-id", 0, num_clients - 1)
+    return client_id, _int_field(info, "round", 0, latest_round), _digest_field(info)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,1 @@
+"""fedsrd on Flower with hostile SuperNodes (tests only)."""

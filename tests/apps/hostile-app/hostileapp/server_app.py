@@ -1,0 +1,5 @@
+"""The coordinator: fedsrd's own ServerApp, unchanged."""
+
+from fedsrd.integrations.flower import make_server_app
+
+app = make_server_app()
