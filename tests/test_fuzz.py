@@ -1,6 +1,7 @@
 """Fuzzing: mutated and random messages never crash the decoder or the server step, nor corrupt the global state."""
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -75,3 +76,90 @@ def test_random_bytes_are_rejected_cleanly(data):
     result = server.step(1, [data, blobs[0]])
     assert result.accepted == [0]
     _check_state(server, state)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# metadata: validated by schema before anything changes
+# ---------------------------------------------------------------------------------------------------------------------
+
+_META_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**400), max_value=10**400)
+    | st.integers(min_value=-3, max_value=2**41)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+_META_KEYS = st.sampled_from(["client_id", "num_samples", "train_loss", "x" * 65, ""]) | st.text(max_size=10)
+
+
+def _with_meta(blob: bytes, meta) -> bytes | None:
+    """`blob` re-encoded with `meta` (None if the encoder refuses it)."""
+    msg = wire.decode(blob)
+    msg.meta = meta
+    try:
+        return wire.encode(msg)
+    except wire.WireError:
+        return None
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(meta=st.dictionaries(_META_KEYS, _META_VALUES, max_size=6), samples=st.booleans())
+def test_mutated_metadata_never_crashes_the_step_nor_takes_the_weight(meta, samples):
+    cfg, algo, state, blobs = _valid_updates("fedavg", n=2)
+    cfg.aggregation = "samples" if samples else "uniform"
+    hostile = _with_meta(blobs[1], meta)
+    if hostile is None:
+        return
+    server = FederatedServer(algo, dict(state), cfg)
+    result = server.step(1, [hostile, blobs[0]], senders=[1, 0])  # never raises: client 0 is honest
+    assert 0 in result.accepted and "0" not in result.rejected
+    if 1 in result.accepted:  # then its metadata met the schema
+        assert meta.get("client_id") == 1 and not isinstance(meta["client_id"], bool)
+        assert all(isinstance(v, float) and abs(v) <= 1e30 for v in result.metrics.values())
+    else:
+        assert "1" in result.rejected and "meta" in result.rejected["1"]
+    _check_state(server, state)
+    FederatedClient(algo, dict(state), cfg).receive(result.broadcast)
+
+
+def test_a_claimed_sample_count_cannot_take_all_the_weight():
+    from fedsrd.server import MAX_NUM_SAMPLES, capped_sample_counts
+
+    assert capped_sample_counts([5, 2**40]) == [5, 50] and capped_sample_counts([7]) == [7]
+    cfg, algo, state, blobs = _valid_updates("fedavg", n=2)
+    cfg.aggregation = "samples"
+    greedy = _with_meta(blobs[1], {"client_id": 1, "num_samples": MAX_NUM_SAMPLES})
+    mixed = FederatedServer(algo, dict(state), cfg)
+    mixed.step(1, [greedy, blobs[0]])
+    alone = FederatedServer(algo, dict(state), cfg)
+    alone.step(1, [blobs[1]])
+    key = "m.0.q_proj.lora_A.weight"
+    share = float((mixed.state[key] - state[key]).norm() / (alone.state[key] - state[key]).norm())
+    assert share < 0.95  # capped at 10 x the other client's 5 samples: weight 50/55 at most, not ~1
+    with_huge = _with_meta(blobs[1], {"client_id": 1, "num_samples": 10**300})
+    result = FederatedServer(algo, dict(state), cfg).step(1, [with_huge, blobs[0]])
+    assert result.accepted == [0] and "num_samples" in result.rejected["#0"]
+
+
+@pytest.mark.parametrize("where", ["server_step", "encode"])
+def test_a_failing_step_leaves_state_round_and_memory_untouched(where, monkeypatch):
+    import fedsrd.server as server_module
+
+    cfg, algo, state, blobs = _valid_updates("fedavg", n=2)
+    server = FederatedServer(algo, dict(state), cfg)
+    server.memory = {"kept": torch.ones(2)}
+    before = (wire.state_digest(server.state), server.round, wire.state_digest(server.memory))
+
+    def fail(*args, **kwargs):
+        raise TypeError(f"{where} fails")
+
+    if where == "encode":
+        monkeypatch.setattr(server_module.wire, "encode", fail)
+    else:
+        monkeypatch.setattr(algo, "server_step", fail)
+    with pytest.raises((TypeError, RuntimeError)):
+        server.step(1, blobs)
+    assert (wire.state_digest(server.state), server.round, wire.state_digest(server.memory)) == before

@@ -625,3 +625,65 @@ def test_fed_dare_broadcast_sends_the_union_of_the_clients_seeds():
         data = encode(Message(kind="broadcast", algorithm="fed_dare", round=1, tensors={name: sparse}))
         assert json.loads(_metadata(data))["tensors"][name]["positions"] == "seeded"
         torch.testing.assert_close(decode(data).tensors[name].to_dense(), expected)
+
+
+def _seeded_bomb(shape: list[int], seeds: int) -> bytes:
+    """A tiny message whose header asks the receiver to regenerate `seeds` masks over `shape`: no values at all."""
+    header = {"format": "fedsrd-wire", "version": 1, "kind": "update", "algorithm": "fedsrd", "round": 1, "meta": {},
+              "tensors": {"w": {"layout": "sparse", "shape": shape, "nnz": 0, "positions": "seeded",
+                                "seeds": list(range(1, seeds + 1)), "drop": 0.999999}}}
+    return safetensors.torch.save({"w::values": torch.zeros(0)}, metadata={"fedsrd": json.dumps(header)})
+
+
+def test_a_seeded_header_cannot_make_decoding_expensive():
+    """The 421-byte bomb: 2**30 draws without expected shapes (53 s and 6.4 GB before), refused in milliseconds."""
+    import time
+
+    bomb = _seeded_bomb([2**15, 2**15], 1)
+    assert len(bomb) < 600
+    start = time.perf_counter()
+    with pytest.raises(WireError, match="budget"):
+        decode(bomb)
+    with pytest.raises(WireError, match="budget"):
+        decode(_seeded_bomb([2**12, 2**12], 2), max_seeded_draws=2**24)
+    assert time.perf_counter() - start < 1.0
+    # With expected shapes: the work is bounded by them and by the seeds a tensor may carry (an update: one).
+    msg, _ = _dare_message()
+    many = _rewrite_header(encode(msg), lambda h: h["tensors"]["w"].update(seeds=list(range(1, 257))))
+    expected = {"w": TensorSpec((48, 32))}
+    with pytest.raises(WireError, match="1 to 1 ints"):
+        decode(many, expected=expected, max_mask_seeds=1)
+    with pytest.raises(WireError, match="budget"):
+        decode(many, expected=expected, max_mask_seeds=256, max_seeded_draws=48 * 32 * 8)
+    assert decode(encode(msg), expected=expected, max_mask_seeds=1).tensors["w"].nnz > 0  # honest: one seed
+    with pytest.raises(WireError, match="not accepted"):  # full-state messages: no seeded positions at all
+        decode(encode(msg), max_mask_seeds=0)
+
+
+def test_metadata_size_is_bounded_before_parsing():
+    import time
+
+    msg, _ = _dare_message()
+    padded = Message(kind="update", algorithm="fedsrd", round=1, tensors=msg.tensors, meta={"pad": [[]] * 600_000})
+    data = encode(padded)  # 2.4 MB of empty lists in the header
+    start = time.perf_counter()
+    with pytest.raises(WireError, match="rejected before parsing"):
+        decode(data, expected={"w": TensorSpec((48, 32))})
+    assert time.perf_counter() - start < 0.5
+    with pytest.raises(WireError, match="rejected before parsing"):
+        decode(data, max_header_bytes=1_000_000)
+    assert decode(encode(msg), expected={"w": TensorSpec((48, 32))}).tensors["w"].nnz > 0
+
+
+@pytest.mark.parametrize("error", [MemoryError, RuntimeError])
+def test_running_out_of_memory_while_decoding_is_a_wire_error(error, monkeypatch):
+    from fedsrd.ops.sparse import SeededMask
+
+    def out_of_memory(self, shape):
+        raise error("DefaultCPUAllocator: can't allocate memory")
+
+    msg, _ = _dare_message()
+    data = encode(msg)
+    monkeypatch.setattr(SeededMask, "keep", out_of_memory)
+    with pytest.raises(WireError, match="memory"):
+        decode(data)
