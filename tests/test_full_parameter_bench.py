@@ -1,0 +1,110 @@
+"""The full-parameter benchmarks: measured memory of a local phase (tiny models, in-process) and the SST-2 accuracy
+harness's statistics, storage and report on made-up histories (no training). Figures are not asserted beyond the
+orderings that follow from what each method keeps."""
+
+import json
+
+import pytest
+from test_benchmarks import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def full_parameter():
+    return load_benchmark("full_parameter")
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    return load_benchmark("full_parameter_accuracy")
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-llama"])
+def test_memory_of_a_local_phase_is_counted_from_the_tensors(full_parameter, model):
+    rows = {
+        m: full_parameter.memory_worker(model, m, steps=2, batch=4, length=24)
+        for m in ("fedkrso", "fedfft", "fedkseed")
+    }
+    fft, krso, kseed = rows["fedfft"], rows["fedkrso"], rows["fedkseed"]
+    # FedFFT: Adam's two fp32 moments over every trained weight (plus step counts), one fp32 gradient per weight
+    trained_mb = fft["initial_copy_mb"]
+    assert 2 * trained_mb <= fft["optimizer_state_mb"] <= 2 * trained_mb + 0.01
+    assert fft["gradients_mb"] == pytest.approx(trained_mb)
+    assert fft["extra_tensors_mb"] == 0
+    # FedKRSO: moments over out x r coordinates (and the head), no out x in gradient; its own tensors counted
+    assert 0 < krso["optimizer_state_mb"] < fft["optimizer_state_mb"] / 2
+    assert 0 < krso["gradients_mb"] < fft["gradients_mb"]
+    assert krso["extra_tensors_mb"] > 0
+    # FedKSeed: no backward pass, no optimizer state; its K scalars are its extra tensor
+    assert kseed["optimizer_state_mb"] == 0 and kseed["gradients_mb"] == 0
+    assert kseed["extra_tensors_mb"] == pytest.approx(4 * 4096 / 1024**2)
+    for row in rows.values():
+        if row["peak_rss_mb"] is not None:  # Linux: the OS's own figures
+            assert row["peak_rss_mb"] > 0 and row["rss_before_mb"] > 0
+
+
+def test_memory_of_fedavg_lora_on_a_classifier_trains_adapter_and_head(full_parameter):
+    row = full_parameter.memory_worker("tiny-bert", "fedavg", steps=2, batch=4, length=24)
+    assert row["optimizer_state_mb"] > 0 and row["gradients_mb"] > 0
+    assert row["extra_tensors_mb"] == pytest.approx(4 * row["trained_params"] / 1024**2)
+    assert row["initial_copy_mb"] == 0  # LoRA keeps no copy of the base weights
+
+
+def test_memory_table_states_fedkrso_share_of_fedfft(full_parameter):
+    memory = {"minilm": {"fedfft": {k: 10.0 for k in full_parameter.MEMORY_KEYS} | {"trained_params": 5},
+                         "fedkrso": {k: 0.1 for k in full_parameter.MEMORY_KEYS} | {"trained_params": 3},
+                         "fedavg": {"error": "exit 1: boom"}}}  # fmt: skip
+    text = full_parameter.memory_table(memory)
+    assert "FedKRSO's optimizer state is 1.00% of FedFFT's" in text
+    assert "exit 1: boom" in text
+
+
+def _history(accuracies, mb_per_round):
+    records = [{"round": 0, "eval_accuracy": accuracies[0]}]
+    for r, acc in enumerate(accuracies[1:], start=1):
+        records.append({"round": r, "eval_accuracy": acc, "upload_mb_per_client": mb_per_round / 2,
+                        "download_mb_per_client": mb_per_round / 2})  # fmt: skip
+    return records
+
+
+def test_accuracy_statistics_pair_seeds_with_fedfft(accuracy):
+    runs = {
+        "fedfft": {1: _history([0.5, 0.8, 0.9], 40.0), 2: _history([0.5, 0.7, 0.8], 40.0)},
+        "fedkrso": {1: _history([0.5, 0.75, 0.88], 2.0), 2: _history([0.5, 0.72, 0.78], 2.0)},
+    }
+    result = accuracy.analyse(runs)
+    krso = result["fedkrso"]
+    assert krso["final_accuracy"][0] == pytest.approx(0.83)
+    assert krso["diff_final"][0] == pytest.approx(-0.02)  # paired: (-0.02, -0.02)
+    assert krso["diff_final"][1] == pytest.approx((-0.02, -0.02))
+    assert krso["bytes_vs_fedfft"] == pytest.approx(0.05)
+    assert [e["round"] for e in krso["curve"]] == [0, 1, 2]
+    assert krso["curve"][2]["cumulative_mb"] == pytest.approx(4.0)
+    lo, hi = result["fedfft"]["curve"][2]["accuracy_ci95"]
+    assert lo < 0.85 < hi
+    # at equal bytes FedFFT's curve is interpolated between round 0 (0 MB) and round 1 (40 MB)
+    assert krso["diff_equal_bytes"][0] == pytest.approx(0.83 - (0.5 + 0.25 * 4 / 40))
+
+
+def test_accuracy_runs_are_stored_reused_and_reported(accuracy, tmp_path, capsys):
+    data = tmp_path / "sst2"
+    data.mkdir()
+    (data / "train.jsonl").write_text(json.dumps({"sentence": "fine", "label": 1}) + "\n")
+    argv = ["--data", str(data), "--results", str(tmp_path / "results"), "--seeds", "1", "--methods", "fedkrso"]
+    a = accuracy.parse_args(argv)
+    assert accuracy.stored(a, "fedkrso", 1) is None
+    keep = accuracy.run_dir(a.results, "fedkrso", 1)
+    keep.mkdir(parents=True)
+    (keep / "history.json").write_text(json.dumps(_history([0.5, 0.6], 1.0)))
+    (keep / "settings.json").write_text(json.dumps(accuracy.settings_of(a, "fedkrso", 1)))
+    assert accuracy.stored(a, "fedkrso", 1) is not None
+    other = accuracy.parse_args([*argv, "--local-steps", "7"])
+    assert accuracy.stored(other, "fedkrso", 1) is None  # other settings: not reused
+    summary = accuracy.main([*argv, "--report-only", "--json", "--plot-dir", str(tmp_path / "img")])
+    assert json.loads(capsys.readouterr().out.strip().split("\n")[-1])["methods"]["fedkrso"]["rounds_done"] == 1
+    assert summary["methods"]["fedkrso"]["final_accuracy"][0] == pytest.approx(0.6)
+    assert (tmp_path / "img" / "full_parameter_accuracy_vs_mb.png").is_file()
+
+
+def test_accuracy_harness_needs_the_data_unless_report_only(accuracy, tmp_path):
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--data", str(tmp_path / "missing")])
