@@ -596,3 +596,47 @@ def test_deployment_on_loopback_with_resume(tmp_path, tmp_path_factory):
     final = wire.state_digest(load_adapter_state(server_dir / "final"))
     assert _node_digests(tmp_path) == {0: (2, final), 1: (2, final)}
     assert final == _simulated_digest(tmp_path_factory, **{"num-rounds": 2})
+
+
+@pytest.mark.flower
+@needs_flwr
+def test_deployment_with_a_hostile_supernode_completes(tmp_path):
+    """A real SuperLink and three SuperNodes, client 2's ClientApp hostile (train reply with round "abc", sync reply
+    with round NaN, forged adapter config in hello is ignored): the run ends finished:completed with clients 0 and 1."""
+    for exe in ("flower-superlink", "flower-supernode", "flwr"):
+        if not (Path(sys.executable).parent / exe).exists():
+            pytest.skip(f"{exe} is not next to {sys.executable}")
+    server_dir = tmp_path / "server"
+    nodes = [{"partition-id": i, "num-partitions": 3, "state-dir": str(tmp_path / f"node{i}")} for i in range(3)]
+    nodes[2]["hostile"] = "round-abc"
+    run = {**HOSTILE_RUN, "num-rounds": 1, "output-dir": str(server_dir)}
+    isolated = _isolated_network()
+    link_port, node_port = (9092, 9094) if isolated else _free_ports(2)
+    driver = [
+        sys.executable, "-m", "fedsrd.integrations.flower_loopback", str(HOSTILE_APP), "--workdir",
+        str(tmp_path / "flwr"), "--nodes", "3", "--link-port", str(link_port), "--node-port", str(node_port),
+        "--timeout", "240", *[arg for c in nodes for arg in ("--node-config", json.dumps(c))],
+        "--run-config", json.dumps(run),
+    ]
+    if isolated:
+        driver = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', *driver]
+    proc = subprocess.Popen(driver, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=420)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{err[-6000:]}"
+    statuses = [json.loads(line)["status"] for line in out.splitlines() if line.startswith('{"run_id"')]
+    assert statuses == ["finished:completed"]
+    history = json.loads((server_dir / "history.json").read_text())
+    assert [r["round"] for r in history] == [0, 1]
+    assert history[1]["accepted"] == [0, 1] and "'round'" in history[1]["rejected"]["2"]
+    assert "malformed sync reply" in history[1]["final_sync_rejected"]["2"]
+    assert history[1]["clients_in_sync"] == [0, 1]
+    saved = json.loads((server_dir / "final" / "adapter_config.json").read_text())
+    assert saved["r"] == 4 and saved["base_model_name_or_path"] == "tiny-llama"

@@ -123,3 +123,25 @@ def slow(self, client_id, round):
 FederatedTrainer.local_train = slow
 run_train(sys.argv[1:])
 """
+
+
+def test_a_new_run_in_an_old_output_dir_replaces_the_old_run(tmp_path, caplog):
+    """An old run with more rounds used to make the new run prune its own checkpoints, leave LATEST naming a deleted
+    folder and its round adapters beside the new final/: now its files are removed first, with a warning."""
+    from fedsrd.checkpoint import CHECKPOINTS, LATEST, load_checkpoint
+
+    fast = ["--config", TINY, "--output_dir", str(tmp_path), "--num_clients", "2", "--local_steps", "1",
+            "--eval_every", "0", *QUIET]  # fmt: skip
+    run_train([*fast, "--num_rounds", "4", "--save_every", "1"])
+    (tmp_path / "notes.txt").write_text("mine")  # not a run's file: kept
+    with caplog.at_level("WARNING", logger="fedsrd.checkpoint"):
+        run_train([*fast, "--num_rounds", "2", "--save_every", "0"])
+    assert "holds a previous run" in caplog.text and "--resume true" in caplog.text
+    latest = (tmp_path / CHECKPOINTS / LATEST).read_text().strip()
+    assert latest == "round_0002" and (tmp_path / CHECKPOINTS / latest).is_dir()
+    assert load_checkpoint(tmp_path)[0] == 2
+    assert sorted(p.name for p in tmp_path.glob("round_*")) == ["round_0002"]  # the new run's last round only
+    assert [r["round"] for r in json.loads((tmp_path / "history.json").read_text())] == [0, 1, 2]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    resumed = run_train([*fast, "--num_rounds", "3", "--save_every", "0", "--resume", "true"])
+    assert [r["round"] for r in resumed.history] == [0, 1, 2, 3]

@@ -13,6 +13,7 @@ that, so a crash at any instant leaves the previous complete checkpoint readable
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +27,8 @@ LATEST = "LATEST"
 TENSORS = "tensors.safetensors"
 META = "meta.json"
 FORMAT = "fedsrd-checkpoint"
+
+logger = logging.getLogger(__name__)
 
 
 def save_checkpoint(out_dir: str | Path, round: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
@@ -50,6 +53,46 @@ def save_checkpoint(out_dir: str | Path, round: int, tensors: dict[str, torch.Te
     for old in sorted(p for p in root.glob("round_*") if p.is_dir())[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# What a run writes into its output directory; another run must not mix its own files with these.
+RUN_FILES = ("history.json", "fed_config.json", "eval_loss_vs_mb.png")
+RUN_DIRS = (CHECKPOINTS, "final")
+
+
+def previous_run_files(out_dir: str | Path) -> list[Path]:
+    """The files and folders a previous run left in `out_dir` (checkpoints, round_NNNN/, final/, history.json...)."""
+    root = Path(out_dir)
+    if not root.is_dir():
+        return []
+    found = [root / n for n in (*RUN_DIRS, *RUN_FILES) if (root / n).exists()]
+    found += sorted(p for p in root.glob("round_[0-9]*") if p.is_dir())
+    return found
+
+
+def prepare_output_dir(out_dir: str | Path, *, resume: bool, extra: list[Path] = ()) -> list[Path]:
+    """Make `out_dir` ready for a new run: remove the files a previous run left there; returns what was removed.
+
+    Resuming keeps everything. A new run must not mix with an old one: the old run's higher-numbered checkpoints
+    would outrank the new run's (its own pruned at once, LATEST naming a deleted folder, --resume failing) and its
+    round adapters would sit beside the new final/. So its checkpoints, round_NNNN/, final/ and history files (and
+    `extra` paths, e.g. a checkpoint dir elsewhere) are removed, with a warning that names them; nothing else in
+    `out_dir` is touched.
+    """
+    if resume:
+        return []
+    found = previous_run_files(out_dir)
+    found += [p for p in extra if p.exists() and p not in found]
+    if found:
+        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found[:8]) + (", ..." if len(found) > 8 else "")
+        logger.warning("output_dir %s holds a previous run; removing its files (%s) before this run starts. "
+                       "Pass --resume true to continue that run instead.", out_dir, names)
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return found
 
 
 def load_checkpoint(out_dir: str | Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:

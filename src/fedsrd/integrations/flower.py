@@ -46,6 +46,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from fedsrd import wire
 from fedsrd.algorithms import get_algorithm
+from fedsrd.checkpoint import prepare_output_dir
 from fedsrd.integrations.catchup import CatchUp, CatchUpError, OutOfSync, SyncLedger, decode_full_state
 from fedsrd.integrations.catchup import encode_full_state as _encode_full_state
 from fedsrd.integrations.checkpoint import ServerCheckpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
@@ -240,6 +241,11 @@ class FlowerCoordinator:
     # ---- the run --------------------------------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
         resumed = self.settings.resume and self._restore()
+        if not resumed:  # a new federation: never on top of another run's checkpoints and adapters
+            removed = prepare_output_dir(self.out_dir, resume=False, extra=[Path(self.settings.checkpoint_dir)])
+            if removed:
+                _say(f"{self.out_dir} held a previous run: removed {', '.join(p.name for p in removed)} "
+                     "(run config resume=true continues a run instead)")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.out_dir / "fed_config.json", json.dumps(self.cfg.to_dict(), indent=2).encode())
         _say(f"{'resuming' if resumed else 'starting'} federation {self.federation_id} ({self.cfg.algorithm}, "

@@ -86,6 +86,9 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
     is_main = args.process_index == 0
     team = process_team(trainer)  # this process alone, or under `accelerate launch` P processes sharing the clients
     if is_main:
+        from fedsrd.checkpoint import prepare_output_dir
+
+        prepare_output_dir(out_dir, resume=cfg.resume or trainer.resume_requested)  # a new run: old files go
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "fed_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     table = RoundTable(enabled=is_main)
