@@ -461,7 +461,7 @@ def _parse_header(text: str, max_mask_seeds: int = MAX_MASK_SEEDS, max_seeded_dr
                 if draws > max_seeded_draws:
                     raise WireError(
                         f"{what}: regenerating the seeded masks would take {draws} random draws so far, more than "
-                        f"this message's budget of {max_seeded_draws} (its expected shapes x {max_mask_seeds} seed(s))"
+                        f"this message's budget of {max_seeded_draws} (decode's max_seeded_draws)"
                     )
     return header
 
