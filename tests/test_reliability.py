@@ -145,3 +145,28 @@ def test_a_new_run_in_an_old_output_dir_replaces_the_old_run(tmp_path, caplog):
     assert (tmp_path / "notes.txt").read_text() == "mine"
     resumed = run_train([*fast, "--num_rounds", "3", "--save_every", "0", "--resume", "true"])
     assert [r["round"] for r in resumed.history] == [0, 1, 2, 3]
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    """Every tensor (personal/ and base/ too) is under the checkpoint's digest; a flipped bit or a truncated file in
+    the latest checkpoint falls back to the previous complete one, with a warning naming the file."""
+    from fedsrd.checkpoint import CHECKPOINTS, TENSORS, load_checkpoint, save_checkpoint
+
+    def tensors(round):
+        return {"global/w": torch.full((4, 4), float(round)), "personal/1/b": torch.ones(8), "base/x": torch.zeros(3)}
+
+    save_checkpoint(tmp_path, 1, tensors(1), {"history": []})
+    save_checkpoint(tmp_path, 2, tensors(2), {"history": []})
+    latest = tmp_path / CHECKPOINTS / "round_0002" / TENSORS
+    data = bytearray(latest.read_bytes())
+    data[-1] ^= 0x01  # one bit of base/x, the last tensor stored
+    latest.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="fedsrd.checkpoint"):
+        round, loaded, _ = load_checkpoint(tmp_path)
+    assert round == 1 and torch.equal(loaded["personal/1/b"], torch.ones(8))
+    assert str(latest) in caplog.text and "digest" in caplog.text
+    previous = tmp_path / CHECKPOINTS / "round_0001" / TENSORS
+    previous.write_bytes(previous.read_bytes()[:40])  # truncated
+    with pytest.raises(ValueError, match="round_0001") as err:
+        load_checkpoint(tmp_path)
+    assert "round_0002" in str(err.value)

@@ -20,13 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from fedsrd import wire
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
 TENSORS = "tensors.safetensors"
 META = "meta.json"
 FORMAT = "fedsrd-checkpoint"
+TENSORS_DIGEST = "tensors_digest"  # meta.json: SHA-256 (`wire.state_digest`) of every tensor in tensors.safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +46,11 @@ def save_checkpoint(out_dir: str | Path, round: int, tensors: dict[str, torch.Te
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
-    _write_json(tmp / META, {"format": FORMAT, "version": 1, "round": int(round), **meta})
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(tmp / TENSORS))
+    # Every tensor (global, personal/, base/...) under one digest, checked on load.
+    _write_json(tmp / META, {"format": FORMAT, "version": 1, "round": int(round), **meta,
+                             TENSORS_DIGEST: wire.state_digest(tensors)})
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -96,19 +103,49 @@ def prepare_output_dir(out_dir: str | Path, *, resume: bool, extra: list[Path] =
 
 
 def load_checkpoint(out_dir: str | Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The newest complete checkpoint as (round, tensors, meta), or None if the run has none."""
+    """The newest complete checkpoint as (round, tensors, meta), or None if the run has none.
+
+    The one LATEST names comes first; if it is unreadable, incomplete or fails its digest, the older ones are tried
+    in turn, with a warning naming the file at fault. ValueError (naming every file and why) if none is usable.
+    """
     root = Path(out_dir) / CHECKPOINTS
     latest = root / LATEST
     if not latest.is_file():
         return None
-    path = root / latest.read_text().strip()
+    candidates = [root / latest.read_text().strip()]
+    candidates += [p for p in sorted(root.glob("round_*"), reverse=True) if p.is_dir() and p not in candidates]
+    problems = []
+    for path in candidates:
+        try:
+            loaded = _read_checkpoint(path)
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+            problems.append(f"{err}")
+            logger.warning("checkpoint %s is unusable (%s); falling back to the previous complete checkpoint",
+                           path, err)
+            continue
+        if path != candidates[0]:
+            logger.warning("resuming from %s instead of %s (named by %s)", path, candidates[0], latest)
+        return loaded
+    raise ValueError(f"no usable checkpoint under {root}: " + "; ".join(problems))
+
+
+def _read_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
     meta_path, tensors_path = path / META, path / TENSORS
     if not meta_path.is_file() or not tensors_path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} named by {latest} is incomplete (expected {META} and {TENSORS}).")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: not a fedsrd checkpoint (format {meta.get('format')!r}).")
-    return int(meta["round"]), load_file(str(tensors_path)), meta
+        raise FileNotFoundError(f"{path} is incomplete (expected {META} and {TENSORS})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta_path} is not valid JSON ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: not a fedsrd checkpoint")
+    try:
+        tensors = load_file(str(tensors_path))
+    except SafetensorError as err:
+        raise ValueError(f"{tensors_path} cannot be read ({err})") from err
+    if TENSORS_DIGEST in meta and wire.state_digest(tensors) != meta[TENSORS_DIGEST]:
+        raise ValueError(f"{tensors_path} does not match the digest recorded in {meta_path}")
+    return int(meta["round"]), tensors, meta
 
 
 def _write_json(path: Path, obj: Any) -> None:
