@@ -42,6 +42,11 @@ def sections(data: str, quick: bool) -> dict[str, dict]:
                       if quick else [])],
             "needs_data": True,
         },
+        "frontier": {
+            # reads the committed sweep (benchmarks/results/frontier/); the sweep itself: benchmarks/frontier.py --data
+            "cmd": ["frontier.py", "--report-only", "--plot-dir", "docs/img"],
+            "needs_data": False,
+        },
         "comm": {"cmd": ["comm_table.py", "--sample-layers", "1" if quick else "2", "--compact"], "needs_data": False},
         "comm_bitmap": {
             "cmd": ["comm_table.py", "--sample-layers", "1" if quick else "2", "--positions", "bitmap", "--compact",
@@ -87,6 +92,25 @@ def check_accuracy(r: dict) -> list[str]:
     return lines
 
 
+def check_frontier(r: dict) -> list[str]:
+    """The frontier's target: no worse than FedAvg-LoRA (paired difference <= 0, upper 95% end < +0.01) at <= 5% of
+    its bytes per client per round."""
+    lines = []
+    for name, m in r.get("methods", {}).items():
+        if name == "fedavg" or m.get("bytes_vs_fedavg") is None:
+            continue
+        ci = m.get("ci95")
+        diff = m.get("diff_vs_fedavg")
+        met = (m["bytes_vs_fedavg"] <= 0.05 and diff is not None and diff <= 0 and ci is not None and ci[1] < 0.01)
+        interval = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "(no interval: fewer than 2 seeds)"
+        diff_text = "n/a" if diff is None else f"{diff:+.4f}"
+        lines.append(f"- `{name}`: {100 * m['bytes_vs_fedavg']:.1f}% of FedAvg-LoRA's bytes; held-out loss "
+                     f"{diff_text} {interval} against FedAvg-LoRA after round {m['rounds_done']} over "
+                     f"{len(m['seeds_done'])} seed(s): target (<= 5% bytes, diff <= 0, upper end < +0.01) "
+                     f"{'met' if met else 'not met'}.")  # fmt: skip
+    return lines
+
+
 def check_overhead(r: dict) -> list[str]:
     ok = "meets" if r["encode_fraction"] < r["target"] else "misses"
     return [f"- Client encode step: median {100 * r['encode_fraction']:.2f}% of the local training time "
@@ -109,7 +133,7 @@ def check_comm(r: dict) -> list[str]:
             f"{100 * s['total_mb'] / a['total_mb']:.1f}% (paper: 74 of 742 MB, 10.0%)."]  # fmt: skip
 
 
-CHECKS = {"accuracy": check_accuracy, "overhead": check_overhead, "throughput": check_throughput,
+CHECKS = {"frontier": check_frontier, "accuracy": check_accuracy, "overhead": check_overhead, "throughput": check_throughput,
           "comm": check_comm, "comm_bitmap": check_comm}  # fmt: skip
 
 
@@ -179,6 +203,9 @@ def render(name: str, cmd: list[str], text: str, result: dict | None, seconds: f
             out += ["", *checks]
     if name == "accuracy" and (IMG / "accuracy_vs_bytes.png").exists():
         out += ["", "![held-out loss against MB per client per round](img/accuracy_vs_bytes.png)"]
+    if name == "frontier" and (IMG / "frontier_loss_vs_mb.png").exists():
+        out += ["", "![held-out loss against cumulative MB per client, 95% bands](img/frontier_loss_vs_mb.png)",
+                "", "![held-out loss against round, 95% bands](img/frontier_loss_vs_round.png)"]
     if name == "server_step" and result is not None and server_step_plot(result, IMG / "server_step.png"):
         out += ["", "![server step per module: factored against dense](img/server_step.png)"]
     return "\n".join(out)
