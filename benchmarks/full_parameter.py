@@ -43,7 +43,10 @@ from pathlib import Path
 
 import torch
 
-from fedsrd import FedSRDConfig, get_algorithm
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory import peak_rss_mb, reset_peak, rss_mb  # noqa: E402
+
+from fedsrd import FedSRDConfig, get_algorithm  # noqa: E402
 from fedsrd.algorithms import get_algorithm_class
 from fedsrd.algorithms.fedkrso import accumulator_name
 from fedsrd.algorithms.fedkseed import LOCAL_INCREMENT
@@ -209,26 +212,6 @@ def _tensor_mb(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) / MB
 
 
-def _proc_status_mb(field: str) -> float | None:
-    """`field` (VmRSS: resident now, VmHWM: its peak) of this process from /proc/self/status in MB; None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current resident set (Linux >= 4.0), so the next peak is that of what follows."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def _memory_rows(classifier: bool, rows: int):
     """Rows long enough to fill `--memory-length` tokens: a sentence and a label, or an instruction and an answer."""
     from datasets import Dataset
@@ -298,10 +281,10 @@ def memory_worker(model_name: str, method: str, steps: int, batch: int, length: 
             seen["extra_tensors_mb"] = max(seen["extra_tensors_mb"], _tensor_mb(_method_extra_tensors(trainer)))
 
     trainer.add_callback(Probe())
-    rss_before = _proc_status_mb("VmRSS")
-    reset = _reset_peak_rss()
+    rss_before = rss_mb()
+    reset = reset_peak()
     trainer.local_train(0, 1)
-    peak = _proc_status_mb("VmHWM") if reset else None
+    peak = peak_rss_mb() if reset else None
     return {
         **seen,
         "initial_copy_mb": _tensor_mb(trainer.initial_weights.values()),

@@ -5,8 +5,12 @@ SVD, dW = W_target - B A, dB = dW pinv(A). "factored" runs the code of `FedSRD.s
 d_out x d_in matrix (`fedsrd.ops.lowrank`); "dense" forms W = sum_i p_i B_i A_i and runs a full `torch.linalg.svd`
 (full_matrices=False, the cheaper variant) and a dense pinv solve, as the reference code does per module.
 FedSRD-e's factored step (no SVD) is timed too. Errors are relative Frobenius errors of dB (fp32) against the same step
-in float64. The memory columns are estimates (fp32, LAPACK workspace not counted):
-factored (3 m r + 4 r)(d_out + d_in) x 4 B; dense (3 d_out d_in + min(d_out, d_in)(d_out + d_in)) x 4 B.
+in float64. The "est." memory columns are estimates (fp32, LAPACK workspace not counted):
+factored (3 m r + 4 r)(d_out + d_in) x 4 B; dense (3 d_out d_in + min(d_out, d_in)(d_out + d_in)) x 4 B. The
+"meas." columns are measured: each step runs once more in a fresh process of its own, after its inputs are built,
+and the peak above the resident set it started from is reported (CPU: the OS's peak resident set, Linux VmHWM reset
+through /proc/self/clear_refs; CUDA: torch's peak allocated bytes), so LAPACK's workspace and allocator slack count.
+`--no-memory` skips them.
 
     python benchmarks/server_step.py [--device cuda] [--repeats 5] [--dense-max-numel 3e7] [--json]
 
@@ -21,7 +25,10 @@ import json
 import math
 import platform
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -116,7 +123,13 @@ def main() -> None:
     )
     parser.add_argument("--dense-max-gib", type=float, default=8.0, help="...and up to this estimated dense memory")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--no-memory", action="store_true", help="skip the measured peak memory (own processes)")
+    parser.add_argument("--measure-worker", nargs=5, default=None, help=argparse.SUPPRESS)  # STEP D_OUT D_IN R M
     args = parser.parse_args()
+    if args.measure_worker is not None:
+        step, *sizes = args.measure_worker
+        print(json.dumps({"peak_mib": measure_peak_worker(step, *map(int, sizes), args.device)}))
+        return
     torch.set_grad_enabled(False)
     r, m = args.rank, args.clients
 
@@ -127,7 +140,8 @@ def main() -> None:
     )
     header = (
         f"{'model':<5} {'module':<9} {'shape':>11} {'factored ms':>11} {'fedsrd_e ms':>11} {'dense ms':>9} "
-        f"{'speed-up':>8} {'fact. err':>9} {'dense err':>9} {'fact. MiB':>9} {'dense MiB':>9}"
+        f"{'speed-up':>8} {'fact. err':>9} {'dense err':>9} {'fact. MiB est.':>14} {'meas.':>7} "
+        f"{'dense MiB est.':>14} {'meas.':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -140,29 +154,83 @@ def main() -> None:
             fact_err = relative_error(fact_out, exact)
             fact_mem = mib((3 * m * r + 4 * r) * (d_out + d_in))
             dense_mem = mib(3 * d_out * d_in + min(d_out, d_in) * (d_out + d_in))
-            dense_ms, dense_err = None, None
+            dense_ms, dense_err, dense_peak = None, None, None
+            fact_peak = None if args.no_memory else measure_peak("factored", d_out, d_in, r, m, args.device)
             if d_out * d_in <= args.dense_max_numel and dense_mem / 1024 <= args.dense_max_gib:
                 if (d_out, d_in) not in dense_cache:  # same shape, same (seeded) inputs: time it once
                     ms, dense_out = timed(dense_step, inputs, 1, args.device)
-                    dense_cache[(d_out, d_in)] = (ms, relative_error(dense_out, exact))
-                dense_ms, dense_err = dense_cache[(d_out, d_in)]
-            rows.append({
-                "model": model, "module": module, "d_out": d_out, "d_in": d_in, "rank": r, "clients": m,
-                "factored_ms": round(fact_ms, 2), "fedsrd_e_ms": round(fact_e_ms, 2),
-                "dense_ms": None if dense_ms is None else round(dense_ms, 1),
-                "factored_rel_err": fact_err, "dense_rel_err": dense_err,
-                "factored_mib_est": round(fact_mem, 1), "dense_mib_est": round(dense_mem, 1),
-            })
+                    peak = None if args.no_memory else measure_peak("dense", d_out, d_in, r, m, args.device)
+                    dense_cache[(d_out, d_in)] = (ms, relative_error(dense_out, exact), peak)
+                dense_ms, dense_err, dense_peak = dense_cache[(d_out, d_in)]
+            rows.append(
+                {
+                    "model": model,
+                    "module": module,
+                    "d_out": d_out,
+                    "d_in": d_in,
+                    "rank": r,
+                    "clients": m,
+                    "factored_ms": round(fact_ms, 2),
+                    "fedsrd_e_ms": round(fact_e_ms, 2),
+                    "dense_ms": None if dense_ms is None else round(dense_ms, 1),
+                    "factored_rel_err": fact_err,
+                    "dense_rel_err": dense_err,
+                    "factored_mib_est": round(fact_mem, 1),
+                    "dense_mib_est": round(dense_mem, 1),
+                    "factored_mib_measured": None if fact_peak is None else round(fact_peak, 1),
+                    "dense_mib_measured": None if dense_peak is None else round(dense_peak, 1),
+                }
+            )
             speed = f"{dense_ms / fact_ms:.0f}x" if dense_ms else "-"
             print(
                 f"{model:<5} {module:<9} {f'{d_out}x{d_in}':>11} {fact_ms:>11.1f} {fact_e_ms:>11.1f} "
                 f"{(f'{dense_ms:.0f}' if dense_ms else 'skipped'):>9} {speed:>8} {fact_err:>9.1e} "
-                f"{(f'{dense_err:.1e}' if dense_err is not None else '-'):>9} {fact_mem:>9.1f} {dense_mem:>9.1f}",
+                f"{(f'{dense_err:.1e}' if dense_err is not None else '-'):>9} {fact_mem:>14.1f} {_mib(fact_peak):>7} "
+                f"{dense_mem:>14.1f} {_mib(dense_peak):>7}",
                 flush=True,
             )
     if args.json:
         summary = {"benchmark": "server_step", "device": args.device, "threads": torch.get_num_threads()}
         print(json.dumps({**summary, "torch": torch.__version__, "rows": rows}))
+
+
+STEPS = {"factored": factored_step, "dense": dense_step}
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def measure_peak_worker(step: str, d_out: int, d_in: int, r: int, m: int, device: str) -> float | None:
+    """Peak memory (MiB) of one `step` above what this process held once its inputs were built; None if unknown."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _memory import peak_rss_mb, reset_peak, rss_mb
+
+    torch.set_grad_enabled(False)
+    inputs = (*trained_like(d_out, d_in, r, m, device), r)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        STEPS[step](*inputs)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - start) / 2**20
+    start = rss_mb()
+    if start is None or not reset_peak():
+        return None
+    STEPS[step](*inputs)
+    return peak_rss_mb() - start
+
+
+def measure_peak(step: str, d_out: int, d_in: int, r: int, m: int, device: str) -> float | None:
+    """`measure_peak_worker` in a fresh process (nothing of an earlier step stays resident)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure-worker", step, str(d_out), str(d_in), str(r),
+           str(m), "--device", device]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return None
+    return json.loads(lines[-1])["peak_mib"]
 
 
 def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:

@@ -108,3 +108,13 @@ def test_accuracy_runs_are_stored_reused_and_reported(accuracy, tmp_path, capsys
 def test_accuracy_harness_needs_the_data_unless_report_only(accuracy, tmp_path):
     with pytest.raises(SystemExit):
         accuracy.parse_args(["--data", str(tmp_path / "missing")])
+
+
+def test_server_step_peak_memory_is_measured_in_own_processes():
+    server_step = load_benchmark("server_step")
+    factored = server_step.measure_peak("factored", 1024, 1024, 8, 2, "cpu")
+    dense = server_step.measure_peak("dense", 1024, 1024, 8, 2, "cpu")
+    if dense is None:  # not Linux: the OS gives no peak to read
+        pytest.skip("no /proc/self/status here")
+    assert dense > 4  # at least the 1024 x 1024 fp32 product it forms (4 MiB)
+    assert factored is not None and factored < dense
