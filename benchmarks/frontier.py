@@ -49,7 +49,7 @@ ABLATIONS = ["fedsrd+download_drop=0", "fedsrd+upload_sparsity_alpha=0+upload_sp
 RESULT_FILES = ("history.json", "settings.json")
 
 
-# ---- statistics -------------------------------------------------------------------------------------------------------
+# ---- statistics ------------------------------------------------------------------------------------------------------
 def t_quantile_975(df: int) -> float:
     """The 97.5% quantile of Student's t with `df` degrees of freedom (scipy)."""
     from scipy import stats
@@ -113,27 +113,25 @@ def analyse(runs: dict[str, dict[int, list[dict]]], reference: str = REFERENCE) 
     """Per method: loss per evaluated round (mean over seeds), paired differences to the reference with 95%
     intervals at equal rounds and at equal bytes, and the bytes. `runs`: method -> seed -> history."""
     runs = with_round_zero(runs)
-    ref = runs.get(reference, {})
+    ref_curves = {seed: curve(h) for seed, h in runs.get(reference, {}).items()}
     out: dict[str, dict] = {}
     for method, by_seed in runs.items():
-        curves = {seed: curve(h) for seed, h in by_seed.items()}
-        rounds = sorted({r for c in curves.values() for r, _, _ in c})
+        points = {seed: {rnd: (mb, loss) for rnd, mb, loss in curve(h)} for seed, h in by_seed.items()}
         per_round = []
-        for rnd in rounds:
-            losses = {s: next(l for r, _, l in c if r == rnd) for s, c in curves.items() if any(r == rnd for r, _, _ in c)}
-            mbs = [next(m for r, m, _ in c if r == rnd) for c in curves.values() if any(r == rnd for r, _, _ in c)]
-            entry = {"round": rnd, "seeds": sorted(losses), "loss_mean": sum(losses.values()) / len(losses),
-                     "cumulative_mb": sum(mbs) / len(mbs)}  # fmt: skip
+        for rnd in sorted({rnd for p in points.values() for rnd in p}):
+            at = {seed: p[rnd] for seed, p in points.items() if rnd in p}  # seed -> (MB, loss)
+            losses = [loss for _, loss in at.values()]
+            entry = {"round": rnd, "seeds": sorted(at), "loss_mean": _mean(losses),
+                     "cumulative_mb": _mean([mb for mb, _ in at.values()])}  # fmt: skip
             if len(losses) >= 2:
-                entry["loss_ci95"] = _interval_of([*losses.values()])
+                entry["loss_ci95"] = _interval_of(losses)
             diffs_round, diffs_bytes = [], []
-            for seed, loss in losses.items():
-                ref_curve = curve(ref[seed]) if seed in ref else []
-                same_round = [l for r, _, l in ref_curve if r == rnd]
-                if same_round:
-                    diffs_round.append(loss - same_round[0])
-                mb = next(m for r, m, _ in curves[seed] if r == rnd)
-                at_bytes = interpolate([m for _, m, _ in ref_curve], [l for _, _, l in ref_curve], mb)
+            for seed, (mb, loss) in at.items():
+                ref = ref_curves.get(seed, [])
+                ref_loss = {r: y for r, _, y in ref}
+                if rnd in ref_loss:
+                    diffs_round.append(loss - ref_loss[rnd])
+                at_bytes = interpolate([x for _, x, _ in ref], [y for _, _, y in ref], mb)
                 if at_bytes is not None:
                     diffs_bytes.append(loss - at_bytes)
             if diffs_round:
@@ -141,10 +139,14 @@ def analyse(runs: dict[str, dict[int, list[dict]]], reference: str = REFERENCE) 
             if diffs_bytes:
                 entry["diff_equal_bytes"], entry["ci95_equal_bytes"] = paired_interval(diffs_bytes)
             per_round.append(entry)
-        out[method] = {"curve": per_round, "mb_per_client_per_round": _mean([mb_per_round(h) for h in by_seed.values()]),
-                       "seeds_done": sorted(by_seed), "rounds_done": max(r for r, _, _ in sum(curves.values(), []))}  # fmt: skip
+        out[method] = {
+            "curve": per_round,
+            "mb_per_client_per_round": _mean([mb_per_round(h) for h in by_seed.values()]),
+            "seeds_done": sorted(by_seed),
+            "rounds_done": max(rnd for p in points.values() for rnd in p),
+        }
     ref_mb = out.get(reference, {}).get("mb_per_client_per_round")
-    for method, result in out.items():
+    for result in out.values():
         result["bytes_vs_fedavg"] = result["mb_per_client_per_round"] / ref_mb if ref_mb else None
     return out
 
@@ -158,7 +160,7 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-# ---- runs -------------------------------------------------------------------------------------------------------------
+# ---- runs ------------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=None, help="Directory with one folder per domain (train.jsonl, dev.jsonl).")
@@ -267,9 +269,15 @@ def load_all_stored(a: argparse.Namespace) -> dict[str, dict[int, list[dict]]]:
     return runs
 
 
-# ---- report -------------------------------------------------------------------------------------------------------------
+# ---- report ----------------------------------------------------------------------------------------------------------
 def fmt_ci(ci) -> str:
     return "-" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
+def fmt_diff(entry: dict, kind: str) -> str:
+    if f"diff_{kind}" not in entry:
+        return "-"
+    return f"{entry[f'diff_{kind}']:+.4f} {fmt_ci(entry.get(f'ci95_{kind}'))}"
 
 
 def table(result: dict) -> str:
@@ -279,8 +287,7 @@ def table(result: dict) -> str:
     for method, r in result.items():
         last = r["curve"][-1]
         share = "-" if r["bytes_vs_fedavg"] is None else f"{100 * r['bytes_vs_fedavg']:.1f}%"
-        eq_r = "-" if "diff_equal_rounds" not in last else f"{last['diff_equal_rounds']:+.4f} {fmt_ci(last.get('ci95_equal_rounds'))}"
-        eq_b = "-" if "diff_equal_bytes" not in last else f"{last['diff_equal_bytes']:+.4f} {fmt_ci(last.get('ci95_equal_bytes'))}"
+        eq_r, eq_b = (fmt_diff(last, "equal_rounds"), fmt_diff(last, "equal_bytes"))
         cells = [avb.label(method), str(len(r["seeds_done"])), str(r["rounds_done"]),
                  f"{r['mb_per_client_per_round']:.3f}", share, f"{last['loss_mean']:.4f}", eq_r, eq_b]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -376,7 +383,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not runs:
         raise SystemExit(f"no stored results under {a.results}")
     result = analyse(runs)
-    print(f"\nGemma-3-270M, {len(a.domains)} clients (one domain each), {a.rounds} rounds x {a.local_steps} local steps, "
+    print(f"\nGemma-3-270M, {len(a.domains)} clients (one domain each), {a.rounds} rounds x {a.local_steps} local "
+          "steps, "
           f"batch {a.batch_size}, lr {a.learning_rate:g} constant, LoRA r={a.lora_r} on {','.join(a.targets)}, "
           f"max_length {a.max_length}, held-out loss on {a.eval_size} dev rows per domain every {a.eval_every} "
           f"rounds; paired differences to FedAvg-LoRA over seeds {a.seeds}, 95% t-intervals.\n")  # fmt: skip

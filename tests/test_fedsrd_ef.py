@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
+from test_reliability import QUIET, TINY  # noqa: E402  (the tiny preset and quiet flags)
 
 from fedsrd import FedSRDConfig, wire
 from fedsrd.algorithms import get_algorithm
 from fedsrd.cli import run_train
 from fedsrd.ops import generator_for
-
-from test_reliability import QUIET, TINY  # noqa: E402  (the tiny preset and quiet flags)
 
 
 def _state(seed: int, modules=("m0", "m1"), d_out=12, d_in=10, r=3) -> dict[str, torch.Tensor]:
