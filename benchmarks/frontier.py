@@ -14,9 +14,10 @@ Resumable and reviewable: each finished (method, seed) run stores its ``history.
 interrupted run resumes from its round checkpoint (``--resume``) under ``--out``. ``--report-only`` reads the stored
 results and trains nothing.
 
-    python benchmarks/frontier.py --data ../shared/data                          # the documented sweep (hours)
-    python benchmarks/frontier.py --report-only --json                           # read the committed results
-    python benchmarks/frontier.py --data ../shared/data --methods fedavg fedsrd_ef --seeds 1
+    python benchmarks/prepare_data.py --out data/                     # the four domains, once (needs the network)
+    python benchmarks/frontier.py --data data/                        # the documented sweep (hours on 2 CPU cores)
+    python benchmarks/frontier.py --report-only --json                # read the committed results, train nothing
+    python benchmarks/frontier.py --data data/ --methods fedavg fedsrd_ef --seeds 1
 
 With --json the last line is one JSON object: ``{"rounds", "seeds", "methods": {name: {"final_loss_mean",
 "diff_vs_fedavg", "ci95", "mb_per_client_per_round", "bytes_vs_fedavg", "seeds_done", "rounds_done", ...}}}``.
