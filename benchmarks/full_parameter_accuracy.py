@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients-per-round", type=int, default=5)
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration over labels.")
     p.add_argument("--local-steps", type=int, default=20, help="With tau = 10: two subspace periods per round.")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run (0: torch's default).")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--train-size", type=int, default=0, help="Training rows (0: all).")
