@@ -124,3 +124,36 @@ def test_resume_restores_the_residuals_bit_for_bit(tmp_path):
     full = load_adapter_state(tmp_path / "full" / "final")
     resumed = load_adapter_state(tmp_path / "cut" / "final")
     assert wire.state_digest(full) == wire.state_digest(resumed)
+
+
+def test_magnitude_selection_sends_the_largest_entries_and_keeps_the_rest():
+    from fedsrd.ops.sparsify import magnitude_keep
+
+    x = torch.tensor([[0.1, -5.0, 0.3], [2.0, 0.0, -0.2]])
+    kept = magnitude_keep(x, 0.34)  # ceil(0.34 * 6) = 3 entries: -5, 2, 0.3
+    assert kept.indices.tolist() == [1, 2, 3] and kept.values.tolist() == pytest.approx([-5.0, 0.3, 2.0])
+    assert kept.mask is None  # positions travel explicitly
+    with pytest.raises(ValueError, match="keep fraction"):
+        magnitude_keep(x, 0.0)
+
+    cfg = FedSRDConfig(algorithm="fedsrd_ef", download_drop=0.9, ef_download_selection="magnitude")
+    ef = get_algorithm("fedsrd_ef", cfg)
+    glob = _state(4)
+    updates = [{k: wire.SparseTensor.from_dense(torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) * 0.01)
+                for k, v in glob.items()} for i in range(2)]  # fmt: skip
+    payload, kept_memory = ef.server_step_with_memory(glob, updates, [0.5, 0.5], 1, torch.Generator(), {})
+    for key, sent in payload.items():
+        dense = sent.to_dense(torch.float32)
+        corrected = dense + kept_memory[key]
+        assert sent.nnz == -(-corrected.numel() // 10)  # ceil(10%)
+        smallest_sent = dense[dense != 0].abs().min()
+        assert float(kept_memory[key].abs().max()) <= float(smallest_sent)  # what stays is never larger
+    # the encoded broadcast carries positions (no seed) and decodes to the same values
+    msg = wire.decode(wire.encode(wire.Message(kind="broadcast", algorithm="fedsrd_ef", round=1, tensors=payload)))
+    for key, sent in payload.items():
+        torch.testing.assert_close(msg.tensors[key].to_dense(torch.float32), sent.to_dense(torch.float32))
+
+
+def test_unknown_download_selection_is_a_config_error():
+    with pytest.raises(ValueError, match="FedSRDConfig.ef_download_selection"):
+        FedSRDConfig(algorithm="fedsrd_ef", ef_download_selection="largest")

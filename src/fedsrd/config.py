@@ -8,7 +8,10 @@ from typing import Any
 AGGREGATIONS = ("uniform", "samples")
 VALUE_DTYPES = ("float32", "float16", "bfloat16")
 POSITION_ENCODINGS = ("auto", "bitmap", "varint")
+EF_DOWNLOAD_SELECTIONS = ("random", "magnitude")
 HUB_ROUND_REFS = ("branch", "tag")
+ROBUST_AGGREGATIONS = ("none", "median", "trimmed_mean")
+ADAPTIVE_CLIP_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -76,6 +79,11 @@ class FedSRDConfig:
         metadata={"help": "fedsrd_ef: the server keeps what the random drop removed from the broadcast and adds it to "
                   "that factor's next delta (survivors are not scaled by 1/(1-p))."},
     )
+    ef_download_selection: str = field(
+        default="random",
+        metadata={"help": "fedsrd_ef: which 1 - download_drop of the broadcast delta (plus residual) is sent: 'random' "
+                  "(seeded mask, no position bytes, as FedSRD) or 'magnitude' (the largest entries; positions sent)."},
+    )
     # ---- baselines (docs/algorithms.md): fedprox, fed_dare, topk -------------------------------------------------
     fedprox_mu: float = field(
         default=0.01,
@@ -107,20 +115,6 @@ class FedSRDConfig:
     )
     kseed_eps: float = field(
         default=5e-4, metadata={"help": "FedKSeed: perturbation scale eps of the two-point zeroth-order estimate."}
-    )
-    krso_head_bias_decay: bool = field(
-        default=False,
-        metadata={
-            "help": "FedKRSO: apply weight_decay to the head's biases too, as the authors' code does (default: only "
-            "to the head's matrices, Trainer's convention)."
-        },
-    )
-    kseed_grad_clip: float = field(
-        default=0.0,
-        metadata={
-            "help": "FedKSeed: skip a local step whose two losses differ by more than this, |L(w + eps z) - "
-            "L(w - eps z)| > kseed_grad_clip (the reference's optional grad_clip); 0: never skip."
-        },
     )
     krso_head_bias_decay: bool = field(
         default=False,
@@ -170,10 +164,34 @@ class FedSRDConfig:
         default=False,
         metadata={"help": "Continue from the last complete round's checkpoint in output_dir (if there is one)."},
     )
+    # ---- robust aggregation (fedsrd.ops.robust; docs/reliability.md, "Poisoned updates") ------------------------
     clip_update_norm: float | None = field(
         default=None,
-        metadata={"help": "Scale each client's update so the L2 norm of the change it proposes is at most this."},
+        metadata={"help": "A fixed bound: scale each client's update so the L2 norm of the change it proposes (FedSRD: "
+                  "of its LoRA product change) is at most this. Combined with adaptive_clip, the smaller bound wins."},
     )
+    adaptive_clip: str = field(
+        default="auto",
+        metadata={"help": "Adaptive norm clipping: each client's change is scaled to at most adaptive_clip_multiplier "
+                  "x the round's median change norm (Andrew et al., NeurIPS 2021), so one client moves the global by "
+                  "a bounded amount. 'auto': on for the algorithms that admit it (Algorithm.robust_defences), off "
+                  "for the others; 'on': refused where it cannot apply; 'off'."},
+    )
+    adaptive_clip_multiplier: float = field(
+        default=3.0,
+        metadata={"help": "k of adaptive_clip: the bound is k x the round's (lower) median client change norm."},
+    )
+    robust_aggregation: str = field(
+        default="none",
+        metadata={"help": "Replace the weighted mean by a coordinate-wise 'median' or 'trimmed_mean' (unweighted; "
+                  "Yin et al., ICML 2018), for the algorithms whose server step is a sum of dense client tensors."},
+    )
+    trim_fraction: float = field(
+        default=0.25,
+        metadata={"help": "trimmed_mean: drop floor(trim_fraction x m) of the m clients' values at each end of every "
+                  "coordinate (at most (m-1)/2)."},
+    )
+    # ---- end of robust aggregation -------------------------------------------------------------------------------
     max_update_value: float = field(
         default=1e4,
         metadata={"help": "Updates holding any value of larger magnitude are rejected as broken or hostile."},
@@ -274,6 +292,11 @@ class FedSRDConfig:
         )
         _require(self.upload_sparsity_cap >= 0, "upload_sparsity_cap", f"must be >= 0, got {self.upload_sparsity_cap}")
         _require(0.0 <= self.download_drop < 1.0, "download_drop", f"must be in [0, 1), got {self.download_drop}")
+        _require(
+            self.ef_download_selection in EF_DOWNLOAD_SELECTIONS,
+            "ef_download_selection",
+            f"must be one of {EF_DOWNLOAD_SELECTIONS}, got {self.ef_download_selection!r}",
+        )
         _require(self.fedprox_mu >= 0.0, "fedprox_mu", f"must be >= 0, got {self.fedprox_mu}")
         _require(0.0 <= self.fed_dare_drop < 1.0, "fed_dare_drop", f"must be in [0, 1), got {self.fed_dare_drop}")
         _require(0.0 < self.topk_density <= 1.0, "topk_density", f"must be in (0, 1], got {self.topk_density}")
@@ -282,7 +305,6 @@ class FedSRDConfig:
         _require(self.krso_tau >= 1, "krso_tau", f"must be >= 1, got {self.krso_tau}")
         _require(self.kseed_num_seeds >= 1, "kseed_num_seeds", f"must be >= 1, got {self.kseed_num_seeds}")
         _require(self.kseed_eps > 0, "kseed_eps", f"must be > 0, got {self.kseed_eps}")
-        _require(self.kseed_grad_clip >= 0, "kseed_grad_clip", f"must be >= 0 (0: off), got {self.kseed_grad_clip}")
         _require(self.kseed_grad_clip >= 0, "kseed_grad_clip", f"must be >= 0 (0: off), got {self.kseed_grad_clip}")
         _require(
             self.value_dtype in VALUE_DTYPES, "value_dtype", f"must be one of {VALUE_DTYPES}, got {self.value_dtype!r}"
@@ -312,6 +334,7 @@ class FedSRDConfig:
             f"must be > 0, got {self.clip_update_norm}",
         )
         _require(self.max_update_value > 0, "max_update_value", f"must be > 0, got {self.max_update_value}")
+        self._check_robust_aggregation()
         _require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         _require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
         # learning rate across rounds
@@ -360,6 +383,41 @@ class FedSRDConfig:
             "hub_revision_template",
             f"must give a valid git ref name that differs per round, got {ref!r} for round 1",
         )
+
+    def _check_robust_aggregation(self) -> None:
+        _require(
+            self.adaptive_clip in ADAPTIVE_CLIP_MODES,
+            "adaptive_clip",
+            f"must be one of {ADAPTIVE_CLIP_MODES}, got {self.adaptive_clip!r}",
+        )
+        _require(
+            self.adaptive_clip_multiplier > 0,
+            "adaptive_clip_multiplier",
+            f"must be > 0, got {self.adaptive_clip_multiplier}",
+        )
+        _require(
+            self.robust_aggregation in ROBUST_AGGREGATIONS,
+            "robust_aggregation",
+            f"must be one of {ROBUST_AGGREGATIONS}, got {self.robust_aggregation!r}",
+        )
+        _require(0.0 <= self.trim_fraction < 0.5, "trim_fraction", f"must be in [0, 0.5), got {self.trim_fraction}")
+        asked = {
+            "clip_update_norm": "clip" if self.clip_update_norm is not None else None,
+            "adaptive_clip": "clip" if self.adaptive_clip == "on" else None,
+            "robust_aggregation": None if self.robust_aggregation == "none" else self.robust_aggregation,
+        }
+        asked = {name: defence for name, defence in asked.items() if defence is not None}
+        if not asked:
+            return
+        from fedsrd.algorithms import get_algorithm_class, list_algorithms
+
+        for name, defence in asked.items():
+            if defence not in get_algorithm_class(self.algorithm).robust_defences:
+                able = [a for a in list_algorithms() if defence in get_algorithm_class(a).robust_defences]
+                raise ValueError(
+                    f"FedSRDConfig.{name}: algorithm {self.algorithm!r} does not admit {defence!r} (its server step "
+                    f"is not a sum it can bound that way); the algorithms that do: {', '.join(able)}."
+                )
 
     @property
     def seed(self) -> int:

@@ -17,6 +17,9 @@ what a compressor removed and adds it to the next message, so every bit of progr
 * **download** (``ef_download``): the server keeps ``R_k = (delta_k + R_k_old) - sent_k`` for each factor k it
   broadcasts, and adds ``R_k`` to factor k's next delta (B's in B-rounds, A's in A-rounds). Survivors are sent
   unscaled. Positions still travel as the mask's seed, so the download costs the same bytes as FedSRD's.
+  With ``ef_download_selection = "magnitude"`` the largest ``1 - download_drop`` of the entries are sent instead
+  (positions travel explicitly): random selection with error feedback sends each entry about once per
+  ``1 / (1 - p)`` of that factor's rounds, so in a short run it lags; the largest entries carry most of the change.
 
 Residuals never travel; they are checkpointed with the run (clients' under ``memory/``, the server's under
 ``server_memory/``). Everything else (reconstruction, SVD target, alternating least-squares factor, wire format) is
@@ -31,7 +34,13 @@ from fedsrd.algorithms import register_algorithm
 from fedsrd.algorithms.base import Payload, State
 from fedsrd.algorithms.fedsrd import FedSRD, lora_modules
 from fedsrd.ops.lowrank import solve_left_update, solve_right_update
-from fedsrd.ops.sparsify import dare_drop, importance_prune, importance_scores_a, importance_scores_b
+from fedsrd.ops.sparsify import (
+    dare_drop,
+    importance_prune,
+    importance_scores_a,
+    importance_scores_b,
+    magnitude_keep,
+)
 
 
 @register_algorithm
@@ -103,7 +112,10 @@ class FedSRDEF(FedSRD):
             else:
                 continue
             corrected = delta + _residual(memory, key, global_state[key])
-            sent = self._on_wire(dare_drop(corrected, self.config.download_drop, rng, rescale=False))
+            if self.config.ef_download_selection == "magnitude":
+                sent = self._on_wire(magnitude_keep(corrected, 1.0 - self.config.download_drop))
+            else:
+                sent = self._on_wire(dare_drop(corrected, self.config.download_drop, rng, rescale=False))
             payload[key] = sent
             kept[key] = corrected - sent.to_dense(torch.float32)
         return payload, kept

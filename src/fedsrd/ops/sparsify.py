@@ -139,7 +139,23 @@ def dare_drop(tensor: torch.Tensor, drop: float, generator: torch.Generator, *, 
     return SparseTensor.from_mask(dropped, mask)
 
 
+# ---- magnitude top-k (fedsrd_ef's download with error feedback) -----------------------------------------------------
+def magnitude_keep(tensor: torch.Tensor, keep: float) -> SparseTensor:
+    """The ``ceil(keep * numel)`` entries of largest magnitude (ties by position, deterministic), unscaled.
+
+    Unlike `dare_drop`, the positions depend on the values, so they travel explicitly (bitmap or varint gaps).
+    """
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"magnitude_keep: keep fraction must be in (0, 1], got {keep}.")
+    flat = tensor.detach().to(torch.float32).reshape(-1)
+    k = min(flat.numel(), max(1, math.ceil(keep * flat.numel())))
+    order = torch.argsort(flat.abs(), descending=True, stable=True)[:k]
+    indices = torch.sort(order).values
+    return SparseTensor(shape=tuple(tensor.shape), indices=indices, values=flat[indices].clone())
+
+
 __all__ = [
+    "magnitude_keep",
     "adaptive_ratio",
     "dare_drop",
     "importance_prune",
