@@ -146,8 +146,10 @@ def test_norm_clipping_bounds_each_clients_change():
     state = _state()
     algo, locals_, blobs = _updates(cfg, state)
     server = FederatedServer(algo, dict(state), cfg)
-    for blob in blobs:
-        msg = server.decode_update(blob, 1)
+    messages = [server.decode_update(blob, 1) for blob in blobs]
+    _, record = server.bound_influence(1, messages, {})
+    assert record["clip_bound"] == 0.05 and sorted(record["clipped"]) == ["0", "1", "2"]
+    for msg in messages:
         change = torch.sqrt(sum(((msg.tensors[k] - state[k]) ** 2).sum() for k in state))
         assert float(change) <= 0.05 * (1 + 1e-5)
         direction = locals_[msg.meta["client_id"]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from fedsrd.algorithms import Algorithm, State, get_algorithm
 from fedsrd.client import expected_specs
 from fedsrd.config import FedSRDConfig
 from fedsrd.ops import generator_for, normalized_weights
+from fedsrd.ops.robust import lower_median, trim_count, trimmed_mean
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ class RoundResult:
     accepted: list[int] = field(default_factory=list)  # client ids whose update was aggregated
     rejected: dict[str, str] = field(default_factory=dict)  # client id (or position) -> reason
     metrics: dict[str, float] = field(default_factory=dict)  # means of the clients' reported metrics
+    robust: dict = field(default_factory=dict)  # what bounded the clients' influence (`bound_influence`)
 
 
 class FederatedServer:
@@ -64,18 +67,71 @@ class FederatedServer:
                 f"update holds a value of magnitude {largest:.3g}, "
                 f"above max_update_value={self.config.max_update_value:g}."
             )
-        if self.config.clip_update_norm is not None:
-            msg.tensors = clip_update(msg.tensors, self.state, self.config.clip_update_norm,
-                                      self.algorithm.uploads_deltas)
         return msg
+
+    def bound_influence(
+        self, round: int, messages: list[wire.Message], rejected: dict[str, str]
+    ) -> tuple[list[wire.Message], dict]:
+        """Clip each accepted update's change to the round's bound, in place. Returns the updates kept (one whose norm
+        cannot be computed is excluded into `rejected`) and what was done, for the round's record (``history.json``'s
+        ``robust``): the rule, each client's change norm, the bound and every clipped client (norm before, scale).
+        Every clipped update is logged.
+
+        The bound is the smaller of `clip_update_norm` and, where adaptive clipping is on,
+        ``adaptive_clip_multiplier x`` the lower median of the round's norms (`fedsrd.ops.robust`).
+        """
+        cfg = self.config
+        adaptive = cfg.adaptive_clip == "on" or (
+            cfg.adaptive_clip == "auto" and "clip" in self.algorithm.robust_defences
+        )
+        record: dict = {"rule": self.robust_rule()}
+        if not messages or (not adaptive and cfg.clip_update_norm is None):
+            return messages, record
+        kept, norms = [], []
+        for msg in messages:
+            try:
+                norm = self.algorithm.update_norm(self.state, msg.tensors)
+                if not math.isfinite(norm):
+                    raise ArithmeticError(f"its change norm is {norm}")
+            except _STEP_ERRORS as err:
+                rejected[f"client {msg.meta['client_id']}"] = f"breaks the server step: {err}"
+                logger.warning("round %d: excluded client %s: %s", round, msg.meta["client_id"], err)
+                continue
+            kept.append(msg)
+            norms.append(norm)
+        messages = kept
+        if not messages:
+            return messages, record
+        bounds = [cfg.clip_update_norm] if cfg.clip_update_norm is not None else []
+        if adaptive:
+            record["median_norm"] = lower_median(norms)
+            bounds.append(cfg.adaptive_clip_multiplier * record["median_norm"])
+        bound = min(bounds)
+        record["clip_bound"] = bound
+        record["norms"] = {str(m.meta["client_id"]): norm for m, norm in zip(messages, norms, strict=True)}
+        record["clipped"] = {}
+        for msg, norm in zip(messages, norms, strict=True):
+            if norm > bound:
+                msg.tensors = self.algorithm.clip_update(self.state, msg.tensors, bound)
+                client = str(msg.meta["client_id"])
+                record["clipped"][client] = {"norm": norm, "scale": bound / norm if norm else 1.0}
+                logger.warning("round %d: clipped client %s's update: change norm %.4g > bound %.4g", round, client,
+                               norm, bound)
+        return messages, record
+
+    def robust_rule(self) -> str:
+        """How the server step combines the updates: 'mean' (the algorithm's own weighted step), 'median' or
+        'trimmed_mean' (coordinate-wise, then the algorithm's step on that one consensus update)."""
+        return "mean" if self.config.robust_aggregation == "none" else self.config.robust_aggregation
 
     def _aggregate(
         self, round: int, accepted: list[wire.Message], rejected: dict[str, str]
-    ) -> tuple[State, dict, State, list[wire.Message]]:
+    ) -> tuple[State, dict, State, dict, list[wire.Message]]:
         """Run the server step; if it fails or yields a non-finite state, find and exclude the updates that cause it.
 
-        Returns the new state, the payload to broadcast, the server's new memory and the updates that were
-        aggregated. `self.state` and `self.memory` are not touched here, so nothing a client sends can leave the server half-updated.
+        Returns the new state, the payload to broadcast, the server's new memory, the robust rule's statistics and the
+        updates that were aggregated. `self.state` and `self.memory` are not touched here, so nothing a client sends
+        can leave the server half-updated.
         """
         try:
             return (*self._try_aggregate(round, accepted), accepted)
@@ -93,15 +149,19 @@ class FederatedServer:
             raise RuntimeError(f"round {round}: no update could be aggregated; rejected: {rejected}")
         return (*self._try_aggregate(round, good), good)
 
-    def _try_aggregate(self, round: int, messages: list[wire.Message]) -> tuple[State, dict, State]:
+    def _try_aggregate(self, round: int, messages: list[wire.Message]) -> tuple[State, dict, State, dict]:
         if self.config.aggregation == "samples":
             weights = normalized_weights(capped_sample_counts([m.meta["num_samples"] for m in messages]))
         else:
             weights = normalized_weights([1.0] * len(messages))
+        updates, stats = [m.tensors for m in messages], {}
+        if self.robust_rule() != "mean":  # the algorithm's weighted sum of one consensus update, of weight one
+            updates, stats = self._robust_combine(messages)
+            weights = [1.0]
         rng = generator_for(self.config.seed, "server_step", round)
         with torch.no_grad():
             payload, memory = self.algorithm.server_step_with_memory(
-                self.state, [m.tensors for m in messages], weights, round, rng, self.memory
+                self.state, updates, weights, round, rng, self.memory
             )
             # Apply what the clients will decode (values rounded to the wire dtype), so every party stays equal.
             payload = as_received(payload, self.config.value_dtype)
@@ -109,7 +169,25 @@ class FederatedServer:
         for name, value in state.items():
             if not bool(torch.isfinite(value).all()):
                 raise ArithmeticError(f"the aggregated state has non-finite values in {name!r}")
-        return state, payload, memory
+        return state, payload, memory, stats
+
+    def _robust_combine(self, messages: list[wire.Message]) -> tuple[list[dict], dict]:
+        """The coordinate-wise median or trimmed mean of the updates, and per client the share of its coordinates
+        that the rule dropped (``trimmed_share``)."""
+        m = len(messages)
+        trim = (m - 1) // 2 if self.config.robust_aggregation == "median" else trim_count(m, self.config.trim_fraction)
+        consensus, dropped, total = {}, torch.zeros(m, dtype=torch.int64), 0
+        for name in messages[0].tensors:
+            values = [msg.tensors[name] for msg in messages]
+            if any(isinstance(v, wire.SparseTensor) for v in values):
+                raise TypeError(f"robust_aggregation={self.config.robust_aggregation!r} needs dense updates; "
+                                f"{name!r} arrived sparse.")
+            consensus[name], counts = trimmed_mean(values, trim)
+            dropped += counts
+            total += values[0].numel()
+        share = {str(msg.meta["client_id"]): int(n) / total if total else 0.0
+                 for msg, n in zip(messages, dropped.tolist(), strict=True)}
+        return [consensus], {"trim_per_side": trim, "trimmed_share": share}
 
     def step(
         self, round: int, updates: list[bytes], min_updates: int = 1, senders: list[int] | None = None
@@ -145,7 +223,11 @@ class FederatedServer:
                 f"round {round}: only {len(accepted)} valid update(s) arrived, at least {min_updates} needed; "
                 f"rejected: {rejected}"
             )
-        state, payload, memory, accepted = self._aggregate(round, accepted, rejected)
+        accepted, robust = self.bound_influence(round, accepted, rejected)
+        if not accepted:
+            raise RuntimeError(f"round {round}: no update could be aggregated; rejected: {rejected}")
+        state, payload, memory, stats, accepted = self._aggregate(round, accepted, rejected)
+        robust.update(stats)
         broadcast = wire.Message(
             kind="broadcast",
             algorithm=self.algorithm.name,
@@ -160,6 +242,7 @@ class FederatedServer:
             accepted=[m.meta["client_id"] for m in accepted],
             rejected=rejected,
             metrics=_mean_metrics(accepted),
+            robust=robust,
         )
         self.state, self.memory, self.round = state, memory, round  # the only place the step changes the server
         return result
@@ -244,40 +327,6 @@ def as_received(payload: dict, value_dtype: str) -> dict:
             out[name] = wire.SparseTensor(shape=value.shape, indices=value.indices, values=values, mask=value.mask)
         else:
             out[name] = value.to(dtype).to(torch.float32)
-    return out
-
-
-def clip_update(payload: dict, global_state: State, max_norm: float, uploads_deltas: bool) -> dict:
-    """`payload` with its proposed change scaled so the change's L2 norm is at most `max_norm`.
-
-    The change of a tensor is the upload itself for delta-uploading algorithms (and for names outside the state),
-    else upload - global. Sparse uploads keep their positions.
-    """
-
-    def change(name, value):
-        if isinstance(value, wire.SparseTensor):
-            values = value.values
-            if not uploads_deltas and name in global_state:
-                values = values - global_state[name].reshape(-1)[value.indices]
-            return values
-        if not uploads_deltas and name in global_state:
-            return value - global_state[name]
-        return value
-
-    changes = {name: change(name, value) for name, value in payload.items()}
-    norm = float(torch.sqrt(sum((c.double() ** 2).sum() for c in changes.values()))) if changes else 0.0
-    if norm <= max_norm:
-        return payload
-    scale = max_norm / norm
-    out = {}
-    for name, value in payload.items():
-        scaled = changes[name] * scale
-        if isinstance(value, wire.SparseTensor):
-            if not uploads_deltas and name in global_state:
-                scaled = scaled + global_state[name].reshape(-1)[value.indices]
-            out[name] = wire.SparseTensor(shape=value.shape, indices=value.indices, values=scaled, mask=value.mask)
-        else:
-            out[name] = scaled + global_state[name] if (not uploads_deltas and name in global_state) else scaled
     return out
 
 

@@ -14,10 +14,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from fedsrd.ops.robust import change_norm, scale_change
+
 if TYPE_CHECKING:
     from fedsrd.config import FedSRDConfig
 
 State = dict[str, torch.Tensor]
+ROBUST_DEFENCES = ("clip", "median", "trimmed_mean")  # what `Algorithm.robust_defences` may list
+SUM_DEFENCES = frozenset(ROBUST_DEFENCES)  # a server step that is a weighted sum of dense client tensors
 # What travels: a dense tensor, or a sparse one (fedsrd.wire.SparseTensor) for compressed payloads.
 Payload = dict[str, Any]
 # A change to fold into frozen base weights: module name -> factor pairs (left d_out x k, right k x d_in).
@@ -29,8 +33,13 @@ class Algorithm(ABC):
 
     name: ClassVar[str]
     # True if every uploaded tensor is itself a change (a delta); False if uploads under state names carry new
-    # values (the change is upload - global). Used by the server's optional norm clipping.
+    # values (the change is upload - global). Used by the server's norm clipping (`update_norm`, `clip_update`).
     uploads_deltas: ClassVar[bool] = False
+    # The robust-aggregation defences this algorithm's server step admits, a subset of `ROBUST_DEFENCES`
+    # (docs/reliability.md): "clip" (norm clipping of each client's change), "median" / "trimmed_mean" (coordinate-wise,
+    # replacing the weighted mean: only for steps that are a weighted sum of dense client tensors). The config refuses
+    # the others; the default adaptive clipping (adaptive_clip="auto") is on where "clip" is listed.
+    robust_defences: ClassVar[frozenset[str]] = frozenset()
     paper: ClassVar[str] = ""
     uploads: ClassVar[str] = ""
     downloads: ClassVar[str] = ""
@@ -94,6 +103,19 @@ class Algorithm(ABC):
         completes (and checkpoints it). Default: `server_step`, nothing kept.
         """
         return self.server_step(global_state, updates, weights, round, rng), {}
+
+    # ---- bounding one client's influence (FedSRDConfig.adaptive_clip / clip_update_norm) ------------------------
+    def update_norm(self, global_state: State, update: Payload) -> float:
+        """The size of the change `update` proposes, which norm clipping bounds. Default: the L2 norm of the uploaded
+        change over every tensor (the upload itself if `uploads_deltas`, else upload - global)."""
+        return change_norm(update, global_state, self.uploads_deltas)
+
+    def clip_update(self, global_state: State, update: Payload, max_norm: float) -> Payload:
+        """`update` scaled so that `update_norm` is at most `max_norm` (returned as is when it already is)."""
+        norm = self.update_norm(global_state, update)
+        if norm <= max_norm:
+            return update
+        return scale_change(update, global_state, max_norm / norm, self.uploads_deltas)
 
     # ---- what the receiver checks ----------------------------------------------------------------------------------
     def update_shapes(self, global_state: State) -> dict[str, tuple[tuple[int, ...], bool]]:

@@ -34,6 +34,7 @@ class FedExLoRA(FedAvg):
     paper = "FedEx-LoRA (Singhal et al., arXiv 2410.09432)"
     uploads = "LoRA A and B, dense"
     downloads = "averaged A and B + the exact residual as m-1 rank-r factor pairs, dense; residual merged into base"
+    robust_defences = frozenset()  # not a weighted sum of client tensors (a residual makes products exact)
     writes_base_weights = True
 
     def server_step(

@@ -32,6 +32,7 @@ from fedsrd.ops.lowrank import (
     stack_factors,
     truncated_svd,
 )
+from fedsrd.ops.robust import Terms, largest_scale_within, product_change_terms, scaled_norm
 from fedsrd.ops.sparse import SparseTensor
 from fedsrd.ops.sparsify import dare_drop, importance_prune, importance_scores_a, importance_scores_b
 
@@ -99,6 +100,9 @@ class FedSRD(Algorithm):
     downloads = "one factor's least-squares delta per round (B odd rounds, A even), DARE-dropped (80% sparse)"
 
     use_svd = True  # FedSRD-e: False
+    # Clipping only, of each client's *product* change (`update_norm`): a coordinate-wise median of factor deltas has
+    # no meaning for the aggregated products.
+    robust_defences = frozenset({"clip"})
 
     # ---- client: sparsify (Sec. 4.1) ---------------------------------------------------------------------------
     def client_update(self, global_state: State, local_state: State, round: int, rng: torch.Generator) -> Payload:
@@ -163,6 +167,39 @@ class FedSRD(Algorithm):
         if total != 1.0:
             lefts, rights, term_weights = [*lefts, b], [*rights, a], [*term_weights, total - 1.0]
         return stack_factors(lefts, rights, term_weights)
+
+    # ---- bounding one client's influence (docs/reliability.md, "FedSRD: the product change") ----------------------
+    def update_norm(self, global_state: State, update: Payload) -> float:
+        """``sqrt(sum_modules ||(B + dB_i)(A + dA_i) - B A||_F^2)``: the change client i proposes to the products the
+        server aggregates (Eq. 9), from the factors alone."""
+        return scaled_norm(self._product_terms(global_state, update), 1.0)
+
+    def clip_update(self, global_state: State, update: Payload, max_norm: float) -> Payload:
+        """`update` with both factor deltas scaled by the one ``s`` in [0, 1] that brings its product change to at most
+        `max_norm` (positions of sparse deltas kept)."""
+        # 1e-6 below the bound: the scaled deltas are rounded to float32
+        scale = largest_scale_within(self._product_terms(global_state, update), max_norm * (1 - 1e-6))
+        if scale >= 1.0:
+            return update
+        out: Payload = {}
+        for key, value in update.items():
+            if isinstance(value, SparseTensor):
+                out[key] = SparseTensor(shape=value.shape, indices=value.indices, values=value.values * scale,
+                                        mask=value.mask)
+            else:
+                out[key] = value.to(torch.float32) * scale
+        return out
+
+    def _product_terms(self, global_state: State, update: Payload) -> list[Terms]:
+        terms = []
+        for module in lora_modules(global_state):
+            if module.a_key not in update and module.b_key not in update:
+                continue
+            a, b = global_state[module.a_key].to(torch.float32), global_state[module.b_key].to(torch.float32)
+            delta_a = _dense(update[module.a_key]) if module.a_key in update else torch.zeros_like(a)
+            delta_b = _dense(update[module.b_key]) if module.b_key in update else torch.zeros_like(b)
+            terms.append(product_change_terms(a, b, delta_a, delta_b))
+        return terms
 
     def _on_wire(self, delta: SparseTensor) -> SparseTensor:
         """The delta as clients will decode it: values rounded to the wire dtype, so server and clients stay equal."""

@@ -82,6 +82,7 @@ class FlexLoRA(FedAvg):
     paper = "FlexLoRA (Bai et al., NeurIPS 2024)"
     uploads = "LoRA A and B, dense"
     downloads = "rank-r truncated SVD of the averaged product, both factors dense"
+    robust_defences = frozenset()  # not a weighted sum of client tensors (an SVD of the summed products)
 
     def server_step(
         self, global_state: State, updates: list[Payload], weights: list[float], round: int, rng: torch.Generator

@@ -74,6 +74,7 @@ class FLoRA(FedAvg):  # FedAvg's upload: every trained factor, dense
     paper = "FLoRA (Wang et al., NeurIPS 2024)"
     uploads = "LoRA A and B, dense"
     downloads = "every client's B and p_i A (stacked, rank m r), dense; merged into the base, LoRA re-initialised"
+    robust_defences = frozenset()  # not a weighted sum of client tensors (stacked products re-initialised every round)
     writes_base_weights = True
 
     def server_step(

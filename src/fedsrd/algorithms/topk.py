@@ -43,6 +43,9 @@ class SparseDeltaFedAvg(Algorithm):
     """FedAvg of sparsified round deltas: subclasses say how a client sparsifies one delta tensor."""
 
     uploads_deltas = True
+    # Clipping only: the clients' supports differ, so a coordinate-wise median would mostly see the zeros of the
+    # entries others dropped.
+    robust_defences = frozenset({"clip"})
 
     @abstractmethod
     def sparsify(self, delta: torch.Tensor, rng: torch.Generator) -> SparseTensor:
