@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsrd.runtime.local import sample_clients
+from fedsrd.federation import sample_clients
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "configs" / "tiny.yaml"
@@ -178,6 +178,39 @@ def init(self, *args, **kwargs):
 fedsrd.trainer.FederatedTrainer.__init__ = init
 run_train(sys.argv[1:])
 """
+
+
+STOPPING = """
+import sys
+from accelerate import PartialState
+import fedsrd.trainer
+from fedsrd.cli import run_train
+from fedsrd.federation import FederatedCallback
+
+class Stop(FederatedCallback):
+    def on_round_end(self, args, state, control, round=None, **kwargs):
+        if round == 1 and PartialState().is_main_process:  # asked on one process only: the team stops together
+            control.should_training_stop = True
+
+original_init = fedsrd.trainer.FederatedTrainer.__init__
+def init(self, *args, **kwargs):
+    original_init(self, *args, **kwargs)
+    self.add_callback(Stop())
+fedsrd.trainer.FederatedTrainer.__init__ = init
+run_train(sys.argv[1:])
+"""
+
+
+def test_a_callback_stops_every_process_after_the_current_round(tmp_path):
+    """The main process's callback stops the federation after round 1 of 2; the other process follows (no hang)."""
+    script = tmp_path / "stopping.py"
+    script.write_text(STOPPING)
+    out = tmp_path / "out"
+    proc = launch(tiny_args(out, "--eval_size", "4", "--local_steps", "2"), script=script)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    history = json.loads((out / "history.json").read_text())
+    assert [r["round"] for r in history] == [0, 1] and history[-1]["should_training_stop"] is True
+    assert (out / "final" / "adapter_model.safetensors").is_file()
 
 
 def test_a_client_failing_on_one_process_stops_every_process_with_its_error(tmp_path):

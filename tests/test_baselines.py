@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fedsrd import FedSRDConfig, get_algorithm, wire
-from fedsrd.client import BASE_DELTA_FILE, BaseWeightWriter, FederatedClient, add_base_delta, check_base_writable
+from fedsrd.base_weights import BASE_DELTA_FILE, BaseWeightWriter, add_base_delta, check_base_writable
+from fedsrd.client import FederatedClient
 from fedsrd.ops import SparseTensor
 from fedsrd.server import FederatedServer
 
@@ -416,7 +417,7 @@ def test_base_writing_methods_refuse_quantized_bases(name, tmp_path):
 
 
 def test_quantization_is_detected_from_config_and_parameters():
-    from fedsrd.client import quantization_reason
+    from fedsrd.base_weights import quantization_reason
     from fedsrd.models import build_tiny_llama
 
     assert quantization_reason(build_tiny_llama()) is None

@@ -301,19 +301,23 @@ def _run_in_process(root: Path, **overrides):
     return run_server(grid, rc), grid
 
 
-_SIMULATED: dict[tuple, str] = {}
+_SIMULATED: dict[tuple, tuple[str, Path]] = {}
 
 
-def _simulated_digest(tmp_path_factory, **overrides) -> str:
-    """Final global-state digest of the single-process simulation with the same settings."""
+def _simulated_run(tmp_path_factory, **overrides) -> tuple[str, Path]:
+    """(final global-state digest, output dir) of the single-process simulation with the same settings."""
     from fedsrd.cli import run_train
 
     key = tuple(sorted(overrides.items()))
     if key not in _SIMULATED:
         out = tmp_path_factory.mktemp("simulation")
         argv = run_config_to_argv({**RUN_CONFIG, **overrides, "output-dir": str(out), "eval-size": 1})
-        _SIMULATED[key] = wire.state_digest(run_train(argv).global_state)
+        _SIMULATED[key] = (wire.state_digest(run_train(argv).global_state), out)
     return _SIMULATED[key]
+
+
+def _simulated_digest(tmp_path_factory, **overrides) -> str:
+    return _simulated_run(tmp_path_factory, **overrides)[0]
 
 
 def _final_digest(server_dir: Path) -> str:
@@ -357,11 +361,59 @@ def test_flower_round_is_the_simulation_round(fedsrd_run, tmp_path_factory):
     final = wire.state_digest(load_adapter_state(root / "server" / "final"))
     assert final == _simulated_digest(tmp_path_factory)
     assert _node_digests(root) == {0: (3, final), 1: (3, final)}  # every client ends on the final global adapter
-    assert history[-1]["clients_in_sync"] == [0, 1]
+    assert history[-1]["transport"]["clients_in_sync"] == [0, 1]
     assert json.loads((root / "server" / "history.json").read_text()) == history
     for i in range(2):  # each data owner's own adapter, as a PEFT folder
         assert len(list((root / f"node{i}").glob("*/client_*/adapter/adapter_model.safetensors"))) == 1
     assert grid.sent == ["query.hello"] * 2 + ["train"] * 3 + ["query.sync"] * 2
+
+
+@needs_flwr
+def test_flower_and_the_simulation_write_the_same_history_schema_and_per_client_mb(fedsrd_run, tmp_path_factory):
+    from fedsrd.federation import HISTORY_KEYS
+
+    root, history, _ = fedsrd_run
+    _, sim_dir = _simulated_run(tmp_path_factory)
+    simulated = json.loads((sim_dir / "history.json").read_text())
+    flower = json.loads((root / "server" / "history.json").read_text())
+    for record in simulated + flower:
+        assert {k for k in record if not k.startswith("eval_")} == HISTORY_KEYS, record["round"]
+    rounds = [r for r in simulated if r["round"] >= 1]
+    assert [r["round"] for r in rounds] == [r["round"] for r in flower[1:]] == [1, 2, 3]
+    for key in ("clients", "accepted", "upload_bytes", "broadcast_bytes", "upload_mb_per_client",
+                "download_mb_per_client", "train_loss", "learning_rate"):
+        assert [r[key] for r in rounds] == [r[key] for r in flower[1:]], key
+
+
+class _StopAfterRound1:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.events.append("on_train_begin")
+
+    def on_round_end(self, args, state, control, round=None, model=None, **kwargs):
+        self.events.append(f"on_round_end {round}")
+        control.should_training_stop = round == 1
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.events.append("on_train_end")
+
+
+@needs_flwr
+def test_a_callback_stops_the_federation_on_flower(tmp_path, task_identity):
+    from fedsrd.integrations.flower import run_server
+
+    callback = _StopAfterRound1()
+    rc = {**RUN_CONFIG, "output-dir": str(tmp_path / "server")}
+    nodes = [{"partition-id": i, "num-partitions": 2, "state-dir": str(tmp_path / f"node{i}")} for i in range(2)]
+    grid = LoopbackGrid(rc, nodes)
+    history = run_server(grid, rc, callbacks=[callback])
+    assert [r["round"] for r in history] == [0, 1] and history[-1]["should_training_stop"] is True
+    assert callback.events == ["on_train_begin", "on_round_end 1", "on_train_end"]
+    assert history[-1]["transport"]["clients_in_sync"] == [0, 1]  # the final sync still brings everyone along
+    assert grid.sent == ["query.hello"] * 2 + ["train"] + ["query.sync"] * 2
+    assert json.loads((tmp_path / "server" / "history.json").read_text()) == history
 
 
 @needs_flwr
@@ -370,16 +422,18 @@ def test_non_sampled_clients_catch_up_and_the_bytes_are_counted(fedsrd_run):
     assert [r["clients"] for r in history[1:]] == [[1], [0], [1]]  # sample_clients(seed 0, ..., 2 clients, 1)
     broadcast = {r["round"]: r["broadcast_bytes"] for r in history[1:]}
     r1, r2, r3 = history[1:]
-    assert r1["catch_up"] == {"1": {"kind": "none", "bytes": 0, "to_round": 0}}
+    assert r1["transport"]["catch_up"] == {"1": {"kind": "none", "bytes": 0, "to_round": 0}}
     # round 2: client 0 missed round 1; round 3: client 1 trained from round 0, so it missed rounds 1 and 2
-    assert r2["catch_up"]["0"] == {"kind": "broadcasts", "bytes": broadcast[1], "to_round": 1}
-    assert r3["catch_up"]["1"] == {"kind": "broadcasts", "bytes": broadcast[1] + broadcast[2], "to_round": 2}
+    assert r2["transport"]["catch_up"]["0"] == {"kind": "broadcasts", "bytes": broadcast[1], "to_round": 1}
+    missed = {"kind": "broadcasts", "bytes": broadcast[1] + broadcast[2], "to_round": 2}
+    assert r3["transport"]["catch_up"]["1"] == missed
     # after the last round: client 0 (round 1) gets rounds 2 and 3, client 1 (round 2) gets round 3
-    assert r3["final_sync_bytes"] == broadcast[2] + 2 * broadcast[3]
-    assert r3["download_bytes"] == broadcast[1] + broadcast[2] + r3["final_sync_bytes"]
-    assert history[0]["upload_bytes"] == history[0]["initial_adapter_bytes"] > 0  # client 0's seeded adapter
+    assert r3["transport"]["final_sync_bytes"] == broadcast[2] + 2 * broadcast[3]
+    assert r3["download_bytes"] == broadcast[1] + broadcast[2] + r3["transport"]["final_sync_bytes"]
+    assert history[0]["upload_bytes"] == history[0]["transport"]["initial_adapter_bytes"] > 0  # client 0's adapter
     for r in history[1:]:
-        assert r["upload_bytes"] > 0 and r["rejected"] == {} and r["missing"] == []
+        assert r["upload_bytes"] > 0 and r["rejected"] == {} and r["dropped"] == {}
+        assert r["download_mb_per_client"] == pytest.approx(r["broadcast_bytes"] / 1024**2)
     total = sum(r["upload_bytes"] + r["download_bytes"] for r in history)
     assert history[-1]["cumulative_mb"] == pytest.approx(total / 1024**2)
     assert sorted(p.name for p in (root / "server").iterdir() if p.name.startswith("round_")) == [
@@ -400,7 +454,8 @@ def test_resume_from_checkpoint_continues_the_same_federation(fedsrd_run, tmp_pa
     assert final == wire.state_digest(load_adapter_state(root / "server" / "final"))  # = the uninterrupted run
     assert _node_digests(tmp_path) == {0: (3, final), 1: (3, final)}
     # client 1 trains in round 3 from the broadcasts of rounds 1-2 kept in the checkpoint
-    assert resumed[3]["catch_up"]["1"]["kind"] == "broadcasts" and resumed[3]["catch_up"]["1"]["to_round"] == 2
+    catch_up = resumed[3]["transport"]["catch_up"]["1"]
+    assert catch_up["kind"] == "broadcasts" and catch_up["to_round"] == 2
     assert grid.sent == ["query.hello"] * 2 + ["train"] + ["query.sync"] * 2
 
 
@@ -417,7 +472,7 @@ def test_other_algorithms_match_the_simulation(algorithm, tmp_path, tmp_path_fac
     # broadcasts are all A twice, and B is as large as A here. FLoRA writes base weights: only ever broadcasts.
     # FedKRSO broadcasts per-seed accumulators, far smaller than the state of every trained weight.
     expected = {"fedavg": "full", "fedsa_lora": "full", "flora": "broadcasts", "fedkrso": "broadcasts"}[algorithm]
-    assert history[-1]["final_sync"]["1"]["kind"] == expected
+    assert history[-1]["transport"]["final_sync"]["1"]["kind"] == expected
 
 
 @needs_flwr
@@ -509,8 +564,8 @@ def test_hostile_supernodes_cost_only_their_own_updates(tmp_path, task_identity)
     for record in history[1:]:
         assert record["accepted"] == [0, 1] and list(record["rejected"]) == ["2"]
         assert "malformed train reply" in record["rejected"]["2"] or "malformed reply" in record["rejected"]["2"]
-    assert "malformed sync reply" in history[-1]["final_sync_rejected"]["2"]
-    assert history[-1]["clients_in_sync"] == [0, 1]
+    assert "malformed sync reply" in history[-1]["transport"]["final_sync_rejected"]["2"]
+    assert history[-1]["transport"]["clients_in_sync"] == [0, 1]
     saved = json.loads((tmp_path / "server" / "final" / "adapter_config.json").read_text())
     (own,) = (tmp_path / "node0").glob("*/client_*/adapter_config.json")
     client = json.loads(own.read_text())
@@ -586,12 +641,12 @@ def test_deployment_on_loopback_with_resume(tmp_path, tmp_path_factory):
     history = json.loads((server_dir / "history.json").read_text())
     assert [r["round"] for r in history] == [0, 1, 2] and [r["clients"] for r in history[1:]] == [[1], [0]]
     r1, r2 = history[1:]
-    assert r1["upload_bytes"] > 0 and r2["upload_bytes"] > 0 and history[0]["initial_adapter_bytes"] > 0
+    assert r1["upload_bytes"] > 0 and r2["upload_bytes"] > 0 and history[0]["transport"]["initial_adapter_bytes"] > 0
     # round 2 (second run): client 0 gets round 1's broadcast, kept across the restart in the checkpoint
-    assert r2["catch_up"]["0"] == {"kind": "broadcasts", "bytes": r1["broadcast_bytes"], "to_round": 1}
+    assert r2["transport"]["catch_up"]["0"] == {"kind": "broadcasts", "bytes": r1["broadcast_bytes"], "to_round": 1}
     # then client 1 (still at round 0) gets rounds 1-2, client 0 round 2
-    assert r2["final_sync_bytes"] == r1["broadcast_bytes"] + 2 * r2["broadcast_bytes"]
-    assert r2["clients_in_sync"] == [0, 1]
+    assert r2["transport"]["final_sync_bytes"] == r1["broadcast_bytes"] + 2 * r2["broadcast_bytes"]
+    assert r2["transport"]["clients_in_sync"] == [0, 1]
 
     final = wire.state_digest(load_adapter_state(server_dir / "final"))
     assert _node_digests(tmp_path) == {0: (2, final), 1: (2, final)}
@@ -636,7 +691,7 @@ def test_deployment_with_a_hostile_supernode_completes(tmp_path):
     history = json.loads((server_dir / "history.json").read_text())
     assert [r["round"] for r in history] == [0, 1]
     assert history[1]["accepted"] == [0, 1] and "'round'" in history[1]["rejected"]["2"]
-    assert "malformed sync reply" in history[1]["final_sync_rejected"]["2"]
-    assert history[1]["clients_in_sync"] == [0, 1]
+    assert "malformed sync reply" in history[1]["transport"]["final_sync_rejected"]["2"]
+    assert history[1]["transport"]["clients_in_sync"] == [0, 1]
     saved = json.loads((server_dir / "final" / "adapter_config.json").read_text())
     assert saved["r"] == 4 and saved["base_model_name_or_path"] == "tiny-llama"

@@ -72,12 +72,27 @@ def simulate_rounds(tmp_path: Path, callback: HubPushCallback, rounds: int = 2):
     return out, history, models
 
 
+class StagedCopyOf:
+    """Equal to the path of `folder`'s staging copy for publishing (run/.hub-XXXX/round_NNNN: hub._public_copy)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __eq__(self, other: object) -> bool:
+        path = Path(str(other))
+        return path.name == self.folder.name and path.parent.parent == self.folder.parent and \
+            path.parent.name.startswith(".hub-")
+
+    def __repr__(self) -> str:
+        return f"StagedCopyOf({self.folder})"
+
+
 def test_one_commit_per_saved_round_and_a_branch_each(tmp_path):
     api = fake_api()
     fed = FedSRDConfig(algorithm="fedavg", num_rounds=2, num_clients=2)
     callback = HubPushCallback("tiny-fed", token="hf_x", private=True, fed_config=fed, api=api)
     _, history, _ = simulate_rounds(tmp_path, callback)
-    folder = [str(tmp_path / "run" / f"round_{r:04d}") for r in (1, 2)]
+    folder = [StagedCopyOf(tmp_path / "run" / f"round_{r:04d}") for r in (1, 2)]
     assert api.mock_calls == [
         mock.call.create_repo("tiny-fed", token="hf_x", private=True, exist_ok=True),
         mock.call.upload_folder(repo_id="me/tiny-fed", folder_path=folder[0], revision="main",

@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "FederatedTrainer": "fedsrd.trainer",
-    "FederatedCallback": "fedsrd.trainer",
+    "FederatedCallback": "fedsrd.federation.callbacks",
     "merge_adapters": "fedsrd.server",
     "FederatedServer": "fedsrd.server",
     "FederatedClient": "fedsrd.client",

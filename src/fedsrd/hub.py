@@ -12,14 +12,25 @@ per-round refs) and keeps `transformers.Trainer` itself from creating a repo or 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsrd.report import comm_summary, final_scores, headline_score_keys, unavailable_benchmarks
+from fedsrd.report import (
+    comm_summary,
+    final_scores,
+    headline_score_keys,
+    public_name,
+    unavailable_benchmarks,
+    without_local_paths,
+)
 from fedsrd.trainer import FederatedCallback
 
 logger = logging.getLogger(__name__)
@@ -114,8 +125,10 @@ class HubPushCallback(FederatedCallback):
         round's branch/tag at the commit. Returns the `CommitInfo`; adds `hub_commit`/`hub_revision` to `record`."""
         folder = Path(folder)
         ref = self.revision_template.format(round=round)
-        history = _history_before(folder.parent, round) + [record]
+        # Nothing published names a local path (the base model's directory, data files): `without_local_paths`.
+        history = without_local_paths(_history_before(folder.parent, round) + [record])
         fed_config = _as_dict(self.fed_config) or _read_json(folder.parent / "fed_config.json") or {}
+        fed_config = without_local_paths(fed_config)
         card = build_model_card(folder, fed_config, history, repo_id=self.repo_id, revision=ref,
                                 round_refs=self.round_refs)
         card.save(folder / "README.md")
@@ -124,7 +137,16 @@ class HubPushCallback(FederatedCallback):
             (folder / "fed_config.json").write_text(json.dumps(fed_config, indent=2))
         repo_id = self._ensure_repo()
         comm = comm_summary(history)
-        info = self.api.upload_folder(
+        with _public_copy(folder) as public:
+            info = self._upload(repo_id, public, round, fed_config, comm)
+        self._point_ref(repo_id, ref, info.oid)
+        record["hub_commit"] = info.oid
+        record["hub_revision"] = ref
+        logger.info("Pushed round %s to %s (%s, commit %s)", round, repo_id, ref, info.oid)
+        return info
+
+    def _upload(self, repo_id: str, folder: Path, round: int, fed_config: dict, comm: dict) -> Any:
+        return self.api.upload_folder(
             repo_id=repo_id,
             folder_path=str(folder),
             revision=self.latest_revision,
@@ -134,11 +156,6 @@ class HubPushCallback(FederatedCallback):
             ignore_patterns=PRIVATE_PATTERNS,
             token=self.token,
         )
-        self._point_ref(repo_id, ref, info.oid)
-        record["hub_commit"] = info.oid
-        record["hub_revision"] = ref
-        logger.info("Pushed round %s to %s (%s, commit %s)", round, repo_id, ref, info.oid)
-        return info
 
     def _ensure_repo(self) -> str:
         if not self._repo_ready:
@@ -164,6 +181,29 @@ class HubPushCallback(FederatedCallback):
             create(repo_id, **name, revision=commit, token=self.token)
 
 
+@contextlib.contextmanager
+def _public_copy(folder: Path) -> Iterator[Path]:
+    """`folder` as it may be published: a staging copy beside it (hard links where the file system allows) whose
+    ``adapter_config.json`` names the base model without its local directory. The saved round itself keeps the
+    local path, which `fedsrd eval` uses to find the base."""
+    with tempfile.TemporaryDirectory(prefix=".hub-", dir=folder.parent) as stage:
+        public = Path(stage) / folder.name
+        shutil.copytree(folder, public, copy_function=_link_or_copy)
+        config_path = public / "adapter_config.json"
+        config = _read_json(config_path)
+        if config:
+            config_path.unlink()  # a hard link: never write through it into the saved round
+            config_path.write_text(json.dumps(without_local_paths(config), indent=2, sort_keys=True))
+        yield public
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 # ---- model card ------------------------------------------------------------------------------------------------------
 def build_model_card(
     adapter_dir: str | Path,
@@ -178,9 +218,10 @@ def build_model_card(
     communication (MB per client per round, cumulative), the score table, and how to load it with plain PEFT."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    cfg = _as_dict(fed_config) or {}
+    cfg = without_local_paths(_as_dict(fed_config) or {})
+    history = without_local_paths(list(history))
     adapter_config = _read_json(Path(adapter_dir) / "adapter_config.json") or {}
-    base = adapter_config.get("base_model_name_or_path") or "BASE_MODEL"
+    base = public_name(adapter_config.get("base_model_name_or_path") or "BASE_MODEL")
     algorithm = str(cfg.get("algorithm", "unknown"))
     done = max((int(r["round"]) for r in history), default=0)
     total = cfg.get("num_rounds", "?")

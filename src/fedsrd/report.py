@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,29 @@ class Run:
     @property
     def algorithm(self) -> str:
         return str(self.fed_config.get("algorithm", "?"))
+
+
+# An absolute or home-relative local path inside a string: "/home/me/models/gemma", "~/data/x.jsonl",
+# "jsonl:/srv/x.jsonl". Not URLs ("https://...": the "//" is skipped, and "/org/name" follows a word character) and
+# not Hub names ("org/name").
+_LOCAL_PATH = re.compile(r"(?<![A-Za-z0-9/.~-])~?/(?!/)[^\s\"'`,;|()\[\]{}<>]+")
+
+
+def public_name(text: str) -> str:
+    """`text` with every local absolute path replaced by its last component (``/home/me/models/gemma`` ->
+    ``gemma``), so nothing published names a directory of the machine that trained (relative and Hub names stay)."""
+    return _LOCAL_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1] or ".", text)
+
+
+def without_local_paths(value: Any) -> Any:
+    """`value` (JSON-like: dicts, lists, strings, numbers) with `public_name` applied to every string, keys too."""
+    if isinstance(value, str):
+        return public_name(value)
+    if isinstance(value, dict):
+        return {without_local_paths(k): without_local_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_local_paths(v) for v in value]
+    return value
 
 
 def load_run(run_dir: str | Path, name: str | None = None) -> Run:

@@ -15,31 +15,39 @@ from typing import Any
 
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import CallbackHandler, ProgressCallback
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType, TrainOutput, set_seed
 
 from fedsrd.algorithms import State, get_algorithm
+from fedsrd.base_weights import check_base_writable, quantization_reason
 from fedsrd.config import FedSRDConfig
+from fedsrd.federation.callbacks import FederatedCallback, RoundEvents
+from fedsrd.ops import derive_seed
+from fedsrd.runtime.local import run_federation
 from fedsrd.schedule import check_round_schedule, round_learning_rate
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["FederatedCallback", "FederatedTrainer"]  # FederatedCallback lives in fedsrd.federation.callbacks
 
-class FederatedCallback(TrainerCallback):
-    """A `TrainerCallback` that also hears the federation's per-round events.
 
-    `on_round_begin(args, state, control, round=, clients=, model=)` and
-    `on_round_end(args, state, control, round=, record=, saved_dir=, is_last=, model=)`. `record` is the round's
-    entry of `history.json` and may be extended in place (it is written after the callbacks ran); `saved_dir` is the
-    `round_NNNN/` adapter directory written this round, or None; the model holds the new global adapter. The round
-    metrics also reach every callback's `on_log`.
-    """
+class _FederationCallbackHandler(CallbackHandler):
+    """Trainer's callback handler, except that a client's local phase does not fire ``on_train_begin`` and
+    ``on_train_end``: those are the federation's run-level events, fired once per federation
+    (`fedsrd.federation.callbacks`). The local phase still resets ``should_training_stop`` as Trainer does."""
 
-    def on_round_begin(self, args, state, control, **kwargs):
-        pass
+    local_phase = False
 
-    def on_round_end(self, args, state, control, **kwargs):
-        pass
+    def on_train_begin(self, args, state, control):
+        if self.local_phase:
+            control.should_training_stop = False
+            return control
+        return super().on_train_begin(args, state, control)
+
+    def on_train_end(self, args, state, control):
+        if self.local_phase:
+            return control
+        return super().on_train_end(args, state, control)
 
 
 class _AlgorithmGradientsCleared(TrainerCallback):
@@ -120,8 +128,6 @@ class FederatedTrainer(Trainer):
         self.max_length = max_length
         self.client_datasets = self._prepare_clients(client_datasets, processing_class)
         eval_sets = self._prepare_eval(eval_dataset, processing_class)
-        from fedsrd.client import check_base_writable
-
         check_base_writable(model, self.algorithm)  # FLoRA/FedEx-LoRA write into base weights: not on quantized ones
         model = self._attach_adapter(model, args)
         if data_collator is None and processing_class is not None and self.is_classifier:
@@ -147,6 +153,10 @@ class FederatedTrainer(Trainer):
             logger.info("FederatedTrainer: save_strategy/eval_strategy apply per round (save_every/eval_every).")
         self.args.save_strategy = SaveStrategy.NO
         self.args.eval_strategy = IntervalStrategy.NO
+        handler = self.callback_handler
+        self.callback_handler = _FederationCallbackHandler(
+            handler.callbacks, handler.model, handler.processing_class, handler.optimizer, handler.lr_scheduler
+        )
         self.remove_callback(ProgressCallback)  # one bar over rounds instead of one per local phase
         self.add_callback(_AlgorithmGradientsCleared(self))
         for callback in round_callbacks:
@@ -259,8 +269,6 @@ class FederatedTrainer(Trainer):
         party rebuilds the global model from them (`Algorithm.materialize`)."""
         from peft import PeftModel
 
-        from fedsrd.client import quantization_reason
-
         name = self.algorithm.name
         if isinstance(model, PeftModel):
             raise ValueError(
@@ -286,24 +294,23 @@ class FederatedTrainer(Trainer):
     # ---- the federation -----------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> TrainOutput:
         """Run every round of the federation (the local phases use `Trainer.train`)."""
-        from fedsrd.runtime.local import run_federation
-
         self.resume_requested = bool(resume_from_checkpoint or self.args.resume_from_checkpoint)
         return run_federation(self)
 
     def local_train(self, client_id: int, round: int) -> TrainOutput:
-        """One client's local phase: Trainer's loop for `local_steps` steps with a fresh optimizer."""
-        from fedsrd.ops import derive_seed
-
+        """One client's local phase: Trainer's loop for `local_steps` steps with a fresh optimizer (it fires Trainer's
+        step events, not ``on_train_begin``/``on_train_end``, which are the federation's)."""
         self.train_dataset = self.client_datasets[client_id]
         self.args.max_steps = self.fed_config.local_steps
         self.args.learning_rate = self.round_learning_rate(round)  # the optimizers (Trainer's, the algorithm's) read it
         self.optimizer, self.lr_scheduler = None, None
         self.fed_optimizer, self._fed_round, self._fed_client = None, round, client_id
         set_seed(derive_seed(self.fed_config.seed, "local", round, client_id) % (2**32))
+        self.callback_handler.local_phase = True
         try:
             return super().train()
         finally:
+            self.callback_handler.local_phase = False
             self.args.learning_rate = self.base_learning_rate
             close = getattr(self.fed_optimizer, "close", None)  # e.g. FedKRSO's forward hooks
             if close is not None:
@@ -483,11 +490,12 @@ class FederatedTrainer(Trainer):
             for name, value in weights.items():
                 params[name].copy_(value)
 
-    def call_round_event(self, event: str, **kwargs: Any) -> None:
-        for callback in self.callback_handler.callbacks:
-            handler = getattr(callback, event, None)
-            if handler is not None:
-                handler(self.args, self.state, self.control, model=self.model, **kwargs)
+    def round_events(self, agree=None) -> RoundEvents:
+        """The federation's events on this trainer's callbacks (`fedsrd.federation.callbacks`)."""
+        return RoundEvents(
+            lambda: self.callback_handler.callbacks, self.args, state=lambda: self.state, model=lambda: self.model,
+            agree=agree,
+        )
 
 
 def is_sequence_classifier(model: torch.nn.Module) -> bool:

@@ -34,6 +34,8 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from fedsrd.config import POSITION_ENCODINGS
+from fedsrd.config import VALUE_DTYPES as VALUE_DTYPE_NAMES
 from fedsrd.ops.sparse import MAX_MASK_SEEDS, SeededMask, SparseTensor
 
 __all__ = [
@@ -51,12 +53,8 @@ WIRE_FORMAT = "fedsrd-wire"
 WIRE_VERSION = 1
 METADATA_KEY = "fedsrd"
 KINDS = ("update", "broadcast")
-VALUE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-POSITION_ENCODINGS = ("auto", "bitmap", "varint")
+# The names are the config's (`FedSRDConfig.value_dtype` / `positions` accept exactly these); here, their torch dtypes.
+VALUE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in VALUE_DTYPE_NAMES}
 
 _VALUES_SUFFIX = "::values"
 _POSITIONS_SUFFIX = "::positions"

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedsrd.eval.harness import INSTALL_HINT, evaluate_adapter
-from fedsrd.trainer import FederatedCallback
+from fedsrd.federation.callbacks import FederatedCallback
 
 logger = logging.getLogger(__name__)
 

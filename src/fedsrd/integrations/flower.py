@@ -31,9 +31,11 @@ import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from transformers import TrainerCallback
 
 try:
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -47,14 +49,14 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 from fedsrd import wire
 from fedsrd.algorithms import get_algorithm
 from fedsrd.checkpoint import prepare_output_dir
+from fedsrd.federation import Delivery, Federation, RoundEvents, Transport, start_record
+from fedsrd.federation.history import MB, write_history
 from fedsrd.integrations.catchup import CatchUp, CatchUpError, OutOfSync, SyncLedger, decode_full_state
 from fedsrd.integrations.catchup import encode_full_state as _encode_full_state
 from fedsrd.integrations.checkpoint import ServerCheckpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
 from fedsrd.integrations.node import FederationNode
 from fedsrd.integrations.settings import RunSettings, parse_run_config
-from fedsrd.runtime.local import MB, RoundTable, sample_clients
-from fedsrd.schedule import round_learning_rate
-from fedsrd.server import FederatedServer, save_adapter
+from fedsrd.server import FederatedServer, RoundResult, save_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -195,34 +197,40 @@ def make_client_app() -> ClientApp:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def make_server_app() -> ServerApp:
-    """The ServerApp of the coordinator: runs (or resumes) the federation described by the run config."""
+def make_server_app(callbacks: Sequence[TrainerCallback] = ()) -> ServerApp:
+    """The ServerApp of the coordinator: runs (or resumes) the federation described by the run config.
+
+    `callbacks`: round callbacks (`fedsrd.federation.FederatedCallback`) run on the coordinator, which has no model.
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, context.run_config)
+        run_server(grid, context.run_config, callbacks=callbacks)
 
     return app
 
 
-def run_server(grid: Grid, run_config: Mapping[str, Any]) -> list[dict[str, Any]]:
+def run_server(
+    grid: Grid, run_config: Mapping[str, Any], callbacks: Sequence[TrainerCallback] = ()
+) -> list[dict[str, Any]]:
     """Run the federation on `grid`; returns the history (also written to ``<output_dir>/history.json``)."""
-    return FlowerCoordinator(grid, parse_run_config(run_config)).run()
+    return FlowerCoordinator(grid, parse_run_config(run_config), callbacks=callbacks).run()
 
 
 def _say(text: str) -> None:
     print(f"fedsrd: {text}", flush=True)  # the ServerApp's stdout is what `flwr run --stream` shows
 
 
-class FlowerCoordinator:
-    """The server side of a federation on a Flower `Grid`: the same round as `fedsrd.runtime.local`, over messages.
+class FlowerCoordinator(Transport):
+    """The server side of a federation on a Flower `Grid`: the round loop is `fedsrd.federation.Federation`, this
+    class is its transport over Flower messages.
 
     Holds the `FederatedServer`, the map from client id to SuperNode, and the `SyncLedger` of what each client
     holds; checkpoints after every round (`fedsrd.integrations.checkpoint`).
     """
 
-    def __init__(self, grid: Grid, settings: RunSettings) -> None:
+    def __init__(self, grid: Grid, settings: RunSettings, callbacks: Sequence[TrainerCallback] = ()) -> None:
         self.grid = grid
         self.settings = settings
         self.cfg = settings.fed
@@ -234,7 +242,7 @@ class FlowerCoordinator:
         self.history: list[dict[str, Any]] = []
         self.federation_id = uuid.uuid4().hex
         self.adapter_config: dict[str, Any] | None = None
-        self.table = RoundTable(enabled=True)
+        self.callbacks = list(callbacks)
         self._full_state: tuple[int, bytes] | None = None
         self._hello_errors: dict[int, str] = {}  # SuperNode id -> why its last hello failed
 
@@ -253,12 +261,10 @@ class FlowerCoordinator:
         init = self._connect(want_init=not resumed)
         if not resumed:
             self._start(init)
-        for round in range(self.ledger.round + 1, self.cfg.num_rounds + 1):
-            self._round(round)
-        if self.settings.final_sync:
-            self._final_sync()
-        self._save_adapter(self.out_dir / "final")
-        return self.history
+        events = RoundEvents(self.callbacks, self.settings.training)
+        federation = Federation(self.cfg, self, events, self.history, self.out_dir,
+                                self.settings.training.learning_rate)
+        return federation.run(first_round=self.ledger.round + 1)
 
     def _restore(self) -> bool:
         ckpt = load_checkpoint(self.settings.checkpoint_dir)
@@ -358,72 +364,68 @@ class FlowerCoordinator:
         self.ledger.digests[0] = digest
         if self.algorithm.uses_lora:
             self.adapter_config = server_adapter_config(state, self.settings)
-        self.history.append({"round": 0, "upload_bytes": len(init), "download_bytes": 0, "initial_adapter_bytes":
-                             len(init), "cumulative_mb": len(init) / MB})
+        self.history.append(start_record(upload_bytes=len(init), transport={"initial_adapter_bytes": len(init)}))
         self._checkpoint()
 
-    def _round(self, round: int) -> None:
-        t0 = time.time()
-        clients = sample_clients(self.cfg.seed, round, self.cfg.num_clients, self.cfg.sampled_per_round)
+    # ---- the Transport the round loop calls -------------------------------------------------------------------
+    def deliver(self, round: int, clients: list[int]) -> Delivery:
+        """A train message to each sampled client's SuperNode (with what it missed); their updates."""
         self._refresh(clients)
         rejected: dict[str, str] = {}
-        missing: list[int] = []
-        plans = self._plans(clients, rejected, missing)
+        dropped: dict[str, str] = {}
+        plans = self._plans(clients, dropped)
         messages = [self._message(TRAIN, cid, round, plan) for cid, plan in plans.items()]
         replies = self._exchange(messages, self.settings.round_timeout)
         updates, senders = [], []
         for cid in plans:
             reply = replies.get(self.nodes[cid])
             info, blobs, error = _parse_reply(reply)
+            failed = error is not None and _delivered_nothing(reply)
             if error is None:
                 error = self._train_reply_error(cid, info, blobs)
             if error is not None:
                 self.ledger.held[cid] = None  # it may or may not have applied the catch-up: ask before it trains again
-                rejected[str(cid)] = error
-                missing += [cid] if reply is None else []
+                (dropped if failed else rejected)[str(cid)] = error
                 _say(f"round {round}: client {cid} excluded: {error}")
                 continue
             _, held_round, digest = _held_fields(info, self.cfg.num_clients, self.ledger.round)
             self.ledger.set_held(cid, held_round, digest)
             if info["status"] != "ok":
-                rejected[str(cid)] = f"out of sync: {_short(info.get('reason'))}"
+                dropped[str(cid)] = f"out of sync: {_short(info.get('reason'))}"
                 continue
             updates.append(blobs["update"])
             senders.append(cid)
-        result = self.server.step(round, updates, senders=senders)
-        for key, reason in result.rejected.items():  # keyed by sender ("3"), or "client 3" if it broke the step
-            rejected[key.removeprefix("client ")] = reason
+        return Delivery(
+            updates=updates,
+            senders=senders,
+            dropped=dropped,
+            rejected=rejected,
+            download_bytes=sum(plan.num_bytes for plan in plans.values()),
+            transport={"catch_up": {str(c): _describe_plan(p) for c, p in plans.items()}},
+        )
+
+    def server_step(self, round: int, delivery: Delivery, min_updates: int) -> RoundResult:
+        result = self.server.step(round, delivery.updates, min_updates=min_updates, senders=delivery.senders)
+        for key, reason in result.rejected.items():
             _say(f"round {round}: client {key.removeprefix('client ')} excluded: {reason}")
+        return result
+
+    def distribute(self, round: int, result: RoundResult) -> int:
+        """Keep the broadcast for the clients' next catch-up (each gets it before it next trains, or at the end)."""
         self.ledger.add_round(round, result.broadcast, wire.state_digest(self.server.state))
         self.ledger.prune(None if self.algorithm.writes_base_weights else len(self._full_state_bytes()))
-        upload = sum(len(u) for u in updates)
-        download = sum(plan.num_bytes for plan in plans.values())
-        receivers = [c for c, p in plans.items() if p.num_bytes]
-        record = {
-            "round": round,
-            "clients": clients,
-            "train_loss": result.metrics.get("train_loss", float("nan")),
-            "learning_rate": round_learning_rate(
-                self.cfg.round_lr_scheduler, self.settings.training.learning_rate, round, self.cfg.num_rounds,
-                self.cfg.round_lr_min,
-            ),
-            "upload_bytes": upload,
-            "download_bytes": download,
-            "upload_mb_per_client": upload / MB / max(1, len(updates)),
-            "download_mb_per_client": download / MB / max(1, len(receivers)),
-            "broadcast_bytes": len(result.broadcast),
-            "catch_up": {str(c): _describe_plan(p) for c, p in plans.items()},
-            "cumulative_mb": self._cumulative_bytes() / MB + (upload + download) / MB,
-            "accepted": result.accepted,
-            "rejected": rejected,
-            "missing": missing,
-            "seconds": time.time() - t0,
-        }
-        self.history.append(record)
-        self.table.add(record)
-        if self.cfg.save_every and round % self.cfg.save_every == 0:
-            self._save_adapter(self.out_dir / f"round_{round:04d}")
+        return 0
+
+    def save(self, directory: Path) -> None:
+        self._save_adapter(directory)
+
+    def commit(self, round: int, history: list[dict[str, Any]]) -> None:
         self._checkpoint()
+
+    def finish(self, history: list[dict[str, Any]]) -> None:
+        if self.settings.final_sync:
+            self._final_sync()
+        self._save_adapter(self.out_dir / "final")
 
     def _train_reply_error(self, cid: int, info: Mapping[str, Any], blobs: Mapping[str, bytes]) -> str | None:
         """Why a train reply from client `cid`'s SuperNode is unusable, or None."""
@@ -444,7 +446,7 @@ class FlowerCoordinator:
         """Bring every client to the final global state and have each save its adapter; count the bytes."""
         self._refresh(sorted(self.nodes))
         rejected: dict[str, str] = {}
-        plans = self._plans(sorted(self.nodes), rejected, [])
+        plans = self._plans(sorted(self.nodes), rejected)
         messages = [self._message(SYNC, cid, self.ledger.round, plan, final=True) for cid, plan in plans.items()]
         replies = self._exchange(messages, self.settings.round_timeout)
         for cid in plans:
@@ -464,13 +466,14 @@ class FlowerCoordinator:
         sent = sum(plan.num_bytes for plan in plans.values())
         in_sync = sorted(c for c in self.nodes if self.ledger.in_sync(c))
         record = self.history[-1]
-        record["final_sync_bytes"] = record.get("final_sync_bytes", 0) + sent
+        transport = record.setdefault("transport", {})
+        transport["final_sync_bytes"] = transport.get("final_sync_bytes", 0) + sent
         record["download_bytes"] += sent
         record["cumulative_mb"] += sent / MB
-        record["final_sync"] = {str(c): _describe_plan(p) for c, p in plans.items() if p.num_bytes}
-        record["clients_in_sync"] = in_sync
+        transport["final_sync"] = {str(c): _describe_plan(p) for c, p in plans.items() if p.num_bytes}
+        transport["clients_in_sync"] = in_sync
         if rejected:
-            record["final_sync_rejected"] = rejected
+            transport["final_sync_rejected"] = rejected
         _say(f"final sync: {sent} bytes to {sum(1 for p in plans.values() if p.num_bytes)} client(s); clients holding "
              f"the final global state (round {self.ledger.round}): {in_sync}")
         self._checkpoint()
@@ -485,18 +488,18 @@ class FlowerCoordinator:
         if ask:
             self._hello(sorted(ask), want_init=False)
 
-    def _plans(self, clients: Iterable[int], rejected: dict[str, str], missing: list[int]) -> dict[int, CatchUp]:
+    def _plans(self, clients: Iterable[int], dropped: dict[str, str]) -> dict[int, CatchUp]:
+        """What each client needs to catch up; clients that cannot be reached go to `dropped` with the reason."""
         plans: dict[int, CatchUp] = {}
         full = None if self.algorithm.writes_base_weights else self._full_state_bytes
         for cid in clients:
             if cid not in self.nodes:
-                missing.append(cid)
-                rejected[str(cid)] = "no SuperNode connected for this client"
+                dropped[str(cid)] = "no SuperNode connected for this client"
                 continue
             try:
                 plans[cid] = self.ledger.plan(cid, full)
             except CatchUpError as err:
-                rejected[str(cid)] = str(err)
+                dropped[str(cid)] = str(err)
         return plans
 
     def _message(self, kind: str, cid: int, round: int, plan: CatchUp, final: bool = False) -> Message:
@@ -527,9 +530,6 @@ class FlowerCoordinator:
             self._full_state = (round, data)
         return self._full_state[1]
 
-    def _cumulative_bytes(self) -> int:
-        return sum(r.get("upload_bytes", 0) + r.get("download_bytes", 0) for r in self.history)
-
     def _checkpoint(self) -> None:
         ckpt = ServerCheckpoint(
             round=self.ledger.round,
@@ -542,7 +542,7 @@ class FlowerCoordinator:
             adapter_config=self.adapter_config,
         )
         save_checkpoint(self.settings.checkpoint_dir, ckpt)
-        atomic_write_bytes(self.out_dir / "history.json", json.dumps(self.history, indent=2).encode())
+        write_history(self.out_dir / "history.json", self.history)
 
     def _save_adapter(self, directory: Path) -> None:
         """The global adapter as a PEFT folder (`PeftModel.from_pretrained(base, directory)` loads it).
@@ -572,6 +572,17 @@ def server_adapter_config(state: Mapping[str, Any], settings: RunSettings) -> di
     lora.base_model_name_or_path = settings.model_data.model_name_or_path
     config = lora.to_dict()
     return json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set | frozenset) else str(v)))
+
+
+def _delivered_nothing(reply: Message | None) -> bool:
+    """Whether a node's reply means the client's phase never produced an answer (no reply, or the ClientApp raised):
+    the client is dropped. Any other unusable reply was refused (rejected)."""
+    if reply is None:
+        return True
+    try:
+        return bool(reply.has_error())
+    except Exception:  # a reply too broken to ask is a refused one
+        return False
 
 
 def _describe_plan(plan: CatchUp) -> dict[str, Any]:

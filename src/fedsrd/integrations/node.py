@@ -28,7 +28,10 @@ from safetensors import SafetensorError
 
 from fedsrd import wire
 from fedsrd.algorithms import State, get_algorithm
-from fedsrd.client import BaseWeightWriter, FederatedClient
+from fedsrd.base_weights import BaseWeightWriter
+from fedsrd.build import build_trainer, load_data
+from fedsrd.client import FederatedClient
+from fedsrd.federation.client_phase import client_phase
 from fedsrd.integrations.catchup import OutOfSync, apply_catch_up, encode_full_state
 from fedsrd.integrations.checkpoint import atomic_write_bytes
 from fedsrd.integrations.settings import RunSettings
@@ -224,20 +227,10 @@ class FederationNode:
         assert self.client is not None and self.store is not None, "call open() first"
         trainer = self.trainer
         self._fold_base_weights()
-        client = self.client
-        trainer.global_state = client.state
-        trainer.load_global_state(client.start_state(self.client_id))  # + this client's own tensors (FedSA-LoRA)
-        output = trainer.local_train(self.client_id, round)
-        local_state = trainer.local_state()  # the adapter; full-parameter algorithms: weight changes + optimizer state
-        client.keep_personal(self.client_id, local_state)
-        if self.client_id in client.personal_states:
-            self.store.save_personal(client.personal_states[self.client_id])
-        num_samples = len(trainer.client_datasets[self.client_id])
-        metrics = {"train_loss": float(output.training_loss)}
-        update = client.make_update(
-            local_state, round=round, client_id=self.client_id, num_samples=num_samples, metrics=metrics
-        )
-        return update, {**metrics, "num_examples": float(num_samples)}
+        update, metrics = client_phase(trainer, self.client, self.client_id, round)  # as in the simulation
+        if self.client_id in self.client.personal_states:
+            self.store.save_personal(self.client.personal_states[self.client_id])
+        return update, metrics
 
     def save_adapter(self) -> Path | None:
         """Write this client's adapter (global + its personal tensors) as a PEFT folder ``adapter/`` in its store.
@@ -263,50 +256,28 @@ class FederationNode:
         return self._trainer
 
     def _build_trainer(self) -> FederatedTrainer:
-        """Model, tokenizer and this client's data, built as `fedsrd train` (`fedsrd.cli.run_train`) builds them."""
-        from fedsrd.cli import _tokenize_classification
-        from fedsrd.data import tokenize_for_sft
-        from fedsrd.trainer import FederatedTrainer
-
-        s, fed, md = self.settings, self.settings.fed, self.settings.model_data
-        if md.task == "classification":
-            from fedsrd.models import load_sequence_classifier
-
-            model, tokenizer = load_sequence_classifier(
-                md.model_name_or_path, num_labels=md.num_labels, dtype=md.dtype, seed=s.data_seed
-            )
-            dataset = _tokenize_classification(self._own_dataset(), tokenizer, md)
-        else:
-            from fedsrd.models import load_causal_lm
-
-            model, tokenizer = load_causal_lm(md.model_name_or_path, dtype=md.dtype)
-            dataset = tokenize_for_sft(self._own_dataset(), tokenizer, template=md.template, max_length=md.max_length)
+        """Model, tokenizer and this client's data, built as `fedsrd train` builds them (`fedsrd.build`)."""
+        s, fed = self.settings, self.settings.fed
         s.training.output_dir = str(self.state_dir / "trainer" / f"client_{self.client_id:04d}")
         s.training.push_to_hub = False  # the coordinator, not each data owner, publishes the global adapter
         fed.lm_eval_tasks = []
-        return FederatedTrainer(
-            model=model,
-            args=s.training,
-            fed_config=fed,
-            # Only this client's slot is ever trained (local_train(client_id, ...)); the others point at the same
-            # data so the trainer's one-dataset-per-client contract and per-client seeding stay as in the simulation.
-            client_datasets=[dataset] * fed.num_clients,
-            processing_class=tokenizer,
-            template=md.template,
-            max_length=md.max_length,
+        dataset = self._own_dataset()
+        # Only this client's slot is ever trained (local_train(client_id, ...)); the others point at the same data so
+        # the trainer's one-dataset-per-client contract and per-client seeding stay as in the simulation.
+        return build_trainer(
+            fed, s.training, s.model_data, seed=s.data_seed, client_datasets=[dataset] * fed.num_clients
         )
 
     def _own_dataset(self) -> Any:
         """Node config ``data`` (a local path or Hub dataset), else partition ``client_id`` of the run's data."""
-        from fedsrd.cli import build_clients, load_domains
         from fedsrd.data import load_instruction_data
 
         md = self.settings.model_data
         if self.data_source:
             ds = load_instruction_data(self.data_source, split="train")
             return ds if not md.train_size or len(ds) <= md.train_size else ds.select(range(md.train_size))
-        train, _ = load_domains(md, self.settings.data_seed)
-        return build_clients(md, train, self.settings.fed.num_clients, self.settings.data_seed)[self.client_id]
+        clients, _ = load_data(md, self.settings.fed.num_clients, self.settings.data_seed)
+        return clients[self.client_id]
 
     def _fold_base_weights(self) -> None:
         """Algorithms that write base weights: fold the logged broadcasts up to the held round into the model."""

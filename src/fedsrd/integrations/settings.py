@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from transformers import TrainingArguments
 
-    from fedsrd.cli import ModelDataArguments
+    from fedsrd.build import ModelDataArguments
     from fedsrd.config import FedSRDConfig
 
 # Options of the runtime itself (not main-job arguments), with their defaults.
@@ -50,7 +50,7 @@ class RunSettings:
 
 def parse_run_config(run_config: Mapping[str, Any]) -> RunSettings:
     """Turn a flat run config (e.g. Flower's ``context.run_config``) into the main job's three argument objects."""
-    from fedsrd.cli import parse_train_args
+    from fedsrd.build import parse_train_args
 
     options = {**RUNTIME_OPTIONS, **{k: v for k, v in run_config.items() if k in RUNTIME_OPTIONS}}
     argv = run_config_to_argv(run_config)
@@ -99,7 +99,7 @@ def _list_options() -> frozenset[str]:
     """Argument names that take several values (list fields)."""
     from transformers import HfArgumentParser, TrainingArguments
 
-    from fedsrd.cli import ModelDataArguments
+    from fedsrd.build import ModelDataArguments
     from fedsrd.config import FedSRDConfig
 
     parser = HfArgumentParser((FedSRDConfig, TrainingArguments, ModelDataArguments))

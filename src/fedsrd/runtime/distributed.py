@@ -1,8 +1,8 @@
 """Clients in parallel over processes: `accelerate launch --num_processes P examples/fed_train.py ...`.
 
 Every process holds one copy of the model (on its own GPU, or on the CPU) and runs the same round loop
-(`fedsrd.runtime.local.run_federation`); a `ProcessTeam` decides what each process does in the steps that can be
-shared out, with Accelerate's own utilities:
+(`fedsrd.federation.Federation`, with `fedsrd.runtime.local`'s transport); a `ProcessTeam` decides what each process
+does in the steps that can be shared out, with Accelerate's own utilities:
 
 - local training: `PartialState.split_between_processes` gives each process a contiguous share of the round's
   sampled clients; each trains its share one after another, exactly as the single-process loop would, and encodes
@@ -43,10 +43,15 @@ from accelerate import PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 
+from fedsrd import wire
+from fedsrd.federation.client_phase import train_clients
+from fedsrd.federation.evaluation import evaluate_global, evaluate_sets, summarize_eval
+from fedsrd.server import RoundResult
+
 if TYPE_CHECKING:
     from fedsrd.algorithms import State
     from fedsrd.client import FederatedClient
-    from fedsrd.server import FederatedServer, RoundResult
+    from fedsrd.server import FederatedServer
     from fedsrd.trainer import FederatedTrainer
 
 logger = logging.getLogger(__name__)
@@ -99,7 +104,7 @@ def single_process_view() -> Iterator[None]:
 
 class ProcessTeam(ABC):
     """The processes among which a run's clients are shared: this one alone (`SingleProcess`), or several under
-    `accelerate launch` (`AccelerateTeam`). `fedsrd.runtime.local.run_federation` calls these three steps."""
+    `accelerate launch` (`AccelerateTeam`). The simulation's transport (`fedsrd.runtime.local`) calls these steps."""
 
     num_processes: int = 1
     is_main: bool = True
@@ -107,34 +112,40 @@ class ProcessTeam(ABC):
     @abstractmethod
     def train_clients(
         self, trainer: FederatedTrainer, client_view: FederatedClient, clients: list[int], round: int
-    ) -> tuple[list[bytes], dict[str, str]]:
-        """Every sampled client's encoded update in client-id order, and the dropped ones' reasons."""
+    ) -> tuple[dict[int, bytes], dict[str, str]]:
+        """Every sampled client's encoded update by client id (in client-id order), and the dropped ones' reasons."""
 
     @abstractmethod
     def server_step(
-        self, server: FederatedServer, round: int, updates: list[bytes], *, min_updates: int = 1
+        self,
+        server: FederatedServer,
+        round: int,
+        updates: list[bytes],
+        *,
+        min_updates: int = 1,
+        senders: list[int] | None = None,
     ) -> RoundResult:
         """`FederatedServer.step`, run once; every process gets its result (the encoded broadcast included)."""
 
     @abstractmethod
     def evaluate_global(self, trainer: FederatedTrainer) -> dict[str, float]:
-        """`fedsrd.runtime.local.evaluate_global` of the model as loaded, the same on every process."""
+        """`fedsrd.federation.evaluation.evaluate_global` of the model as loaded, the same on every process."""
+
+    def agree(self, flag: bool) -> bool:
+        """The main process's value of `flag`, on every process (e.g. a callback's stop request)."""
+        return flag
 
 
 class SingleProcess(ProcessTeam):
     """One process trains every client in turn (`python examples/fed_train.py`)."""
 
     def train_clients(self, trainer, client_view, clients, round):
-        from fedsrd.runtime.local import train_clients
-
         return train_clients(trainer, client_view, clients, round)
 
-    def server_step(self, server, round, updates, *, min_updates=1):
-        return server.step(round, updates, min_updates=min_updates)
+    def server_step(self, server, round, updates, *, min_updates=1, senders=None):
+        return server.step(round, updates, min_updates=min_updates, senders=senders)
 
     def evaluate_global(self, trainer):
-        from fedsrd.runtime.local import evaluate_global
-
         return evaluate_global(trainer)
 
 
@@ -150,8 +161,6 @@ class AccelerateTeam(ProcessTeam):
 
     # ---- the three shared-out steps ----------------------------------------------------------------------------
     def train_clients(self, trainer, client_view, clients, round):
-        from fedsrd.runtime.local import train_clients
-
         clients = list(clients)
         known_before = list(client_view.personal_states)
 
@@ -172,11 +181,11 @@ class AccelerateTeam(ProcessTeam):
 
         shares = self.exchange(f"round {round}: local training", train_share)
         by_client = {cid: result for share in shares for cid, result in share.items()}
-        updates: list[bytes] = []
+        updates: dict[int, bytes] = {}
         dropped: dict[str, str] = {}
         for cid in clients:  # client-id order, whichever process trained the client
             result = by_client[cid]
-            updates += result["updates"]
+            updates.update(result["updates"])
             dropped.update(result["dropped"])
             if result["personal"] is not None:
                 client_view.personal_states[cid] = decode_state(result["personal"])
@@ -187,14 +196,12 @@ class AccelerateTeam(ProcessTeam):
         _order_like_one_process(client_view.personal_states, known_before, clients)
         return updates, dropped
 
-    def server_step(self, server, round, updates, *, min_updates=1):
-        from fedsrd.server import RoundResult
-
+    def server_step(self, server, round, updates, *, min_updates=1, senders=None):
         what = self._name(f"round {round}: server step")
         result, error, envelope = None, None, None
         if self.is_main:
             try:
-                result = server.step(round, updates, min_updates=min_updates)
+                result = server.step(round, updates, min_updates=min_updates, senders=senders)
                 envelope = self._envelope(what, payload=dataclasses.asdict(result))
             except Exception as err:
                 error = err
@@ -204,8 +211,6 @@ class AccelerateTeam(ProcessTeam):
         return result if self.is_main else RoundResult(**envelope["payload"])
 
     def evaluate_global(self, trainer):
-        from fedsrd.runtime.local import evaluate_sets, summarize_eval
-
         names = list(trainer.eval_dataset)
 
         def evaluate_share() -> dict[str, dict[str, float]]:
@@ -218,6 +223,9 @@ class AccelerateTeam(ProcessTeam):
         for name in names:  # the eval sets' own order, as one process would add them up
             scores.update(by_name[name])
         return summarize_eval(scores)
+
+    def agree(self, flag: bool) -> bool:
+        return bool(self.exchange("stop decision", lambda: bool(flag))[0])
 
     # ---- exchanges -----------------------------------------------------------------------------------------------
     def exchange(self, what: str, work: Callable[[], Any]) -> list[Any]:
@@ -262,8 +270,6 @@ class AccelerateTeam(ProcessTeam):
 
     def check_same_start(self, trainer: FederatedTrainer) -> None:
         """Raise on every process unless all start from the same global state (same model, config and seed)."""
-        from fedsrd import wire
-
         digests = self.exchange("start", lambda: wire.state_digest(trainer.global_state))
         if len(set(digests)) > 1:
             raise RuntimeError(
