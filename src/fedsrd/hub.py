@@ -23,6 +23,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsrd.base_weights import BASE_DELTA_FILE
+from fedsrd.federation.callbacks import FederatedCallback
 from fedsrd.report import (
     comm_summary,
     final_scores,
@@ -31,12 +33,10 @@ from fedsrd.report import (
     unavailable_benchmarks,
     without_local_paths,
 )
-from fedsrd.trainer import FederatedCallback
 
 logger = logging.getLogger(__name__)
 
 ROUND_REFS = ("branch", "tag")
-BASE_DELTA_FILE = "base_delta.safetensors"  # fedsrd.client.BASE_DELTA_FILE: FLoRA / FedEx-LoRA change the base
 # Saved next to the global adapter for some algorithms (FedSA-LoRA): each client's own adapter. Never published.
 PRIVATE_PATTERNS = ["personal/*"]
 # Settings shown in the card for each algorithm, beyond the common ones (FedSRDConfig field names).
@@ -308,7 +308,7 @@ def _base_delta_lines(adapter_dir: str | Path, repo_id: str, ref: str) -> list[s
     return [
         "# this algorithm also changed the base weights: apply that change before loading the adapter",
         "from huggingface_hub import hf_hub_download",
-        "from fedsrd.client import add_base_delta",
+        "from fedsrd.base_weights import add_base_delta",
         f'base = add_base_delta(base, hf_hub_download("{repo_id}", "{BASE_DELTA_FILE}", revision="{ref}"))',
     ]
 
