@@ -67,6 +67,7 @@ def sections(data: str, quick: bool) -> dict[str, dict]:
             "needs_data": False,
         },
         "parallel": {"cmd": ["parallel_clients.py", *(["--rounds", "3"] if quick else [])], "needs_data": False},
+        "poisoning": {"cmd": ["poisoning.py", "--seeds", "1" if quick else "3"], "needs_data": False},
     }
 
 
