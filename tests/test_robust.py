@@ -176,3 +176,26 @@ def test_poisoning_benchmark_prints_a_table_and_json(capsys):
     for algorithm in ("fedavg", "fedsrd"):
         for attack in bench.ATTACKS:
             assert by[(algorithm, attack, "clip (default)")] < 3 < by[(algorithm, attack, "off")]
+
+
+def test_simulation_history_counts_every_clipped_update(tmp_path, monkeypatch):
+    """A real tiny run with client 1 sending every value at 9999: the round's record names it under robust.clipped."""
+    import json
+
+    import fedsrd.runtime.local as local
+    from fedsrd.cli import run_train
+
+    original = local.FederatedClient.make_update
+
+    def poisoned(self, local_state, *, round, client_id, **kw):
+        if client_id == 1:
+            local_state = {k: torch.full_like(v, 9999.0) if k in self.state else v for k, v in local_state.items()}
+        return original(self, local_state, round=round, client_id=client_id, **kw)
+
+    monkeypatch.setattr(local.FederatedClient, "make_update", poisoned)
+    run_train(["--config", str(REPO / "examples/configs/tiny.yaml"), "--output_dir", str(tmp_path),
+               "--disable_tqdm", "true", "--num_rounds", "1", "--num_clients", "3", "--local_steps", "1",
+               "--domains", "arithmetic", "units", "percent", "--eval_every", "0", "--save_every", "0"])  # fmt: skip
+    record = json.loads((tmp_path / "history.json").read_text())[-1]
+    assert list(record["robust"]["clipped"]) == ["1"] and record["accepted"] == [0, 1, 2]
+    assert record["robust"]["clipped"]["1"]["norm"] > record["robust"]["clip_bound"] > 0
