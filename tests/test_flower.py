@@ -218,7 +218,7 @@ def test_checkpoint_round_trips_without_pickle(tmp_path):
     assert loaded.ledger.broadcasts == {2: bytes(range(256)) * 3}
     assert loaded.ledger.held == {0: (2, loaded.ledger.digests[2]), 1: None}
     assert loaded.history[-1] == {"round": 2, "upload_bytes": 20}
-    assert sorted(p.suffix for p in path.iterdir()) == [".json", ".safetensors", ".safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "tensors.safetensors"]  # the shared format
     for i in range(3, 6):
         save_checkpoint(tmp_path, _checkpoint(i))
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2  # the newest two are kept
@@ -228,11 +228,17 @@ def test_resume_uses_the_last_complete_checkpoint(tmp_path):
     save_checkpoint(tmp_path, _checkpoint(1))
     newest = save_checkpoint(tmp_path, _checkpoint(2))
     (tmp_path / ".round_0003-deadbeef.tmp").mkdir()  # a crash while writing round 3: never renamed into place
-    (newest / "global_state.safetensors").write_bytes(b"torn")  # and round 2's state damaged afterwards
+    (newest / "tensors.safetensors").write_bytes(b"torn")  # and round 2's state damaged afterwards
     assert load_checkpoint(tmp_path).round == 1
-    (tmp_path / "latest.json").write_text("{not json")
+    (tmp_path / "LATEST").write_text("round_0009")  # names a checkpoint that is not there
     assert load_checkpoint(tmp_path).round == 1
     assert load_checkpoint(tmp_path / "nothing-here") is None
+
+
+def test_a_checkpoint_of_the_former_flower_format_is_refused_with_a_reason(tmp_path):
+    (tmp_path / "latest.json").write_text('{"name": "round_0003-1a2b3c4d", "round": 3}')
+    with pytest.raises(ValueError, match="former format"):
+        load_checkpoint(tmp_path)
 
 
 def test_node_store_ignores_a_state_that_does_not_match_its_digest(tmp_path):

@@ -1,13 +1,22 @@
-"""Pickle-free, atomic run checkpoints: tensors in safetensors, everything else in JSON.
+"""The one checkpoint format of every runtime: pickle-free, atomic, digest-checked; tensors in safetensors,
+everything else in JSON.
 
-Layout under a run's output directory::
+Layout of a checkpoint directory (the simulation and Accelerate teams: ``<output_dir>/checkpoints``; Flower: the
+run config's ``checkpoint-dir``, by default the same)::
 
     checkpoints/
       round_0007/           one complete round: tensors.safetensors + meta.json
       LATEST                the name of the newest complete checkpoint, replaced atomically
 
+What the tensors are is the runtime's: the simulation keeps ``global/``, ``personal/<cid>/``, ``memory/<cid>/``
+(error-feedback residuals), ``server_memory/`` and ``base/`` tensors; a Flower coordinator ``global/`` and the
+broadcasts clients may still need (``broadcast/round_NNNN``, uint8). ``meta.json`` carries the round, the run's
+``fed_config``, ``history`` and a SHA-256 of every tensor, checked on load.
+
 A checkpoint directory is written under a temporary name and renamed into place, and LATEST is replaced only after
-that, so a crash at any instant leaves the previous complete checkpoint readable.
+that, so a crash at any instant leaves the previous complete checkpoint readable; a damaged newest checkpoint falls
+back to the previous complete one. Resuming a run whose settings differ from the checkpoint's in any of
+`RESUME_KEYS` is refused, naming every differing setting (`check_resume`).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedsrd import wire
+from fedsrd.federation.files import atomic_write_bytes
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
@@ -31,14 +41,33 @@ TENSORS = "tensors.safetensors"
 META = "meta.json"
 FORMAT = "fedsrd-checkpoint"
 TENSORS_DIGEST = "tensors_digest"  # meta.json: SHA-256 (`wire.state_digest`) of every tensor in tensors.safetensors
+OLD_FLOWER_LATEST = "latest.json"  # the Flower coordinator's own format before this module served every runtime
+
+# Settings a resumed run must share with its checkpoint (the same federation: clients, sampling, adapter shape).
+RESUME_KEYS = (
+    "algorithm",
+    "num_clients",
+    "clients_per_round",
+    "fed_seed",
+    "lora_r",
+    "lora_alpha",
+    "lora_target_modules",
+)
 
 logger = logging.getLogger(__name__)
 
 
 def save_checkpoint(out_dir: str | Path, round: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                     keep: int = 2) -> Path:
-    """Write the state after `round` (tensors by name, JSON-serialisable `meta`) and point LATEST at it."""
-    root = Path(out_dir) / CHECKPOINTS
+    """Write the state after `round` under ``<out_dir>/checkpoints`` (`write_checkpoint`)."""
+    return write_checkpoint(Path(out_dir) / CHECKPOINTS, round, tensors, meta, keep=keep)
+
+
+def write_checkpoint(root: str | Path, round: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                     keep: int = 2) -> Path:
+    """Write the state after `round` (tensors by name, JSON-serialisable `meta`) as ``root/round_NNNN`` and point
+    LATEST at it; keep the newest `keep` checkpoints."""
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"round_{round:04d}"
     final = root / name
@@ -55,7 +84,7 @@ def save_checkpoint(out_dir: str | Path, round: int, tensors: dict[str, torch.Te
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_text_atomic(root / LATEST, name)
+    atomic_write_bytes(root / LATEST, name.encode())
     _fsync_dir(root)
     for old in sorted(p for p in root.glob("round_*") if p.is_dir())[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -103,14 +132,26 @@ def prepare_output_dir(out_dir: str | Path, *, resume: bool, extra: list[Path] =
 
 
 def load_checkpoint(out_dir: str | Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
-    """The newest complete checkpoint as (round, tensors, meta), or None if the run has none.
+    """The newest complete checkpoint under ``<out_dir>/checkpoints`` (`read_checkpoint`)."""
+    return read_checkpoint(Path(out_dir) / CHECKPOINTS)
+
+
+def read_checkpoint(root: str | Path) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The newest complete checkpoint in `root` as (round, tensors, meta), or None if there is none.
 
     The one LATEST names comes first; if it is unreadable, incomplete or fails its digest, the older ones are tried
-    in turn, with a warning naming the file at fault. ValueError (naming every file and why) if none is usable.
+    in turn, with a warning naming the file at fault. ValueError (naming every file and why) if none is usable, or
+    if `root` holds a checkpoint of the older Flower-only format.
     """
-    root = Path(out_dir) / CHECKPOINTS
+    root = Path(root)
     latest = root / LATEST
     if not latest.is_file():
+        if (root / OLD_FLOWER_LATEST).is_file():
+            raise ValueError(
+                f"{root} holds a checkpoint in the Flower coordinator's former format ({OLD_FLOWER_LATEST}), which "
+                "this version no longer reads: finish that run with the fedsrd version that wrote it, or start a new "
+                "run (without resume) in another output directory."
+            )
         return None
     candidates = [root / latest.read_text().strip()]
     candidates += [p for p in sorted(root.glob("round_*"), reverse=True) if p.is_dir() and p not in candidates]
@@ -148,20 +189,23 @@ def _read_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str
     return int(meta["round"]), tensors, meta
 
 
+def check_resume(saved: dict[str, Any], current: dict[str, Any], where: str | Path) -> None:
+    """Raise ValueError naming every `RESUME_KEYS` setting in which this run (`current`, `FedSRDConfig.to_dict()`)
+    differs from the run that wrote the checkpoint in `where` (`saved`)."""
+    differing = [k for k in RESUME_KEYS if k in saved and saved.get(k) != current.get(k)]
+    if differing:
+        settings = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in differing)
+        raise ValueError(
+            f"resume: the checkpoint in {where} was written by a run with different settings ({settings}); resume "
+            "with the same settings, or start a new run in another output directory."
+        )
+
+
 def _write_json(path: Path, obj: Any) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -48,12 +48,13 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from fedsrd import wire
 from fedsrd.algorithms import get_algorithm
-from fedsrd.checkpoint import prepare_output_dir
+from fedsrd.checkpoint import check_resume, prepare_output_dir
 from fedsrd.federation import Delivery, Federation, RoundEvents, Transport, start_record
+from fedsrd.federation.files import atomic_write_bytes
 from fedsrd.federation.history import MB, write_history
 from fedsrd.integrations.catchup import CatchUp, CatchUpError, OutOfSync, SyncLedger, decode_full_state
 from fedsrd.integrations.catchup import encode_full_state as _encode_full_state
-from fedsrd.integrations.checkpoint import ServerCheckpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
+from fedsrd.integrations.checkpoint import ServerCheckpoint, load_checkpoint, save_checkpoint
 from fedsrd.integrations.node import FederationNode
 from fedsrd.integrations.settings import RunSettings, parse_run_config
 from fedsrd.server import FederatedServer, RoundResult, save_adapter
@@ -271,12 +272,7 @@ class FlowerCoordinator(Transport):
         if ckpt is None:
             _say(f"resume: no checkpoint under {self.settings.checkpoint_dir}; starting a new federation")
             return False
-        for key in ("algorithm", "num_clients", "fed_seed", "lora_r", "lora_alpha"):
-            if key in ckpt.fed_config and ckpt.fed_config[key] != getattr(self.cfg, key):
-                raise ValueError(
-                    f"resume: the checkpoint in {self.settings.checkpoint_dir} was made with {key}="
-                    f"{ckpt.fed_config[key]!r}, this run has {key}={getattr(self.cfg, key)!r}."
-                )
+        check_resume(ckpt.fed_config, self.cfg.to_dict(), self.settings.checkpoint_dir)
         self.server = FederatedServer(self.algorithm, ckpt.state, self.cfg)
         self.server.round = ckpt.round
         self.ledger, self.history = ckpt.ledger, ckpt.history

@@ -32,8 +32,8 @@ from fedsrd.base_weights import BaseWeightWriter
 from fedsrd.build import build_trainer, load_data
 from fedsrd.client import FederatedClient
 from fedsrd.federation.client_phase import client_phase
+from fedsrd.federation.files import atomic_write_bytes
 from fedsrd.integrations.catchup import OutOfSync, apply_catch_up, encode_full_state
-from fedsrd.integrations.checkpoint import atomic_write_bytes
 from fedsrd.integrations.settings import RunSettings
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from transformers.trainer_utils import TrainOutput
 
 from fedsrd import wire
 from fedsrd.base_weights import BaseWeightWriter
-from fedsrd.checkpoint import load_checkpoint, prepare_output_dir, save_checkpoint
+from fedsrd.checkpoint import check_resume, load_checkpoint, prepare_output_dir, save_checkpoint
 from fedsrd.client import FederatedClient
 from fedsrd.federation import Delivery, Federation, Transport
 from fedsrd.federation.history import MB, start_record, write_history
@@ -155,16 +155,13 @@ def write_round_checkpoint(
         tensors.update({f"memory/{cid}/{k}": v for k, v in memory.items()})
     tensors.update({f"server_memory/{k}": v for k, v in server.memory.items()})
     meta = {
+        "runtime": "simulation",
         "fed_config": trainer.fed_config.to_dict(),
         "digest": wire.state_digest(server.state),
         "cumulative_mb": trainer.history[-1]["cumulative_mb"] if trainer.history else 0.0,
         "history": trainer.history,
     }
     save_checkpoint(out_dir, round, tensors, meta)
-
-
-RESUME_KEYS = ("algorithm", "num_clients", "clients_per_round", "fed_seed", "lora_r", "lora_alpha",
-               "lora_target_modules")  # fmt: skip
 
 
 def restore_round_checkpoint(
@@ -180,14 +177,12 @@ def restore_round_checkpoint(
         logger.warning("resume requested but %s has no checkpoint; starting from round 1", out_dir)
         return None
     round, tensors, meta = loaded
-    saved, current = meta["fed_config"], trainer.fed_config.to_dict()
-    differing = [k for k in RESUME_KEYS if k in saved and saved.get(k) != current.get(k)]
-    if differing:
-        settings = ", ".join(f"{k}={saved.get(k)!r} (this run: {current.get(k)!r})" for k in differing)
+    if meta.get("runtime", "simulation") != "simulation":
         raise ValueError(
-            f"resume: the checkpoint in {out_dir} was written with different settings: {settings}; use the same "
-            "settings or another output_dir."
+            f"resume: the checkpoint in {out_dir / 'checkpoints'} was written by the {meta['runtime']} runtime; the "
+            "simulation resumes only its own checkpoints (they keep every client's tensors)."
         )
+    check_resume(meta["fed_config"], trainer.fed_config.to_dict(), out_dir / "checkpoints")
     state = {k[len("global/") :]: v for k, v in tensors.items() if k.startswith("global/")}
     if wire.state_digest(state) != meta["digest"]:
         raise ValueError(f"resume: checkpoint round {round} in {out_dir} fails its digest check.")
