@@ -1,6 +1,7 @@
 """The client's encode step as a fraction of its local training time, FedSRD on Gemma-3-270M.
 
-Per client and round, the same calls as the simulation's round (`fedsrd.runtime.local.train_clients`), timed apart:
+Per client and round, the same calls as the simulation's round (`fedsrd.federation.client_phase.client_phase`), timed
+apart:
 
 * ``train``: the local phase, `FederatedTrainer.local_train` (Trainer's loop for ``--local-steps`` steps, its set-up
   included);
