@@ -41,10 +41,10 @@ import accuracy_vs_bytes as avb  # noqa: E402  (the main job's arguments, method
 REPO = avb.REPO
 RESULTS = REPO / "benchmarks" / "results" / "frontier"
 REFERENCE = "fedavg"
-# The variant at <= 5% of FedAvg-LoRA's bytes: error feedback on both links lets it prune harder (alpha 0.88; 10% of
-# the broadcast's entries, the largest, with their positions) and send bfloat16 values.
+# The error-feedback variant at 4.6% of FedAvg-LoRA's bytes diverged in its first run (docs/fedsrd.md), so the
+# default sweep is the paper's method against FedAvg-LoRA; the ablations below say where FedSRD loses.
 EF = "fedsrd_ef+value_dtype=bfloat16+upload_sparsity_alpha=0.88+download_drop=0.9+ef_download_selection=magnitude"
-METHODS = ["fedavg", "fedsrd", EF]
+METHODS = ["fedavg", "fedsrd"]
 ABLATIONS = ["fedsrd+download_drop=0", "fedsrd+upload_sparsity_alpha=0+upload_sparsity_coeff=0",
              "fedsrd_e", "fedsrd+value_dtype=bfloat16"]  # fmt: skip
 RESULT_FILES = ("history.json", "settings.json")
