@@ -157,3 +157,34 @@ def test_magnitude_selection_sends_the_largest_entries_and_keeps_the_rest():
 def test_unknown_download_selection_is_a_config_error():
     with pytest.raises(ValueError, match="FedSRDConfig.ef_download_selection"):
         FedSRDConfig(algorithm="fedsrd_ef", ef_download_selection="largest")
+
+
+def test_both_factors_download_solves_b_then_a_for_the_rest():
+    from fedsrd.algorithms.fedsrd import lora_modules
+    from fedsrd.ops.lowrank import factored_difference, solve_left_update, solve_right_update
+
+    glob = _state(6)
+    updates = [{k: wire.SparseTensor.from_dense(torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) * 0.01)
+                for k, v in glob.items()} for i in range(3)]  # fmt: skip
+    weights = [1 / 3] * 3
+    exact = get_algorithm("fedsrd", FedSRDConfig(algorithm="fedsrd", download_drop=0.0, download_both_factors=True))
+    for rnd in (1, 2):  # the same in B- and A-rounds: both factors every round
+        payload = _dense(exact.server_step(glob, updates, weights, rnd, torch.Generator()))
+        assert set(payload) == set(glob)
+        for module in lora_modules(glob):
+            a, b = glob[module.a_key], glob[module.b_key]
+            delta_w = exact.target_change(module, a, b, updates, weights)
+            db = solve_left_update(delta_w, a)
+            da = solve_right_update(factored_difference(delta_w, (db, a)), b + db)
+            torch.testing.assert_close(payload[module.b_key], db)
+            torch.testing.assert_close(payload[module.a_key], da)
+            # with both solved, the new product is closer to the target than the B-only update
+            target = delta_w[0] @ delta_w[1] + b @ a
+            both = (b + db) @ (a + da)
+            b_only = (b + db) @ a
+            assert torch.linalg.norm(target - both) < torch.linalg.norm(target - b_only)
+    dropped = get_algorithm("fedsrd", FedSRDConfig(algorithm="fedsrd", download_drop=0.9, download_both_factors=True))
+    sparse = dropped.server_step(glob, updates, weights, 1, torch.Generator().manual_seed(0))
+    assert all(v.mask is not None and v.nnz < v.numel for v in sparse.values())  # seeded DARE masks, positions free
+    with pytest.raises(ValueError, match="FedSRDConfig.download_both_factors"):
+        FedSRDConfig(algorithm="fedsrd_ef", download_both_factors=True)

@@ -68,6 +68,12 @@ class FedSRDConfig:
     download_drop: float = field(
         default=0.8, metadata={"help": "FedSRD: DARE drop probability on the broadcast delta (kept entries x 1/(1-p))."}
     )
+    download_both_factors: bool = field(
+        default=False,
+        metadata={"help": "FedSRD/FedSRD-e, not in the paper: broadcast both factors' least-squares deltas every round "
+                  "(dB, then dA for the rest of the target), each DARE-dropped with download_drop; off = the paper's "
+                  "alternation (B in odd rounds, A in even ones)."},
+    )
     # ---- fedsrd_ef: FedSRD with error feedback (this library's variant; docs/fedsrd.md) ----------------------------
     ef_upload: bool = field(
         default=True,
@@ -292,6 +298,11 @@ class FedSRDConfig:
         )
         _require(self.upload_sparsity_cap >= 0, "upload_sparsity_cap", f"must be >= 0, got {self.upload_sparsity_cap}")
         _require(0.0 <= self.download_drop < 1.0, "download_drop", f"must be in [0, 1), got {self.download_drop}")
+        _require(
+            not (self.download_both_factors and self.algorithm == "fedsrd_ef" and self.ef_download),
+            "download_both_factors",
+            "is not combined with fedsrd_ef's download error feedback; use fedsrd or fedsrd_e, or ef_download false",
+        )
         _require(
             self.ef_download_selection in EF_DOWNLOAD_SELECTIONS,
             "ef_download_selection",

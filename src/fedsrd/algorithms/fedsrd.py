@@ -136,6 +136,9 @@ class FedSRD(Algorithm):
         for module in lora_modules(global_state):
             a, b = global_state[module.a_key].to(torch.float32), global_state[module.b_key].to(torch.float32)
             delta_w = self.target_change(module, a, b, updates, weights)  # Eq. 9-11, factored
+            if self.config.download_both_factors:  # our extension: both factors every round (docs/fedsrd.md)
+                payload.update(self._both_factors(module, a, b, delta_w, rng))
+                continue
             if b_round:
                 key, delta = module.b_key, solve_left_update(delta_w, a)  # Eq. 12: dB = dW pinv(A)
             elif bool(b.any()):
@@ -143,6 +146,25 @@ class FedSRD(Algorithm):
             else:
                 continue  # never pinv a zero B: this module sends nothing this round
             payload[key] = self._on_wire(dare_drop(delta, self.config.download_drop, rng))  # DARE download
+        return payload
+
+    def _both_factors(
+        self, module: LoraModule, a: torch.Tensor, b: torch.Tensor, delta_w: Factored, rng: torch.Generator
+    ) -> Payload:
+        """Both factors' least-squares deltas in one round (not in the paper; `download_both_factors`).
+
+        dB = dW pinv(A) as in a B-round, DARE-dropped; then dA = pinv(B + dB') (dW - dB' A) for what the dropped dB'
+        left of the target, so the A update also absorbs part of the B drop's error. Each factor is dropped with
+        `download_drop` (0.9 keeps the bytes of one factor at 0.8).
+        """
+        drop = self.config.download_drop
+        sent_b = self._on_wire(dare_drop(solve_left_update(delta_w, a), drop, rng))
+        payload: Payload = {module.b_key: sent_b}
+        dense_b = _dense(sent_b)
+        b_new = b + dense_b
+        if bool(b_new.any()):
+            rest = factored_difference(delta_w, (dense_b, a))  # dW - dB' A
+            payload[module.a_key] = self._on_wire(dare_drop(solve_right_update(rest, b_new), drop, rng))
         return payload
 
     def target_change(
