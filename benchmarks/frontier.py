@@ -331,8 +331,18 @@ def plot(result: dict, plot_dir: str) -> list[str]:
             hi = [e.get("loss_ci95", (e["loss_mean"],) * 2)[1] for e in pts]
             ax.plot(xs, ys, marker="o", ms=3, label=f"{avb.label(method)} ({len(r['seeds_done'])} seeds)")
             ax.fill_between(xs, lo, hi, alpha=0.2)
+        base = next((e["loss_mean"] for r in result.values() for e in r["curve"] if e["round"] == 0), None)
+        if base is not None:
+            ax.axhline(base, color="grey", ls="--", lw=0.8, label="base model (round 0)")
         if x_key == "cumulative_mb":
+            import matplotlib.ticker
+
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            lo_mb = min(x for line in ax.get_lines() for x in line.get_xdata() if x > 0)
+            hi_mb = max(x for line in ax.get_lines() for x in line.get_xdata())
+            ax.set_xticks([t for t in (0.5, 1, 2, 5, 10, 20, 50, 100, 200) if lo_mb / 2 <= t <= hi_mb * 2])
         ax.set_xlabel(xlabel)
         ax.set_ylabel("mean held-out loss, 4 domains (95% CI over seeds)")
         ax.set_title("Gemma-3-270M, 4 clients (code, medical, finance, math)")
