@@ -134,8 +134,8 @@ def check_comm(r: dict) -> list[str]:
             f"{100 * s['total_mb'] / a['total_mb']:.1f}% (paper: 74 of 742 MB, 10.0%)."]  # fmt: skip
 
 
-CHECKS = {"frontier": check_frontier, "accuracy": check_accuracy, "overhead": check_overhead, "throughput": check_throughput,
-          "comm": check_comm, "comm_bitmap": check_comm}  # fmt: skip
+CHECKS = {"frontier": check_frontier, "accuracy": check_accuracy, "overhead": check_overhead,
+          "throughput": check_throughput, "comm": check_comm, "comm_bitmap": check_comm}  # fmt: skip
 
 
 def server_step_plot(r: dict, path: Path) -> bool:
