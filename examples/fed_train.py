@@ -8,7 +8,9 @@ Arguments are FedSRDConfig + transformers.TrainingArguments + ModelDataArguments
 line override the YAML.
 """
 
-from fedsrd.cli import run_train
+import sys
+
+from fedsrd.cli import main
 
 if __name__ == "__main__":
-    run_train()
+    main(["train", *sys.argv[1:]])  # bad input: `error: <one line>`, exit code 2 (FEDSRD_DEBUG=1: traceback)

@@ -149,9 +149,16 @@ def yaml_to_argv(path: str | Path) -> list[str]:
     """A YAML config as command-line arguments, so the command line can override any of it."""
     import yaml
 
-    config = yaml.safe_load(Path(path).read_text()) or {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"--config: no such file: {str(path)!r}; expected a YAML file of argument names to values."
+        )
+    try:
+        config = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {_yaml_problem(error)}.") from error
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a mapping of argument names to values.")
+        raise ValueError(f"{path}: expected a mapping of argument names to values, got a {type(config).__name__}.")
     argv: list[str] = []
     for key, value in config.items():
         if isinstance(value, list):
@@ -171,10 +178,47 @@ def parse_train_args(argv: list[str]):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(argv)
-    full = (yaml_to_argv(known.config) if known.config else []) + rest
+    from_file = yaml_to_argv(known.config) if known.config else []
     parser = HfArgumentParser((FedSRDConfig, TrainingArguments, ModelDataArguments))
-    fed, training, model_data = parser.parse_args_into_dataclasses(args=full)
+    parser.error = _raise_value_error  # one line naming the argument, not argparse's 200-line usage and exit
+    fed, training, model_data, unknown = parser.parse_args_into_dataclasses(
+        args=from_file + rest, return_remaining_strings=True
+    )
+    if unknown:
+        raise ValueError(_unknown_arguments_message(parser, unknown, from_file, known.config))
     return fed, training, model_data
+
+
+def _raise_value_error(message: str) -> None:
+    raise ValueError(message[:1].upper() + message[1:] + ".")
+
+
+def _unknown_arguments_message(
+    parser: argparse.ArgumentParser, unknown: list[str], from_file: list[str], config
+) -> str:
+    """Which arguments are unknown, where they came from, and the closest known names."""
+    import difflib
+
+    known_names = [o[2:] for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    parts = []
+    for option in (u for u in unknown if u.startswith("-")):
+        name = option.lstrip("-").split("=")[0]
+        where = f"in {config}" if option in from_file else "on the command line"
+        close = difflib.get_close_matches(name, known_names, n=1)
+        parts.append(f"{name!r} ({where}{'; did you mean ' + repr(close[0]) if close else ''})")
+    if not parts:
+        return f"unexpected values {unknown}; expected --name value pairs."
+    return f"unknown argument{'s' * (len(parts) > 1)} {', '.join(parts)}; see `fedsrd train --help`."
+
+
+def _yaml_problem(error: Exception) -> str:
+    def at(mark) -> str:
+        return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    where = f"{context}{at(getattr(error, 'context_mark', None))}: " if context else ""
+    return f"{where}{problem}{at(getattr(error, 'problem_mark', None))}"
 
 
 def load_model(model_data: ModelDataArguments, seed: int) -> tuple[Any, Any]:

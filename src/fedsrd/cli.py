@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fedsrd.build import (  # noqa: F401  (defined here before fedsrd.build; kept importable)
@@ -48,7 +51,9 @@ def run_merge(argv: list[str]) -> None:
     p.add_argument("--round", type=int, default=None, help="Round number (default: read from the updates).")
     a = p.parse_args(argv)
     cfg_path = Path(a.fed_config) if a.fed_config else Path(a.global_dir).parent / "fed_config.json"
-    cfg_dict = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    if a.fed_config and not cfg_path.is_file():
+        raise FileNotFoundError(f"--fed_config: no such file: {str(cfg_path)!r}; expected a run's fed_config.json.")
+    cfg_dict = _read_fed_config(cfg_path) if cfg_path.is_file() else {}
     if a.algorithm:
         cfg_dict["algorithm"] = a.algorithm
     config = FedSRDConfig(**cfg_dict)
@@ -58,6 +63,24 @@ def run_merge(argv: list[str]) -> None:
     out = save_adapter(state, a.out, adapter_config)
     (out / "broadcast.bin").write_bytes(broadcast)
     print(json.dumps({"out": str(out), "broadcast_bytes": len(broadcast)}))
+
+
+def _read_fed_config(path: Path) -> dict:
+    """A fed_config.json as FedSRDConfig keyword arguments; ValueError naming the file and what is wrong."""
+    from dataclasses import fields
+
+    from fedsrd.config import FedSRDConfig
+
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object of FedSRDConfig fields, got {type(config).__name__}.")
+    unknown = sorted(set(config) - {f.name for f in fields(FedSRDConfig)})
+    if unknown:
+        raise ValueError(f"{path}: unknown FedSRDConfig field(s) {unknown}.")
+    return config
 
 
 def run_eval(argv: list[str]) -> None:
@@ -70,6 +93,33 @@ def run_report(argv: list[str]) -> None:
     from fedsrd.report import main as report_main
 
     report_main(argv)
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (arguments, config files, data, model or adapter paths), not a bug."""
+    import yaml
+
+    return (ValueError, OSError, KeyError, ModuleNotFoundError, yaml.YAMLError)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line: its message with line breaks folded (a KeyError says what key is missing)."""
+    message = f"missing {error.args[0]!r}" if isinstance(error, KeyError) and error.args else str(error)
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    return message or type(error).__name__
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input ends the command with `error: <one line>` on stderr and exit code 2 instead of a traceback;
+    FEDSRD_DEBUG=1 re-raises it with the traceback."""
+    try:
+        yield
+    except _user_error_types() as error:
+        if os.environ.get("FEDSRD_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"error: {one_line(error)} (FEDSRD_DEBUG=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         raise SystemExit(2)
-    commands[argv[0]](argv[1:])
+    with user_errors():
+        commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Every synthetic example has the columns ``instruction``, ``input``, ``output`` a
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -576,7 +577,20 @@ def load_instruction_data(source: str, *, split: str = "train", **kwargs: Any) -
     if builder is None:
         raise ValueError(f"load_instruction_data: unsupported file type {path.suffix!r} for "
                          f"{str(path)!r}; expected one of {sorted(_BUILDER_BY_SUFFIX)}")
-    return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
+    if path.stat().st_size == 0:
+        raise ValueError(f"load_instruction_data: {str(path)!r} is empty; expected {split} rows "
+                         f"(instruction, output[, input]) as {path.suffix.lstrip('.').upper()}")
+    # datasets' JSON reader logs its own parse error before raising; the ValueError below says it once
+    json_logger = logging.getLogger("datasets.packaged_modules.json.json")
+    level, json_logger.level = json_logger.level, logging.CRITICAL
+    try:
+        return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
+    except datasets.exceptions.DatasetGenerationError as error:
+        cause = error.__cause__ or error.__context__ or error
+        raise ValueError(f"load_instruction_data: cannot read {str(path)!r} as {path.suffix.lstrip('.').upper()}: "
+                         f"{type(cause).__name__}: {cause}") from error
+    finally:
+        json_logger.setLevel(level)
 
 
 # --------------------------------------------------------------------------------------------

@@ -163,6 +163,7 @@ def load_causal_lm(
         return model, build_tiny_tokenizer()
     if name_or_path == EMBEDDED_GEMMA:
         return load_embedded_gemma(dtype=dtype, cache_dir=cache_dir)
+    check_model_source(name_or_path, f"{TINY_LLAMA}, {EMBEDDED_GEMMA}")
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, cache_dir=cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir)
     if tokenizer.pad_token is None:  # e.g. Llama tokenizers; batching needs one
@@ -297,6 +298,19 @@ def _output_head_names(model: torch.nn.Module) -> set[str]:
     }
 
 
+def check_model_source(name_or_path: str, builtin: str) -> None:
+    """Raise FileNotFoundError naming `name_or_path` when it can only mean a local directory and none exists (a
+    Hub id is `name` or `org/name`), instead of the Hub client's "Repo id must be in the form ..."."""
+    if Path(name_or_path).expanduser().exists():
+        return
+    local = name_or_path.startswith(("/", "./", "../", "~", "\\")) or name_or_path.count("/") > 1
+    if local:
+        raise FileNotFoundError(
+            f"model {name_or_path!r}: no such directory; expected a local model directory, a Hub name "
+            f"(name or org/name) or one of {builtin}."
+        )
+
+
 def _resolve_dtype(dtype: str) -> torch.dtype | str:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
@@ -361,6 +375,8 @@ def load_sequence_classifier(
         if torch_dtype != "auto":
             model = model.to(torch_dtype)
         return model, build_tiny_tokenizer()
+    if name_or_path != EMBEDDED_MINILM:
+        check_model_source(name_or_path, f"{TINY_BERT}, {EMBEDDED_MINILM}")
     source = minilm_path() if name_or_path == EMBEDDED_MINILM else name_or_path
     from transformers import AutoModelForSequenceClassification
 

@@ -396,12 +396,17 @@ def merge_adapters(
 
 
 def _round_of(blobs: list[bytes]) -> int:
-    for blob in blobs:
+    reasons = []
+    for i, blob in enumerate(blobs):
         try:
             return wire.read_header(blob)["round"]  # the header only: nothing is regenerated to read the round
-        except wire.WireError:
-            continue
-    raise ValueError("merge_adapters: no update could be read to find the round; pass round= explicitly.")
+        except wire.WireError as error:
+            reasons.append(f"update {i}: {error}")
+    raise ValueError(
+        "merge_adapters: no update could be read to find the round (expected fedsrd.wire messages; "
+        + "; ".join(reasons)
+        + "); pass round= explicitly (--round)."
+    )
 
 
 def save_adapter(state: State, out_dir: str | Path, adapter_config: dict | None = None) -> Path:

@@ -178,6 +178,9 @@ def load_adapter_model(
 
     if base is None:
         config_path = Path(adapter) / ADAPTER_CONFIG
+        if not Path(adapter).exists() and str(adapter).startswith(("/", ".", "~")):
+            raise FileNotFoundError(f"adapter {str(adapter)!r}: no such directory; expected a PEFT adapter directory "
+                                    "(e.g. RUN_DIR/final) or a Hub id.")
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found; pass the base model explicitly (--base).")
         base = json.loads(config_path.read_text()).get("base_model_name_or_path")
