@@ -163,3 +163,125 @@ def test_a_failing_step_leaves_state_round_and_memory_untouched(where, monkeypat
     with pytest.raises((TypeError, RuntimeError)):
         server.step(1, blobs)
     assert (wire.state_digest(server.state), server.round, wire.state_digest(server.memory)) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Flower message records: the coordinator's reply parsing (fedsrd.integrations.flower)
+# ---------------------------------------------------------------------------------------------------------------------
+
+NUM_RECORD_CASES = 600
+MAX_CASE_SECONDS = 1.0
+MAX_CASE_PEAK_MB = 64.0
+
+
+def _field_value(rng: np.random.Generator, blob: bytes):
+    """A value a ConfigRecord accepts: odd ints, floats (NaN, inf), strings, bytes, bools, lists."""
+    choices = [
+        lambda: int(rng.integers(-(2**62), 2**62)),
+        lambda: int(rng.integers(-3, 5)),
+        lambda: 2**63 - 1,
+        lambda: float(rng.choice([np.nan, np.inf, -np.inf, 1.0, 1e308, -0.0])),
+        lambda: bool(rng.integers(0, 2)),
+        lambda: "".join(chr(int(c)) for c in rng.integers(32, 0x2FF, size=int(rng.integers(0, 70)))),
+        lambda: "ok",
+        lambda: "0" * 64,
+        lambda: mutate(blob, rng)[:256],
+        lambda: [int(v) for v in rng.integers(0, 4, size=int(rng.integers(0, 4)))],
+        lambda: ["ok", "out-of-sync"],
+    ]
+    return choices[int(rng.integers(0, len(choices)))]()
+
+
+def _mutated_reply_content(rng: np.random.Generator, held: dict, update: bytes):
+    """An honest train reply's RecordDict with its control fields, payload and records mutated."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from fedsrd.integrations.flower import CONFIG, PAYLOAD, WIRE_STYPE, bytes_record
+
+    info = dict(held)
+    for key in [*held, "extra", "x" * 300]:
+        action = rng.integers(0, 4)
+        if action == 1:
+            info.pop(key, None)
+        elif action == 2:
+            info[key] = _field_value(rng, update)
+    payload = {
+        0: lambda: bytes_record({"update": update}),
+        1: lambda: bytes_record({"update": mutate(update, rng)}),
+        2: lambda: bytes_record({"other": update, "update": b""}),
+        3: lambda: ArrayRecord({"update": Array(np.frombuffer(update[: len(update) // 4 * 4], dtype=np.float32))}),
+        4: lambda: ArrayRecord({"update": Array("uint8", (len(update),), "numpy.ndarray", update)}),
+        5: lambda: ArrayRecord({"update": Array("float64", (3,), WIRE_STYPE, update[:24])}),
+        6: lambda: ConfigRecord({"update": update}),
+        7: lambda: MetricRecord({"update": 1.0}),
+        8: lambda: None,
+    }[int(rng.integers(0, 9))]()
+    control = {
+        0: lambda: ConfigRecord(info),
+        1: lambda: MetricRecord({"round": 1.0}),
+        2: lambda: bytes_record({"round": b"1"}),
+        3: lambda: None,
+    }[int(rng.choice(4, p=[0.85, 0.05, 0.05, 0.05]))]()
+    content = RecordDict()
+    if control is not None:
+        content[CONFIG] = control
+    if payload is not None:
+        content[PAYLOAD] = payload
+    return content
+
+
+@pytest.fixture
+def flower_task_identity():
+    flwr_task_identity = pytest.importorskip("flwr.supercore.task_identity")
+    identity = flwr_task_identity.TaskIdentity
+    identity.run_id, identity.node_id, identity.task_id = 1, 0, 1  # what a ServerApp process has
+    yield
+    identity.run_id = identity.node_id = identity.task_id = None
+
+
+def test_mutated_flower_records_are_refused_with_a_reason_in_bounded_time_and_memory(flower_task_identity):
+    """600 mutated train replies (control fields missing, mistyped, NaN, huge, long; payloads of the wrong record
+    or array type, or mutated bytes; control records of the wrong type) through the coordinator's parsing and, where
+    they pass, the server step beside an honest update: nothing raises, the honest update is always aggregated, and
+    every case stays under MAX_CASE_SECONDS and MAX_CASE_PEAK_MB (tracemalloc's peak of Python allocations)."""
+    import time
+    import tracemalloc
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedsrd.integrations.flower import CONFIG, TRAIN, FlowerCoordinator, _parse_reply
+
+    cfg, algo, state, blobs = _valid_updates("fedavg", n=3)
+    held = {"client-id": 2, "round": 0, "digest": wire.state_digest(state), "status": "ok"}
+    coordinator = SimpleNamespace(cfg=SimpleNamespace(num_clients=3), ledger=SimpleNamespace(round=0))
+    request = Message(RecordDict({CONFIG: ConfigRecord({"round": 1})}), 102, TRAIN, group_id="1")
+    rng = np.random.default_rng(16)
+    times, peaks, outcomes = [], [], {"refused": 0, "rejected by the step": 0, "accepted": 0}
+    tracemalloc.start()
+    try:
+        for _ in range(NUM_RECORD_CASES):
+            content = _mutated_reply_content(rng, held, blobs[2])
+            tracemalloc.reset_peak()
+            base, _ = tracemalloc.get_traced_memory()
+            start = time.perf_counter()
+            info, payload, error = _parse_reply(Message(content, reply_to=request))
+            error = error or FlowerCoordinator._train_reply_error(coordinator, 2, info, payload)
+            if error is None:
+                server = FederatedServer(algo, dict(state), cfg)
+                result = server.step(1, [payload["update"], blobs[0]], senders=[2, 0])
+                assert 0 in result.accepted
+                outcomes["accepted" if 2 in result.accepted else "rejected by the step"] += 1
+            else:
+                assert "malformed" in error, error
+                outcomes["refused"] += 1
+            times.append(time.perf_counter() - start)
+            peaks.append((tracemalloc.get_traced_memory()[1] - base) / 2**20)
+    finally:
+        tracemalloc.stop()
+    print(
+        f"\n{NUM_RECORD_CASES} mutated Flower replies: {outcomes}; per case max {max(times) * 1e3:.1f} ms "
+        f"(median {np.median(times) * 1e3:.2f} ms), peak memory max {max(peaks):.2f} MB (median {np.median(peaks):.3f})"
+    )
+    assert outcomes["refused"] > 0 and outcomes["accepted"] > 0
+    assert max(times) < MAX_CASE_SECONDS and max(peaks) < MAX_CASE_PEAK_MB
