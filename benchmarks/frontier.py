@@ -136,6 +136,7 @@ def analyse(runs: dict[str, dict[int, list[dict]]], reference: str = REFERENCE) 
                 if at_bytes is not None:
                     diffs_bytes.append(loss - at_bytes)
             if diffs_round:
+                entry["pairs"] = len(diffs_round)  # seeds with the reference at this round: the interval's n
                 entry["diff_equal_rounds"], entry["ci95_equal_rounds"] = paired_interval(diffs_round)
             if diffs_bytes:
                 entry["diff_equal_bytes"], entry["ci95_equal_bytes"] = paired_interval(diffs_bytes)
@@ -282,14 +283,14 @@ def fmt_diff(entry: dict, kind: str) -> str:
 
 
 def table(result: dict) -> str:
-    head = ["method", "seeds", "rounds", "MB/client/round", "bytes vs FedAvg", "final loss (mean)",
+    head = ["method", "seeds (paired)", "rounds", "MB/client/round", "bytes vs FedAvg", "final loss (mean)",
             "diff vs FedAvg, equal rounds [95% CI]", "diff vs FedAvg, equal bytes [95% CI]"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for method, r in result.items():
         last = r["curve"][-1]
         share = "-" if r["bytes_vs_fedavg"] is None else f"{100 * r['bytes_vs_fedavg']:.1f}%"
         eq_r, eq_b = (fmt_diff(last, "equal_rounds"), fmt_diff(last, "equal_bytes"))
-        cells = [avb.label(method), str(len(r["seeds_done"])), str(r["rounds_done"]),
+        cells = [avb.label(method), f"{len(r['seeds_done'])} ({last.get('pairs', 0)})", str(r["rounds_done"]),
                  f"{r['mb_per_client_per_round']:.3f}", share, f"{last['loss_mean']:.4f}", eq_r, eq_b]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -370,6 +371,7 @@ def summary_json(a: argparse.Namespace, result: dict) -> dict:
             "mb_per_client_per_round": r["mb_per_client_per_round"],
             "bytes_vs_fedavg": r["bytes_vs_fedavg"],
             "seeds_done": r["seeds_done"],
+            "pairs": last.get("pairs", 0),
             "rounds_done": r["rounds_done"],
         }
     return {"rounds": a.rounds, "seeds": a.seeds, "methods": methods}

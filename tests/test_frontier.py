@@ -111,4 +111,4 @@ def test_report_only_reads_committed_results_and_prints_json(tmp_path, capsys):
     assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(summary))
     assert summary["methods"]["fedsrd"]["diff_vs_fedavg"] == pytest.approx(0.05)
     assert summary["methods"]["fedsrd"]["seeds_done"] == [1, 2]
-    assert "| FedSRD | 2 | 3 |" in out
+    assert "| FedSRD | 2 (2) | 3 |" in out
