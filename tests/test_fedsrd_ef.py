@@ -188,3 +188,26 @@ def test_both_factors_download_solves_b_then_a_for_the_rest():
     assert all(v.mask is not None and v.nnz < v.numel for v in sparse.values())  # seeded DARE masks, positions free
     with pytest.raises(ValueError, match="FedSRDConfig.download_both_factors"):
         FedSRDConfig(algorithm="fedsrd_ef", download_both_factors=True)
+
+
+def test_ridge_damped_solves_match_pinv_at_zero_and_shrink_weak_directions():
+    from fedsrd.ops.lowrank import solve_left_update, solve_right_update
+
+    g = torch.Generator().manual_seed(7)
+    b = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    b[:, 2] *= 1e-4  # one weak direction: pinv amplifies it by ~1e4
+    a = torch.randn(3, 15, generator=g, dtype=torch.float64)
+    delta = (torch.randn(20, 4, generator=g, dtype=torch.float64), torch.randn(4, 15, generator=g, dtype=torch.float64))
+    torch.testing.assert_close(solve_right_update(delta, b, 0.0), torch.linalg.pinv(b) @ delta[0] @ delta[1])
+    torch.testing.assert_close(solve_left_update(delta, a, 0.0), delta[0] @ delta[1] @ torch.linalg.pinv(a))
+    plain, damped = solve_right_update(delta, b), solve_right_update(delta, b, 0.01)
+    lam = 0.01 * torch.trace(b.T @ b) / 3
+    torch.testing.assert_close(damped, torch.linalg.solve(b.T @ b + lam * torch.eye(3, dtype=b.dtype), b.T) @ delta[0]
+                               @ delta[1])  # fmt: skip
+    assert damped[2].norm() < 1e-2 * plain[2].norm()  # the weak direction is no longer amplified
+    damped_left = solve_left_update(delta, a, 0.01)
+    lam_a = 0.01 * torch.trace(a @ a.T) / 3
+    expected = delta[0] @ delta[1] @ a.T @ torch.linalg.inv(a @ a.T + lam_a * torch.eye(3, dtype=a.dtype))
+    torch.testing.assert_close(damped_left, expected)
+    with pytest.raises(ValueError, match="FedSRDConfig.decompose_ridge"):
+        FedSRDConfig(algorithm="fedsrd", decompose_ridge=-1.0)

@@ -68,6 +68,12 @@ class FedSRDConfig:
     download_drop: float = field(
         default=0.8, metadata={"help": "FedSRD: DARE drop probability on the broadcast delta (kept entries x 1/(1-p))."}
     )
+    decompose_ridge: float = field(
+        default=0.0,
+        metadata={"help": "FedSRD family, not in the paper: damp the one-factor least-squares solves, e.g. dA = "
+                  "(B^T B + lambda I)^-1 B^T dW with lambda = decompose_ridge * mean squared singular value of B; "
+                  "0 = the paper's pinv."},
+    )
     download_both_factors: bool = field(
         default=False,
         metadata={"help": "FedSRD/FedSRD-e, not in the paper: broadcast both factors' least-squares deltas every round "
@@ -298,6 +304,8 @@ class FedSRDConfig:
         )
         _require(self.upload_sparsity_cap >= 0, "upload_sparsity_cap", f"must be >= 0, got {self.upload_sparsity_cap}")
         _require(0.0 <= self.download_drop < 1.0, "download_drop", f"must be in [0, 1), got {self.download_drop}")
+        _require(self.decompose_ridge >= 0, "decompose_ridge", f"must be >= 0 (0: the paper's pinv), got "
+                 f"{self.decompose_ridge}")
         _require(
             not (self.download_both_factors and self.algorithm == "fedsrd_ef" and self.ef_download),
             "download_both_factors",

@@ -140,9 +140,9 @@ class FedSRD(Algorithm):
                 payload.update(self._both_factors(module, a, b, delta_w, rng))
                 continue
             if b_round:
-                key, delta = module.b_key, solve_left_update(delta_w, a)  # Eq. 12: dB = dW pinv(A)
+                key, delta = module.b_key, solve_left_update(delta_w, a, self.config.decompose_ridge)  # Eq. 12
             elif bool(b.any()):
-                key, delta = module.a_key, solve_right_update(delta_w, b)  # Eq. 13: dA = pinv(B) dW
+                key, delta = module.a_key, solve_right_update(delta_w, b, self.config.decompose_ridge)  # Eq. 13
             else:
                 continue  # never pinv a zero B: this module sends nothing this round
             payload[key] = self._on_wire(dare_drop(delta, self.config.download_drop, rng))  # DARE download
@@ -158,13 +158,14 @@ class FedSRD(Algorithm):
         `download_drop` (0.9 keeps the bytes of one factor at 0.8).
         """
         drop = self.config.download_drop
-        sent_b = self._on_wire(dare_drop(solve_left_update(delta_w, a), drop, rng))
+        sent_b = self._on_wire(dare_drop(solve_left_update(delta_w, a, self.config.decompose_ridge), drop, rng))
         payload: Payload = {module.b_key: sent_b}
         dense_b = _dense(sent_b)
         b_new = b + dense_b
         if bool(b_new.any()):
             rest = factored_difference(delta_w, (dense_b, a))  # dW - dB' A
-            payload[module.a_key] = self._on_wire(dare_drop(solve_right_update(rest, b_new), drop, rng))
+            delta_a = solve_right_update(rest, b_new, self.config.decompose_ridge)
+            payload[module.a_key] = self._on_wire(dare_drop(delta_a, drop, rng))
         return payload
 
     def target_change(

@@ -106,9 +106,9 @@ class FedSRDEF(FedSRD):
             a, b = global_state[module.a_key].to(torch.float32), global_state[module.b_key].to(torch.float32)
             delta_w = self.target_change(module, a, b, updates, weights)  # Eq. 9-11
             if b_round:
-                key, delta = module.b_key, solve_left_update(delta_w, a)  # Eq. 12
+                key, delta = module.b_key, solve_left_update(delta_w, a, self.config.decompose_ridge)  # Eq. 12
             elif bool(b.any()):
-                key, delta = module.a_key, solve_right_update(delta_w, b)  # Eq. 13
+                key, delta = module.a_key, solve_right_update(delta_w, b, self.config.decompose_ridge)  # Eq. 13
             else:
                 continue
             corrected = delta + _residual(memory, key, global_state[key])

@@ -69,18 +69,36 @@ def truncated_svd(left: torch.Tensor, right: torch.Tensor, rank: int) -> Factore
     return q_left @ (u[:, :keep] * s[:keep]), vh[:keep] @ q_right.T
 
 
-def solve_left_update(delta: Factored, a: torch.Tensor) -> torch.Tensor:
-    """B-round least squares: ``dB = dW @ pinv(A)`` (d_out x r) for ``dW = left @ right``."""
+def solve_left_update(delta: Factored, a: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """B-round least squares: ``dB = dW @ pinv(A)`` (d_out x r) for ``dW = left @ right``.
+
+    With ``ridge > 0``, the damped solve ``dW A^T (A A^T + lambda I)^-1`` with ``lambda = ridge * trace(A A^T) / r``
+    (relative to A's mean squared singular value, so the damping does not depend on A's scale).
+    """
     left, right = delta
-    a_pinv = torch.linalg.pinv(_compute(a))  # d_in x r
+    a_pinv = torch.linalg.pinv(_compute(a)) if ridge == 0 else _damped_pinv(_compute(a).T, ridge).T  # d_in x r
     return left @ (right @ a_pinv)
 
 
-def solve_right_update(delta: Factored, b: torch.Tensor) -> torch.Tensor:
-    """A-round least squares: ``dA = pinv(B) @ dW`` (r x d_in) for ``dW = left @ right``."""
+def solve_right_update(delta: Factored, b: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """A-round least squares: ``dA = pinv(B) @ dW`` (r x d_in) for ``dW = left @ right``.
+
+    With ``ridge > 0``, the damped solve ``(B^T B + lambda I)^-1 B^T dW`` with ``lambda = ridge * trace(B^T B) / r``:
+    directions in which B is weak are not amplified.
+    """
     left, right = delta
-    b_pinv = torch.linalg.pinv(_compute(b))  # r x d_out
+    b_pinv = torch.linalg.pinv(_compute(b)) if ridge == 0 else _damped_pinv(_compute(b), ridge)  # r x d_out
     return (b_pinv @ left) @ right
+
+
+def _damped_pinv(m: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``(M^T M + lambda I)^-1 M^T`` for a tall ``M`` (n x r), ``lambda = ridge * trace(M^T M) / r``."""
+    gram = m.T @ m
+    r = gram.shape[0]
+    lam = ridge * torch.trace(gram) / r
+    if float(lam) == 0.0:
+        return torch.linalg.pinv(m)
+    return torch.linalg.solve(gram + lam * torch.eye(r, dtype=gram.dtype, device=gram.device), m.T)
 
 
 __all__ = [
