@@ -230,29 +230,46 @@ def stored(a: argparse.Namespace, method: str, seed: int) -> list[dict] | None:
     return json.loads((d / "history.json").read_text())
 
 
-def run_one(a: argparse.Namespace, method: str, seed: int) -> list[dict]:
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+
+
+def run_main_job(cmd: list[str], out: Path, what: str, env: dict | None = None) -> list[dict]:
+    """Run one main job (`cmd`, its own process, log appended to out/train.log); its history.json."""
+    env = {**os.environ, **OFFLINE_ENV, **(env or {})}
+    print(f"[{time.strftime('%H:%M:%S')}] {what}: --output_dir {out}", file=sys.stderr, flush=True)
+    with (out / "train.log").open("a") as fh:
+        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise RuntimeError(f"{what}: the run failed (exit {code}); see {out / 'train.log'}")
+    return json.loads((out / "history.json").read_text())
+
+
+def run_and_store(a: argparse.Namespace, method: str, seed: int, settings: dict, train) -> list[dict]:
+    """Train one (method, seed) in its working dir and store its small result (history + settings) under
+    ``a.results``. A working dir holding another settings' checkpoint is cleared first, so only a run of the same
+    settings is resumed. `train(out)` returns the history."""
     out = run_dir(a.out, method, seed).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    settings = settings_of(a, method, seed)
     stamp = out / "settings.json"
     if stamp.exists() and json.loads(stamp.read_text()) != settings:
         shutil.rmtree(out)  # a checkpoint of other settings must not be resumed
         out.mkdir(parents=True)
     stamp.write_text(json.dumps(settings, indent=1))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
-    cmd = [sys.executable, str(avb.FED_TRAIN), *main_job_args(a, method, seed, out)]
-    print(f"[{time.strftime('%H:%M:%S')}] {method} seed {seed}: --output_dir {out}", file=sys.stderr, flush=True)
-    with (out / "train.log").open("a") as fh:
-        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        raise RuntimeError(f"{method} seed {seed}: the run failed (exit {code}); see {out / 'train.log'}")
-    history = json.loads((out / "history.json").read_text())
+    history = train(out)
     keep = run_dir(a.results, method, seed)
     keep.mkdir(parents=True, exist_ok=True)
     (keep / "history.json").write_text(json.dumps(history, indent=1))
     (keep / "settings.json").write_text(json.dumps(settings, indent=1))
     return history
+
+
+def run_one(a: argparse.Namespace, method: str, seed: int) -> list[dict]:
+    def train(out: Path) -> list[dict]:
+        cmd = [sys.executable, str(avb.FED_TRAIN), *main_job_args(a, method, seed, out)]
+        return run_main_job(cmd, out, f"{method} seed {seed}")
+
+    return run_and_store(a, method, seed, settings_of(a, method, seed), train)
 
 
 def load_all_stored(a: argparse.Namespace) -> dict[str, dict[int, list[dict]]]:

@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frontier import interpolate, paired_interval, run_dir  # noqa: E402  (one set of statistics for every harness)
+from frontier import interpolate, paired_interval, run_and_store, run_dir, run_main_job  # noqa: E402  (one set of statistics for every harness)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "full_parameter"
@@ -118,35 +116,16 @@ def stored(a: argparse.Namespace, method: str, seed: int) -> list[dict] | None:
 
 def train(a: argparse.Namespace, method: str, seed: int, out: Path, rounds: int) -> list[dict]:
     """One run of the main job in its own process (resuming from its checkpoint); its history."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
-    if a.threads:  # on a shared CPU, fewer threads than cores avoid oversubscription (measured: 5x faster at 1 of 2)
-        env["OMP_NUM_THREADS"] = str(a.threads)
+    # on a shared CPU, fewer threads than cores avoid oversubscription (measured: 5x faster at 1 of 2)
+    env = {"OMP_NUM_THREADS": str(a.threads)} if a.threads else {}
     cmd = [sys.executable, "-m", "fedsrd.cli", "train", *main_job_args(a, method, seed, str(out), rounds),
            "--checkpoint", "true", "--resume", "true"]  # fmt: skip
-    print(f"[{time.strftime('%H:%M:%S')}] {method} seed {seed}: --output_dir {out}", file=sys.stderr, flush=True)
-    with (out / "train.log").open("a") as fh:
-        code = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        raise RuntimeError(f"{method} seed {seed}: the run failed (exit {code}); see {out / 'train.log'}")
-    return json.loads((out / "history.json").read_text())
+    return run_main_job(cmd, out, f"{method} seed {seed}", env)
 
 
 def run_one(a: argparse.Namespace, method: str, seed: int) -> list[dict]:
-    out = run_dir(a.out, method, seed).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     settings = settings_of(a, method, seed)
-    stamp = out / "settings.json"
-    if stamp.exists() and json.loads(stamp.read_text()) != settings:
-        shutil.rmtree(out)  # a checkpoint of other settings must not be resumed
-        out.mkdir(parents=True)
-    stamp.write_text(json.dumps(settings, indent=1))
-    history = train(a, method, seed, out, a.rounds)
-    keep = run_dir(a.results, method, seed)
-    keep.mkdir(parents=True, exist_ok=True)
-    (keep / "history.json").write_text(json.dumps(history, indent=1))
-    (keep / "settings.json").write_text(json.dumps(settings, indent=1))
-    return history
+    return run_and_store(a, method, seed, settings, lambda out: train(a, method, seed, out, a.rounds))
 
 
 def estimate(a: argparse.Namespace) -> dict[str, float]:

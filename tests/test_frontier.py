@@ -112,3 +112,22 @@ def test_report_only_reads_committed_results_and_prints_json(tmp_path, capsys):
     assert summary["methods"]["fedsrd"]["diff_vs_fedavg"] == pytest.approx(0.05)
     assert summary["methods"]["fedsrd"]["seeds_done"] == [1, 2]
     assert "| FedSRD | 2 (2) | 3 |" in out
+
+
+def test_run_and_store_clears_other_settings_and_stores_the_result(tmp_path):
+    a = _args(tmp_path, "--methods", "fedavg", "--seeds", "1")
+    work = frontier.run_dir(a.out, "fedavg", 1)
+    work.mkdir(parents=True)
+    (work / "settings.json").write_text(json.dumps({"other": True}))
+    (work / "stale_checkpoint").write_text("x")
+    history = _history({0: 2.0, 3: 1.0}, 4.0)
+    seen = []
+
+    def train(out):
+        seen.append(sorted(p.name for p in out.iterdir()))
+        return history
+
+    settings = frontier.settings_of(a, "fedavg", 1)
+    assert frontier.run_and_store(a, "fedavg", 1, settings, train) == history
+    assert seen == [["settings.json"]]  # the other settings' checkpoint was removed before training
+    assert frontier.stored(a, "fedavg", 1) == history  # stored, and reused with the same settings
