@@ -103,7 +103,8 @@ def run_args(a: argparse.Namespace, method: str, out: Path, first: bool) -> list
         "--lora_dropout", "0.05", "--lora_target_modules", *a.targets, "--value_dtype", a.value_dtype,
         "--seed", str(a.seed), "--eval_every", "0", "--eval_at_start", "true" if first else "false",
         "--save_every", "0", "--checkpoint", "false", "--output_dir", str(out), "--report_to", "none",
-        "--use_cpu", "true", "--disable_tqdm", "true", "--logging_steps", "1000", *extra,
+        "--use_cpu", "true", "--disable_tqdm", "true", "--logging_steps", "1000",
+        "--adaptive_clip", "off", *extra,  # methods compared as the papers define them (a method may override)
     ]  # fmt: skip
 
 
