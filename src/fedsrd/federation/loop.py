@@ -120,7 +120,7 @@ class Federation:
             record = self.run_round(round)
             bar.set_postfix(loss=record["train_loss"], eval=record.get("eval_loss"), mb=round_mb(record))
             if record["should_training_stop"]:
-                if round < cfg.num_rounds and self.transport.is_main:
+                if round < cfg.num_rounds and self.transport.is_main and not record.get("dp_budget_exhausted"):
                     logger.warning("a callback stopped the federation after round %d of %d", round, cfg.num_rounds)
                 break
         bar.close()
