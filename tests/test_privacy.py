@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fedsrd import FedSRDConfig, get_algorithm, wire
+from fedsrd.algorithms.fedsrd import lora_modules
 from fedsrd.client import FederatedClient
 from fedsrd.ops import generator_for
 from fedsrd.ops.privacy import epsilon_after, noise_multiplier_for
@@ -60,8 +61,9 @@ def test_epsilon_of_full_participation_brackets_the_exact_gaussian_mechanism():
     # min_alpha T alpha / (2 sigma^2) + log(1/delta) / (alpha - 1) (CSF 2017, Proposition 3).
     sigma, rounds, delta = 2.0, 4, 1e-5
     exact = _exact_gaussian_epsilon(sigma / math.sqrt(rounds), delta)
-    classic = min(rounds * a / (2 * sigma**2) + math.log(1 / delta) / (a - 1) for a in [1 + i / 100 for i in
-                                                                                          range(1, 10000)])
+    classic = min(
+        rounds * a / (2 * sigma**2) + math.log(1 / delta) / (a - 1) for a in [1 + i / 100 for i in range(1, 10000)]
+    )
     ours = epsilon_after(rounds, sigma, 1.0, delta)
     assert exact < ours <= classic
     assert ours == pytest.approx(exact, rel=0.15)  # RDP is loose by a few percent here, not more
@@ -143,8 +145,8 @@ def test_clipping_bounds_a_hostile_clients_pull_to_clip_over_m(mode):
     server, result = _step(cfg, state, _uploads(cfg, state, [state, state, state, hostile]))
     moved = float(_change(server, state).norm())
     assert moved == pytest.approx(1.0 / 4, rel=1e-5)  # clipped to C, divided by m: C / m
-    if mode == "central":
-        assert set(result.robust["clipped"]) == {"3"} and result.robust["clip_bound"] == 1.0
+    if mode == "central":  # the record names no client's norm (it depends on the client's data)
+        assert result.robust["clip_bound"] == 1.0 and "norms" not in result.robust and "clipped" not in result.robust
 
 
 def test_fedsrd_clips_the_product_change_and_noises_the_aggregated_product():
@@ -155,10 +157,11 @@ def test_fedsrd_clips_the_product_change_and_noises_the_aggregated_product():
     hostile = {k: v + 50.0 * torch.randn(v.shape, generator=g) for k, v in state.items()}
     server = FederatedServer(algo, dict(state), cfg)
     msgs = [server.decode_update(u, 1) for u in _uploads(cfg, state, [state, state, hostile])]  # 3 of m = 4
+    before = algo.update_norm(state, msgs[2].tensors)
     kept, record = server.bound_influence(1, msgs, {})
-    assert algo.update_norm(state, kept[2].tensors) <= 1.0 and "2" in record["clipped"]
+    assert before > 10 and algo.update_norm(state, kept[2].tensors) <= 1.0 and record["clip_bound"] == 1.0
     padded, weights, _, _ = server._private_sum([m.tensors for m in kept])
-    module = next(iter(__import__("fedsrd.algorithms.fedsrd", fromlist=["x"]).lora_modules(state)))
+    (module,) = lora_modules(state)
     a, b = state[A_KEY], state[B_KEY]
     left, right = algo.target_change(module, a, b, padded, weights, (0.0, torch.Generator()))
     assert float(torch.linalg.norm(left @ right)) <= 1.0 / 4 * (1 + 1e-4)  # the product moves by at most C / m
@@ -203,8 +206,10 @@ def test_same_seed_same_bits_and_the_noise_is_seeded_per_round_and_client():
         ({"algorithm": "flora"}, r"dp_mode: algorithm 'flora' .*stacks"),
         ({"algorithm": "fedex_lora"}, r"dp_mode: algorithm 'fedex_lora' .*residual"),
         ({"algorithm": "fedsrd_ef", "upload_mask": "importance"}, r"dp_mode: algorithm 'fedsrd_ef' .*error feedback"),
-        ({"algorithm": "fedsrd", "dp_mode": "local", "upload_mask": "random"},
-         r"dp_mode: algorithm 'fedsrd' does not admit dp_mode='local'.*full-rank.*dp_mode='central'"),
+        (
+            {"algorithm": "fedsrd", "dp_mode": "local", "upload_mask": "random"},
+            r"dp_mode: algorithm 'fedsrd' does not admit dp_mode='local'.*full-rank.*dp_mode='central'",
+        ),
         ({"algorithm": "fedsrd"}, r"upload_mask: must be 'random' .*importance pruning"),
         ({"dp_clip_norm": None}, r"dp_clip_norm: must be set"),
         ({"dp_target_epsilon": 3.0}, r"exactly one of dp_noise_multiplier and dp_target_epsilon"),
@@ -224,15 +229,31 @@ def test_refused_combinations_say_why(settings, message):
 def test_unreachable_target_epsilon_is_refused_before_training():
     cfg = _config(dp_noise_multiplier=None, dp_target_epsilon=1e-4, num_rounds=1000)
     with pytest.raises(ValueError, match="no noise multiplier"):
-        cfg.resolved_dp_noise_multiplier
+        _ = cfg.resolved_dp_noise_multiplier
 
 
 # ---- end to end (the tiny preset) ------------------------------------------------------------------------------------
 def _tiny(out: Path, *extra: str):
     from fedsrd.cli import run_train
 
-    args = ["--config", str(TINY), "--output_dir", str(out), "--disable_tqdm", "true", "--eval_every", "0",
-            "--save_every", "0", "--local_steps", "2", "--dp_clip_norm", "0.5", "--dp_noise_multiplier", "1.0"]
+    args = [
+        "--config",
+        str(TINY),
+        "--output_dir",
+        str(out),
+        "--disable_tqdm",
+        "true",
+        "--eval_every",
+        "0",
+        "--save_every",
+        "0",
+        "--local_steps",
+        "2",
+        "--dp_clip_norm",
+        "0.5",
+        "--dp_noise_multiplier",
+        "1.0",
+    ]
     trainer = run_train([*args, *extra])
     return trainer, json.loads((out / "history.json").read_text())
 

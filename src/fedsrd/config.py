@@ -510,6 +510,9 @@ class FedSRDConfig:
             )
         if self.dp_mode == "off":
             return
+        from fedsrd.ops.privacy import require_accountant
+
+        require_accountant()
         if self.dp_mode not in cls.dp_support:
             able = [a for a in list_algorithms() if self.dp_mode in get_algorithm_class(a).dp_support]
             why = cls.dp_refusal or "its server step is not a sum of per-client changes whose norm can be bounded"

@@ -120,6 +120,8 @@ class FederatedServer:
                 record["clipped"][client] = {"norm": norm, "scale": bound / norm if norm else 1.0}
                 logger.warning("round %d: clipped client %s's update: change norm %.4g > bound %.4g", round, client,
                                norm, bound)
+        if cfg.dp_mode != "off":  # each client's norm depends on its data: under DP the record keeps only the bound
+            del record["norms"], record["clipped"]
         return messages, record
 
     def robust_rule(self) -> str:

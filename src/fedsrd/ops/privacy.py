@@ -28,6 +28,17 @@ RDP_ORDERS = tuple([2 + x / 2 for x in range(20)] + [12, 14, 16, 20, 24, 28, 32,
 PLD_DISCRETIZATION = 1e-3  # the PLD accountant's value discretisation (pessimistic: epsilon is an upper bound)
 
 
+def require_accountant() -> None:
+    """Raise ImportError with the install command if the `dp-accounting` package is missing."""
+    try:
+        import dp_accounting  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "differential privacy (dp_mode 'central' or 'local') needs the dp-accounting package: "
+            "pip install 'fedsrd[privacy]' (or pip install dp-accounting)."
+        ) from err
+
+
 def round_event(noise_multiplier: float, sampling_rate: float):
     """One round as a `dp_accounting` event: the Gaussian mechanism, Poisson-subsampled at `sampling_rate` (< 1)."""
     import dp_accounting
