@@ -109,8 +109,8 @@ class FedSRD(Algorithm):
     # put full-rank noise into its factor deltas. Importance-pruned positions depend on the data: DP needs
     # upload_mask="random".
     dp_support = frozenset({"central"})
-    dp_refusal = ("the server aggregates the clients' products B_i A_i, and the Gaussian noise must cover that full-rank "
-                  "product space, which a client's factor deltas cannot carry; use dp_mode='central'")
+    dp_refusal = ("the server aggregates the clients' products B_i A_i, and the Gaussian noise must cover that "
+                  "full-rank product space, which a client's factor deltas cannot carry; use dp_mode='central'")
     data_dependent_positions = True
     random_upload_mask = True
 
