@@ -198,6 +198,53 @@ def test_same_seed_same_bits_and_the_noise_is_seeded_per_round_and_client():
     assert _step(other, state, _uploads(other, state, [state] * 3))[1].broadcast != b1
 
 
+def _case(algorithm: str) -> tuple[dict, dict, dict]:
+    """(config settings, global state, a client's local state) for one algorithm, tiny."""
+    g = torch.Generator().manual_seed(3)
+    if algorithm == "fedkseed":
+        from fedsrd.algorithms.fedkseed import COEFF, LOCAL_INCREMENT
+
+        increment = torch.zeros(16)
+        increment[[2, 5]] = torch.randn(2, generator=g)
+        return {"kseed_num_seeds": 16}, {COEFF: torch.zeros(16)}, {LOCAL_INCREMENT: increment}
+    if algorithm == "fedkrso":
+        weight = "model.layers.0.mlp.up_proj.weight"
+        local = {f"{weight}@1": torch.randn(16, 2, generator=g)}
+        return {"krso_num_seeds": 3, "krso_rank": 2}, {weight: torch.zeros(16, 8)}, local
+    if algorithm == "fedfft":
+        state = {"model.layers.0.mlp.up_proj.weight": torch.zeros(16, 8)}
+        return {}, state, {k: torch.randn(v.shape, generator=g) for k, v in state.items()}
+    state = _state(r=4, d_in=24, d_out=16)
+    extra = {"upload_mask": "random"} if algorithm.startswith("fedsrd") else {}
+    return extra, state, {k: v + torch.randn(v.shape, generator=g) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("mode", ["central", "local"])
+@pytest.mark.parametrize(
+    "algorithm",
+    ["fedavg", "fedprox", "ffa_lora", "fedsa_lora", "fed_dare", "topk", "fedfft", "fedkrso", "fedkseed", "fedsrd",
+     "fedsrd_e"],
+)  # fmt: skip
+def test_every_admitting_algorithm_runs_a_private_round_that_clients_decode_to_the_same_state(algorithm, mode):
+    settings, state, local = _case(algorithm)
+    cls = type(get_algorithm(algorithm, FedSRDConfig(algorithm=algorithm, **settings)))
+    if mode not in cls.dp_support:
+        with pytest.raises(ValueError, match="does not admit"):
+            _config(algorithm=algorithm, dp_mode=mode, **settings)
+        return
+    cfg = _config(algorithm=algorithm, dp_mode=mode, dp_noise_multiplier=0.5, **settings)
+    uploads = _uploads(cfg, state, [local, local, local])  # 3 of the m = 4 sampled
+    server, result = _step(cfg, state, uploads)
+    client = FederatedClient(get_algorithm(algorithm, cfg), dict(state), cfg)
+    client.receive(result.broadcast)  # raises if the client's state differs from the server's
+    assert wire.state_digest(client.state) == wire.state_digest(server.state)
+    assert result.robust["dp_denominator"] == 4 and result.robust["dp_noise_std"] > 0
+    if algorithm in ("fedkrso", "fedkseed"):  # the noise covers every seed, not only the ones the clients used
+        payload = wire.decode(result.broadcast).tensors
+        names = get_algorithm(algorithm, cfg).update_shapes(state)
+        assert all(name in payload for name in names)
+
+
 # ---- refusals -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("settings", "message"),
