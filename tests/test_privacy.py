@@ -329,3 +329,42 @@ def test_tiny_run_with_local_dp_records_epsilon_and_repeats_bit_for_bit(tmp_path
 def test_budget_that_no_round_fits_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="dp_stop_at_epsilon: round 1 would take epsilon"):
         _tiny(tmp_path, "--dp_mode", "central", "--dp_stop_at_epsilon", "1")
+
+
+# ---- what a run shows: round table, report, model card -------------------------------------------------------------
+def _dp_history() -> list[dict]:
+    from fedsrd.federation.history import round_record, start_record
+
+    def rec(r: int, eps: float) -> dict:
+        made = round_record(round=r, clients=[0, 1], accepted=[0, 1], rejected={}, dropped={}, train_loss=1.0,
+                            learning_rate=1e-3, upload_bytes=2048, download_bytes=2048, broadcast_bytes=1024,
+                            num_uploads=2, cumulative_mb=0.01 * r, dp_epsilon=eps, dp_delta=1e-5,
+                            robust={"dp_noise_multiplier": 1.0})  # fmt: skip
+        return {**made, "eval_loss": 2.0}
+
+    return [start_record(), rec(1, 4.7289), {**rec(2, 7.0879), "dp_budget_exhausted": True}]
+
+
+def test_round_table_report_and_model_card_show_epsilon(tmp_path, capsys):
+    from fedsrd.federation.history import RoundTable
+    from fedsrd.hub import build_model_card
+    from fedsrd.report import write_report
+
+    history = _dp_history()
+    table = RoundTable(enabled=True, epsilon=True)
+    for r in history:
+        table.add(r)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split("|")[-1].strip() == "epsilon" and lines[-1].split("|")[-1].strip() == "7.0879"
+    cfg = _config(dp_clip_norm=0.5, dp_noise_multiplier=1.0, num_rounds=3, clients_per_round=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "history.json").write_text(json.dumps(history))
+    (run / "fed_config.json").write_text(json.dumps(cfg.to_dict()))
+    report = write_report([run], tmp_path / "report").read_text()
+    assert "DP epsilon (delta)" in report and "7.0879 (1e-05, central)" in report
+    card = str(build_model_card(run, cfg, history, repo_id="me/dp"))
+    assert "**epsilon = 7.088** at delta = 1e-05 after 2 rounds" in card and "Clip bound 0.5" in card
+    assert "sampling rate 0.5" in card and "next round would have exceeded `dp_stop_at_epsilon`" in card
+    plain = str(build_model_card(run, FedSRDConfig(), history[:1], repo_id="me/plain"))
+    assert "Trained without differential privacy" in plain
