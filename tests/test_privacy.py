@@ -368,3 +368,29 @@ def test_round_table_report_and_model_card_show_epsilon(tmp_path, capsys):
     assert "sampling rate 0.5" in card and "next round would have exceeded `dp_stop_at_epsilon`" in card
     plain = str(build_model_card(run, FedSRDConfig(), history[:1], repo_id="me/plain"))
     assert "Trained without differential privacy" in plain
+
+
+# ---- Flower: the same private round, the same bits ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"algorithm": "fedsrd", "upload-mask": "random", "dp-mode": "central"},
+        {"algorithm": "fedavg", "dp-mode": "local"},
+    ],
+)
+def test_flower_private_run_is_the_simulation_run_bit_for_bit(settings, tmp_path, tmp_path_factory):
+    pytest.importorskip("flwr")
+    from flwr.supercore.task_identity import TaskIdentity
+    from test_flower import _final_digest, _run_in_process, _simulated_run
+
+    dp = {**settings, "num-rounds": 2, "dp-clip-norm": 0.5, "dp-noise-multiplier": 1.0}
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a ServerApp process has
+    try:
+        history, _ = _run_in_process(tmp_path, **dp)
+    finally:
+        TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+    digest, sim_dir = _simulated_run(tmp_path_factory, **dp)
+    assert _final_digest(tmp_path / "server") == digest
+    simulated = json.loads((sim_dir / "history.json").read_text())
+    eps = [epsilon_after(r, 1.0, 0.5, 1e-5) for r in (1, 2)]  # one of two clients a round: q = 0.5
+    assert [r["dp_epsilon"] for r in history[1:]] == [r["dp_epsilon"] for r in simulated[1:]] == eps
