@@ -13,6 +13,7 @@ from fedsrd import wire
 from fedsrd.algorithms import Algorithm, BaseDelta, State
 from fedsrd.config import FedSRDConfig
 from fedsrd.ops import generator_for
+from fedsrd.ops.privacy import client_noise_std
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +86,21 @@ class FederatedClient:
             self.memories[client_id] = {k: v.detach().to("cpu", torch.float32) for k, v in kept.items()}
         else:
             self.memories.pop(client_id, None)
+        if self.config.dp_mode == "local":
+            payload = self.privatize(payload, round=round, client_id=client_id)
         meta = {"client_id": int(client_id), "num_samples": int(num_samples), **(metrics or {})}
         msg = wire.Message(kind="update", algorithm=self.algorithm.name, round=round, tensors=payload, meta=meta)
         return wire.encode(msg, value_dtype=self.config.value_dtype, positions=self.config.positions)
+
+    def privatize(self, payload: dict, *, round: int, client_id: int) -> dict:
+        """dp_mode="local" (distributed DP, docs/privacy.md): clip the change `payload` proposes to dp_clip_norm, then
+        add this client's share ``N(0, (z C)^2 / m)`` of the noise to every coordinate of every upload tensor, drawn
+        from (seed, round, client): the m sampled clients' shares sum to the central mechanism's ``N(0, (z C)^2)``."""
+        cfg = self.config
+        clipped = self.algorithm.clip_update(self.state, payload, float(cfg.dp_clip_norm))
+        std = client_noise_std(cfg.resolved_dp_noise_multiplier, float(cfg.dp_clip_norm), cfg.sampled_per_round)
+        rng = generator_for(cfg.seed, "dp_noise", round, client_id)
+        return self.algorithm.add_dp_noise(self.state, clipped, std, rng)
 
 
 # Model cards published before `fedsrd.base_weights` existed import it from here.

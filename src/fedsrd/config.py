@@ -12,6 +12,10 @@ EF_DOWNLOAD_SELECTIONS = ("random", "magnitude")
 HUB_ROUND_REFS = ("branch", "tag")
 ROBUST_AGGREGATIONS = ("none", "median", "trimmed_mean")
 ADAPTIVE_CLIP_MODES = ("auto", "on", "off")
+# ---- differential privacy (fedsrd.ops.privacy; docs/privacy.md) ----
+DP_MODES = ("off", "central", "local")
+DP_ACCOUNTANTS = ("rdp", "pld")
+UPLOAD_MASKS = ("importance", "random")
 
 
 @dataclass
@@ -204,6 +208,50 @@ class FedSRDConfig:
                   "coordinate (at most (m-1)/2)."},
     )
     # ---- end of robust aggregation -------------------------------------------------------------------------------
+    # ---- differential privacy (fedsrd.ops.privacy; docs/privacy.md) ---------------------------------------------
+    dp_mode: str = field(
+        default="off",
+        metadata={"help": "Client-level differential privacy (DP-FedAvg, McMahan et al., ICLR 2018): 'off'; 'central' "
+                  "(the server clips each client's change to dp_clip_norm and adds Gaussian noise to their sum: a "
+                  "trusted server); 'local' (each client clips and adds its 1/sqrt(m) share of the noise before "
+                  "encoding: distributed DP, the sum of m uploads carries the central noise). Which algorithms admit "
+                  "which: Algorithm.dp_support, docs/privacy.md."},
+    )
+    dp_clip_norm: float | None = field(
+        default=None,
+        metadata={"help": "DP: the L2 bound C on each client's change (the concatenated change of every uploaded "
+                  "tensor; FedSRD: of its LoRA products), the sensitivity the noise is calibrated to. Required with "
+                  "dp_mode central/local."},
+    )
+    dp_noise_multiplier: float | None = field(
+        default=None,
+        metadata={"help": "DP: noise multiplier z; the noise on the sum of the clipped changes is N(0, (z C)^2) per "
+                  "coordinate. Give this or dp_target_epsilon."},
+    )
+    dp_target_epsilon: float | None = field(
+        default=None,
+        metadata={"help": "DP: compute the smallest noise multiplier whose epsilon after num_rounds rounds, at "
+                  "sampling rate clients_per_round / num_clients, is at most this (instead of dp_noise_multiplier)."},
+    )
+    dp_delta: float = field(default=1e-5, metadata={"help": "DP: the delta epsilon is reported at."})
+    dp_accountant: str = field(
+        default="rdp",
+        metadata={"help": "DP: the dp-accounting accountant, 'rdp' (Renyi DP, fast) or 'pld' (privacy loss "
+                  "distributions, tighter, slower); rounds are Poisson-subsampled Gaussian mechanisms."},
+    )
+    dp_stop_at_epsilon: float | None = field(
+        default=None,
+        metadata={"help": "DP budget: end the federation before a round that would take epsilon above this "
+                  "(history.json's dp_budget_exhausted marks the last round run)."},
+    )
+    upload_mask: str = field(
+        default="importance",
+        metadata={"help": "FedSRD family: which upload entries are kept, 'importance' (the paper's Eq. 6-8: positions "
+                  "and counts depend on the data) or 'random' (a seeded DARE mask from (seed, round, client) with drop "
+                  "upload_sparsity_alpha, survivors x 1/(1-p): positions leak nothing and travel as a seed). DP needs "
+                  "'random'."},
+    )
+    # ---- end of differential privacy -----------------------------------------------------------------------------
     max_update_value: float = field(
         default=1e4,
         metadata={"help": "Updates holding any value of larger magnitude are rejected as broken or hostile."},
@@ -354,6 +402,7 @@ class FedSRDConfig:
         )
         _require(self.max_update_value > 0, "max_update_value", f"must be > 0, got {self.max_update_value}")
         self._check_robust_aggregation()
+        self._check_privacy()
         _require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         _require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
         # learning rate across rounds
@@ -437,6 +486,123 @@ class FedSRDConfig:
                     f"FedSRDConfig.{name}: algorithm {self.algorithm!r} does not admit {defence!r} (its server step "
                     f"is not a sum it can bound that way); the algorithms that do: {', '.join(able)}."
                 )
+
+    # ---- differential privacy (docs/privacy.md) ----
+    def _check_privacy(self) -> None:
+        _require(self.dp_mode in DP_MODES, "dp_mode", f"must be one of {DP_MODES}, got {self.dp_mode!r}")
+        _require(
+            self.upload_mask in UPLOAD_MASKS, "upload_mask", f"must be one of {UPLOAD_MASKS}, got {self.upload_mask!r}"
+        )
+        _require(
+            self.dp_accountant in DP_ACCOUNTANTS,
+            "dp_accountant",
+            f"must be one of {DP_ACCOUNTANTS}, got {self.dp_accountant!r}",
+        )
+        _require(0.0 < self.dp_delta < 1.0, "dp_delta", f"must be in (0, 1), got {self.dp_delta}")
+        from fedsrd.algorithms import get_algorithm_class, list_algorithms
+
+        cls = get_algorithm_class(self.algorithm)
+        if self.upload_mask == "random" and not cls.random_upload_mask:
+            able = [a for a in list_algorithms() if get_algorithm_class(a).random_upload_mask]
+            raise ValueError(
+                f"FedSRDConfig.upload_mask: algorithm {self.algorithm!r} has no 'random' upload mask; the algorithms "
+                f"that do: {', '.join(able)}."
+            )
+        if self.dp_mode == "off":
+            return
+        from fedsrd.ops.privacy import require_accountant
+
+        require_accountant()
+        if self.dp_mode not in cls.dp_support:
+            able = [a for a in list_algorithms() if self.dp_mode in get_algorithm_class(a).dp_support]
+            why = cls.dp_refusal or "its server step is not a sum of per-client changes whose norm can be bounded"
+            raise ValueError(
+                f"FedSRDConfig.dp_mode: algorithm {self.algorithm!r} does not admit dp_mode={self.dp_mode!r}: {why}. "
+                f"The algorithms that do: {', '.join(able)} (docs/privacy.md)."
+            )
+        _require(
+            self.dp_clip_norm is not None and self.dp_clip_norm > 0,
+            "dp_clip_norm",
+            f"must be set to a bound > 0 with dp_mode={self.dp_mode!r} (the sensitivity the noise is calibrated to), "
+            f"got {self.dp_clip_norm}",
+        )
+        _require(
+            (self.dp_noise_multiplier is None) != (self.dp_target_epsilon is None),
+            "dp_noise_multiplier",
+            "give exactly one of dp_noise_multiplier and dp_target_epsilon with dp_mode "
+            f"{self.dp_mode!r}, got {self.dp_noise_multiplier} and {self.dp_target_epsilon}",
+        )
+        _require(
+            self.dp_noise_multiplier is None or self.dp_noise_multiplier >= 0,
+            "dp_noise_multiplier",
+            f"must be >= 0, got {self.dp_noise_multiplier}",
+        )
+        _require(
+            self.dp_target_epsilon is None or self.dp_target_epsilon > 0,
+            "dp_target_epsilon",
+            f"must be > 0, got {self.dp_target_epsilon}",
+        )
+        _require(
+            self.dp_stop_at_epsilon is None or self.dp_stop_at_epsilon > 0,
+            "dp_stop_at_epsilon",
+            f"must be > 0, got {self.dp_stop_at_epsilon}",
+        )
+        _require(
+            self.aggregation == "uniform",
+            "aggregation",
+            "must be 'uniform' with differential privacy: sample-count weights depend on the clients' data and let "
+            f"one client weigh more than clip/m; got {self.aggregation!r}",
+        )
+        _require(
+            self.robust_aggregation == "none",
+            "robust_aggregation",
+            f"must be 'none' with differential privacy: a coordinate-wise {self.robust_aggregation} is not a sum, so "
+            "no noise calibrated to the clip bound covers it",
+        )
+        _require(
+            self.adaptive_clip != "on",
+            "adaptive_clip",
+            "must be 'auto' or 'off' with differential privacy: the adaptive bound is the median of the clients' "
+            "norms, which depends on their data (private quantile estimation is not implemented); dp_clip_norm is "
+            "the bound ('auto' turns adaptive clipping off under DP)",
+        )
+        _require(
+            not cls.data_dependent_positions or self.upload_mask == "random",
+            "upload_mask",
+            f"must be 'random' with differential privacy for {self.algorithm!r}: importance pruning's positions and "
+            "counts depend on the client's data and are visible in every upload, a leak no noise covers; "
+            "upload_mask='random' keeps a seeded mask instead",
+        )
+
+    @property
+    def dp_sampling_rate(self) -> float:
+        """The share of clients sampled each round, q = clients_per_round / num_clients (the accountant's rate)."""
+        return self.sampled_per_round / self.num_clients
+
+    @property
+    def resolved_dp_noise_multiplier(self) -> float:
+        """dp_noise_multiplier, or the one dp_target_epsilon asks for over num_rounds (computed by the accountant)."""
+        if self.dp_noise_multiplier is not None:
+            return float(self.dp_noise_multiplier)
+        if self.dp_target_epsilon is None:
+            raise ValueError("FedSRDConfig: no noise multiplier: differential privacy is off (dp_mode='off').")
+        from fedsrd.ops.privacy import noise_multiplier_for
+
+        return noise_multiplier_for(
+            float(self.dp_target_epsilon), self.num_rounds, self.dp_sampling_rate, self.dp_delta, self.dp_accountant
+        )
+
+    def dp_epsilon_after(self, rounds: int) -> float | None:
+        """Epsilon (at dp_delta) after `rounds` rounds; None when differential privacy is off."""
+        if self.dp_mode == "off":
+            return None
+        from fedsrd.ops.privacy import epsilon_after
+
+        return epsilon_after(
+            rounds, self.resolved_dp_noise_multiplier, self.dp_sampling_rate, self.dp_delta, self.dp_accountant
+        )
+
+    # ---- end of differential privacy ----
 
     @property
     def seed(self) -> int:

@@ -29,6 +29,7 @@ from fedsrd.report import (
     comm_summary,
     final_scores,
     headline_score_keys,
+    privacy_summary,
     public_name,
     unavailable_benchmarks,
     without_local_paths,
@@ -227,6 +228,7 @@ def build_model_card(
     total = cfg.get("num_rounds", "?")
     comm = comm_summary(history)
     scores = final_scores(history)
+    privacy = privacy_summary(history, cfg)
     name = repo_id or Path(adapter_dir).name
     ref = revision or "main"
     data = ModelCardData(
@@ -255,6 +257,7 @@ def build_model_card(
         f"| upload | {_mb(comm['upload_mb_per_client_per_round'])} MB | {_mb(comm['total_upload_mb'])} MB |",
         f"| download | {_mb(comm['download_mb_per_client_per_round'])} MB | {_mb(comm['total_download_mb'])} MB |",
         "",
+        *_privacy_lines(privacy),
         "## Scores",
         "",
     ]
@@ -301,6 +304,40 @@ def build_model_card(
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
+def _privacy_lines(privacy: dict[str, Any] | None) -> list[str]:
+    """The card's privacy section (docs/privacy.md): what the run can claim, or that it claims nothing."""
+    if privacy is None:
+        return [
+            "## Privacy",
+            "",
+            "Trained without differential privacy: the clients' data never left them, but the updates and this adapter "
+            "are not protected against inference about it.",
+            "",
+        ]
+    eps = privacy["epsilon"]
+    eps_text = "not yet accounted (no round run)" if eps is None else f"**epsilon = {eps:.3f}**"
+    where = {
+        "central": "the server clipped each client's change and added Gaussian noise to their sum (a trusted server)",
+        "local": "each client clipped its change and added its share of the Gaussian noise before upload (distributed "
+                 "DP: the guarantee is for whoever sees only the aggregate)",
+    }[privacy["mode"]]
+    lines = [
+        "## Privacy",
+        "",
+        f"Client-level (epsilon, delta)-differential privacy (DP-FedAvg; McMahan et al., ICLR 2018): {eps_text} at "
+        f"delta = {privacy['delta']:g} after {privacy['rounds']} rounds, for each client's whole dataset. Placement "
+        f"`{privacy['mode']}`: {where}. Clip bound {privacy['clip_norm']:g}, noise multiplier "
+        f"{_num(privacy['noise_multiplier'])}"
+        + (f" (computed for a target epsilon of {privacy['target_epsilon']:g})" if privacy["target_epsilon"] else "")
+        + f", sampling rate {privacy['sampling_rate']:.3g} per round, `{privacy['accountant']}` accountant "
+        "(dp-accounting, Poisson-subsampled Gaussian rounds).",
+        "",
+    ]
+    if privacy["budget_exhausted"]:
+        lines += ["Training stopped early: the next round would have exceeded `dp_stop_at_epsilon`.", ""]
+    return lines
+
+
 def _base_delta_lines(adapter_dir: str | Path, repo_id: str, ref: str) -> list[str]:
     """FLoRA / FedEx-LoRA also change the base weights: the card shows how to apply that change first."""
     if not (Path(adapter_dir) / BASE_DELTA_FILE).is_file():
@@ -315,6 +352,8 @@ def _base_delta_lines(adapter_dir: str | Path, repo_id: str, ref: str) -> list[s
 
 def _history_table(history: Sequence[dict[str, Any]]) -> list[str]:
     score_keys = headline_score_keys(list(dict.fromkeys(k for r in history for k in r)))[:4]
+    if any(isinstance(r.get("dp_epsilon"), (int, float)) for r in history):
+        score_keys = [*score_keys, "dp_epsilon"]
     head = ["round", "up MB / client", "down MB / client", "cumulative MB", "held-out loss", *score_keys]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in history:

@@ -92,6 +92,31 @@ def comm_summary(history: Sequence[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def privacy_summary(history: Sequence[dict[str, Any]], fed_config: dict[str, Any]) -> dict[str, Any] | None:
+    """What a run with differential privacy can claim (docs/privacy.md), None without: the placement, epsilon after
+    the last round at delta, the clip bound, the noise multiplier, the sampling rate, the accountant, and whether the
+    budget ended the run."""
+    mode = fed_config.get("dp_mode") or "off"
+    if mode == "off":
+        return None
+    spent = [r for r in history if isinstance(r.get("dp_epsilon"), (int, float))]
+    last = spent[-1] if spent else {}
+    clients = fed_config.get("num_clients") or 1
+    return {
+        "mode": mode,
+        "epsilon": last.get("dp_epsilon"),
+        "delta": fed_config.get("dp_delta"),
+        "rounds": last.get("round", 0),
+        "clip_norm": fed_config.get("dp_clip_norm"),
+        "noise_multiplier": (last.get("robust") or {}).get("dp_noise_multiplier")
+        or fed_config.get("dp_noise_multiplier"),
+        "target_epsilon": fed_config.get("dp_target_epsilon"),
+        "sampling_rate": (fed_config.get("clients_per_round") or clients) / clients,
+        "accountant": fed_config.get("dp_accountant", "rdp"),
+        "budget_exhausted": bool(last.get("dp_budget_exhausted")),
+    }
+
+
 def final_scores(history: Sequence[dict[str, Any]]) -> dict[str, tuple[float, int]]:
     """Each lm-eval score and held-out loss at the last round that has it: key -> (value, round)."""
     latest: dict[str, tuple[float, int]] = {}
@@ -167,14 +192,19 @@ def write_report(
 def _summary_table(runs: Sequence[Run]) -> list[str]:
     head = ("run", "algorithm", "rounds", "clients", "up MB / client / round", "down MB / client / round",
             "total up MB", "total down MB", "cumulative MB (all clients)", "final held-out loss")
+    privacy = [privacy_summary(run.history, run.fed_config) for run in runs]
+    if any(privacy):
+        head = (*head, "DP epsilon (delta)")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for run in runs:
+    for run, dp in zip(runs, privacy, strict=True):
         comm = comm_summary(run.history)
         loss = final_scores(run.history).get("eval_loss")
         cells = (run.name, run.algorithm, comm["rounds"], run.fed_config.get("num_clients", "?"),
                  _fmt_mb(comm["upload_mb_per_client_per_round"]), _fmt_mb(comm["download_mb_per_client_per_round"]),
                  _fmt_mb(comm["total_upload_mb"]), _fmt_mb(comm["total_download_mb"]), _fmt_mb(comm["cumulative_mb"]),
                  _fmt(loss[0]) if loss else "-")
+        if any(privacy):
+            cells = (*cells, f"{_fmt(dp['epsilon'])} ({dp['delta']:g}, {dp['mode']})" if dp else "no DP")
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     return rows
 

@@ -15,6 +15,7 @@ from fedsrd.algorithms import Algorithm, State, get_algorithm
 from fedsrd.client import expected_specs
 from fedsrd.config import FedSRDConfig
 from fedsrd.ops import generator_for, normalized_weights
+from fedsrd.ops.privacy import noise_std_on_mean
 from fedsrd.ops.robust import lower_median, trim_count, trimmed_mean
 
 logger = logging.getLogger(__name__)
@@ -78,14 +79,16 @@ class FederatedServer:
         Every clipped update is logged.
 
         The bound is the smaller of `clip_update_norm` and, where adaptive clipping is on,
-        ``adaptive_clip_multiplier x`` the lower median of the round's norms (`fedsrd.ops.robust`).
+        ``adaptive_clip_multiplier x`` the lower median of the round's norms (`fedsrd.ops.robust`). With dp_mode
+        "central" it is also at most `dp_clip_norm`, and adaptive clipping is off (its bound depends on the data).
         """
         cfg = self.config
         adaptive = cfg.adaptive_clip == "on" or (
-            cfg.adaptive_clip == "auto" and "clip" in self.algorithm.robust_defences
+            cfg.adaptive_clip == "auto" and "clip" in self.algorithm.robust_defences and cfg.dp_mode == "off"
         )
+        dp_clip = cfg.dp_clip_norm if cfg.dp_mode == "central" else None
         record: dict = {"rule": self.robust_rule()}
-        if not messages or (not adaptive and cfg.clip_update_norm is None):
+        if not messages or (not adaptive and cfg.clip_update_norm is None and dp_clip is None):
             return messages, record
         kept, norms = [], []
         for msg in messages:
@@ -102,7 +105,7 @@ class FederatedServer:
         messages = kept
         if not messages:
             return messages, record
-        bounds = [cfg.clip_update_norm] if cfg.clip_update_norm is not None else []
+        bounds = [b for b in (cfg.clip_update_norm, dp_clip) if b is not None]
         if adaptive:
             record["median_norm"] = lower_median(norms)
             bounds.append(cfg.adaptive_clip_multiplier * record["median_norm"])
@@ -117,6 +120,8 @@ class FederatedServer:
                 record["clipped"][client] = {"norm": norm, "scale": bound / norm if norm else 1.0}
                 logger.warning("round %d: clipped client %s's update: change norm %.4g > bound %.4g", round, client,
                                norm, bound)
+        if cfg.dp_mode != "off":  # each client's norm depends on its data: under DP the record keeps only the bound
+            del record["norms"], record["clipped"]
         return messages, record
 
     def robust_rule(self) -> str:
@@ -158,11 +163,20 @@ class FederatedServer:
         if self.robust_rule() != "mean":  # the algorithm's weighted sum of one consensus update, of weight one
             updates, stats = self._robust_combine(messages)
             weights = [1.0]
+        noise_std = None
+        if self.config.dp_mode != "off":
+            updates, weights, noise_std, stats = self._private_sum(updates)
         rng = generator_for(self.config.seed, "server_step", round)
         with torch.no_grad():
-            payload, memory = self.algorithm.server_step_with_memory(
-                self.state, updates, weights, round, rng, self.memory
-            )
+            if noise_std is None:
+                payload, memory = self.algorithm.server_step_with_memory(
+                    self.state, updates, weights, round, rng, self.memory
+                )
+            else:
+                payload, memory = self.algorithm.server_step_private(
+                    self.state, updates, weights, round, rng, self.memory, noise_std,
+                    generator_for(self.config.seed, "dp_noise", round),
+                )  # fmt: skip
             # Apply what the clients will decode (values rounded to the wire dtype), so every party stays equal.
             payload = as_received(payload, self.config.value_dtype)
             state = self.algorithm.reinitialize(self.algorithm.apply(self.state, payload), round)
@@ -170,6 +184,25 @@ class FederatedServer:
             if not bool(torch.isfinite(value).all()):
                 raise ArithmeticError(f"the aggregated state has non-finite values in {name!r}")
         return state, payload, memory, stats
+
+    def _private_sum(self, updates: list) -> tuple[list, list[float], float | None, dict]:
+        """Differential privacy (docs/privacy.md): the mean over the *fixed* number m of sampled clients (a client
+        whose update is missing or was excluded counts as no change, `Algorithm.null_update`), so one client moves it
+        by at most dp_clip_norm / m whatever the others do; and the standard deviation of the noise the server adds
+        to that mean: ``z C / m`` under "central"; under "local", the noise shares of the m - k clients that did not
+        contribute (the k that did added theirs), None when all did."""
+        cfg = self.config
+        m, k = cfg.sampled_per_round, len(updates)
+        if k > m:
+            raise ValueError(f"differential privacy: {k} updates in a round that samples {m} clients.")
+        z, clip = cfg.resolved_dp_noise_multiplier, float(cfg.dp_clip_norm)
+        padded = [*updates, *[self.algorithm.null_update(self.state, updates[0]) for _ in range(m - k)]]
+        if cfg.dp_mode == "central":
+            std = noise_std_on_mean(z, clip, m)
+        else:
+            std = noise_std_on_mean(z, clip, m) * math.sqrt((m - k) / m) if k < m else None
+        stats = {"dp_noise_multiplier": z, "dp_clip_norm": clip, "dp_noise_std": std or 0.0, "dp_denominator": m}
+        return padded, [1.0 / m] * m, std, stats
 
     def _robust_combine(self, messages: list[wire.Message]) -> tuple[list[dict], dict]:
         """The coordinate-wise median or trimmed mean of the updates, and per client the share of its coordinates

@@ -14,13 +14,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from fedsrd.ops.privacy import gaussian_like
 from fedsrd.ops.robust import change_norm, scale_change
+from fedsrd.ops.sparse import SparseTensor
 
 if TYPE_CHECKING:
     from fedsrd.config import FedSRDConfig
 
 State = dict[str, torch.Tensor]
 ROBUST_DEFENCES = ("clip", "median", "trimmed_mean")  # what `Algorithm.robust_defences` may list
+DP_PLACEMENTS = ("central", "local")  # what `Algorithm.dp_support` may list (FedSRDConfig.dp_mode)
+SUM_DP = frozenset(DP_PLACEMENTS)  # a server step that is a weighted sum of the uploads: noise on the sum, anywhere
 SUM_DEFENCES = frozenset(ROBUST_DEFENCES)  # a server step that is a weighted sum of dense client tensors
 # What travels: a dense tensor, or a sparse one (fedsrd.wire.SparseTensor) for compressed payloads.
 Payload = dict[str, Any]
@@ -40,6 +44,16 @@ class Algorithm(ABC):
     # replacing the weighted mean: only for steps that are a weighted sum of dense client tensors). The config refuses
     # the others; the default adaptive clipping (adaptive_clip="auto") is on where "clip" is listed.
     robust_defences: ClassVar[frozenset[str]] = frozenset()
+    # ---- differential privacy (FedSRDConfig.dp_mode; docs/privacy.md) ----
+    # Where the Gaussian noise of client-level DP can go, a subset of `DP_PLACEMENTS`: "central" (the server clips
+    # each change with `clip_update` and noises the aggregate, `server_step_private`), "local" (each client clips and
+    # adds its share of the noise to its upload, `add_dp_noise`). The config refuses the others, with `dp_refusal`.
+    dp_support: ClassVar[frozenset[str]] = frozenset()
+    dp_refusal: ClassVar[str] = ""  # why not, for the config's error message
+    # True if the upload's kept positions and their count depend on the client's data under upload_mask="importance"
+    # (FedSRD's pruning): differential privacy then needs upload_mask="random".
+    data_dependent_positions: ClassVar[bool] = False
+    random_upload_mask: ClassVar[bool] = False  # honours upload_mask="random" (FedSRD, FedSRD-e)
     paper: ClassVar[str] = ""
     uploads: ClassVar[str] = ""
     downloads: ClassVar[str] = ""
@@ -116,6 +130,46 @@ class Algorithm(ABC):
         if norm <= max_norm:
             return update
         return scale_change(update, global_state, max_norm / norm, self.uploads_deltas)
+
+    # ---- differential privacy (docs/privacy.md) ------------------------------------------------------------------
+    def add_dp_noise(self, global_state: State, payload: Payload, std: float, rng: torch.Generator) -> Payload:
+        """`payload` with ``N(0, std^2)`` added to every coordinate of every upload tensor (`update_shapes`, in sorted
+        name order), dense: a sparse tensor becomes dense, since noise only on its positions would reveal them, and a
+        tensor a partial payload lacks counts as a zero change. For sum algorithms this is the noise on the sum (the
+        server's aggregate, `server_step_private`) or one client's share of it (dp_mode="local")."""
+        out = dict(payload)
+        for name, (shape, _) in sorted(self.update_shapes(global_state).items()):
+            value = payload.get(name)
+            if value is None:
+                if not (self.update_is_partial() or self.broadcast_is_partial()):
+                    raise KeyError(f"{self.name}.add_dp_noise: the payload lacks {name!r}.")
+                value = torch.zeros(shape, dtype=torch.float32)
+            elif isinstance(value, SparseTensor):
+                value = value.to_dense(torch.float32)
+            out[name] = value.to(torch.float32) + gaussian_like(tuple(shape), std, rng)
+        return out
+
+    def server_step_private(
+        self,
+        global_state: State,
+        updates: list[Payload],
+        weights: list[float],
+        round: int,
+        rng: torch.Generator,
+        memory: State,
+        noise_std: float,
+        noise_rng: torch.Generator,
+    ) -> tuple[Payload, State]:
+        """`server_step_with_memory` with Gaussian noise of `noise_std` on the aggregate (dp_mode="central", and the
+        shares of missing clients under "local"). Default, for steps that are a weighted sum of the uploads: the noise
+        goes on that sum (`add_dp_noise` on the broadcast). Algorithms whose step is not a sum override this."""
+        payload, memory = self.server_step_with_memory(global_state, updates, weights, round, rng, memory)
+        return self.add_dp_noise(global_state, payload, noise_std, noise_rng), memory
+
+    def null_update(self, global_state: State, like: Payload) -> Payload:
+        """An update that proposes no change, shaped as `like` (DP divides by the fixed number of sampled clients:
+        a missing client counts as this)."""
+        return scale_change(like, global_state, 0.0, self.uploads_deltas)
 
     # ---- what the receiver checks ----------------------------------------------------------------------------------
     def update_shapes(self, global_state: State) -> dict[str, tuple[tuple[int, ...], bool]]:

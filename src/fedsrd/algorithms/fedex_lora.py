@@ -35,6 +35,9 @@ class FedExLoRA(FedAvg):
     uploads = "LoRA A and B, dense"
     downloads = "averaged A and B + the exact residual as m-1 rank-r factor pairs, dense; residual merged into base"
     robust_defences = frozenset()  # not a weighted sum of client tensors (a residual makes products exact)
+    dp_support = frozenset()
+    dp_refusal = ("its server step writes a residual of the clients' individual products into the base weights, which "
+                  "is not a sum of clipped changes (docs/privacy.md)")
     writes_base_weights = True
 
     def server_step(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from fedsrd.algorithms import register_algorithm
-from fedsrd.algorithms.base import SUM_DEFENCES, Algorithm, Payload, State
+from fedsrd.algorithms.base import SUM_DEFENCES, SUM_DP, Algorithm, Payload, State
 from fedsrd.ops import weighted_sum
 
 HEAD_MODULES = ("score", "pooler")  # besides any module whose name contains "classifier"
@@ -71,6 +71,7 @@ class FedFFT(FullParameterAlgorithm):
     uploads = "every trained weight's change, dense"
     downloads = "the averaged change, dense"
     robust_defences = SUM_DEFENCES  # a weighted sum of dense client tensors
+    dp_support = SUM_DP  # noise on the sum of the clipped weight changes
 
     def client_update(self, global_state: State, local_state: State, round: int, rng: torch.Generator) -> Payload:
         return {k: local_state[k].detach().to("cpu", torch.float32) for k in global_state}

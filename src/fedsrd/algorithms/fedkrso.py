@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from fedsrd.algorithms import register_algorithm
-from fedsrd.algorithms.base import Payload, State
+from fedsrd.algorithms.base import SUM_DP, Payload, State
 from fedsrd.algorithms.fedfft import FullParameterAlgorithm, is_head
 from fedsrd.ops import generator_for, weighted_sum
 from fedsrd.ops.projection import projection, reconstruct, seed_pool
@@ -212,6 +212,7 @@ class FedKRSO(FullParameterAlgorithm):
     paper = "FedKRSO (Yang et al., INFOCOM 2026; arXiv 2602.03019)"
     uploads = "per seed used, an out x r accumulator per weight matrix; the head's change, dense"
     downloads = "per-seed averaged accumulators (seeds some client used); the averaged head change"
+    dp_support = SUM_DP  # noise on every seed's summed accumulator (all K, used or not) and on the summed head
 
     def trainable(self, name: str) -> bool:
         # Projected weights change through KRSOAdamW's coordinates; autograd differentiates only the head.

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from fedsrd.algorithms import register_algorithm
-from fedsrd.algorithms.base import Payload, State
+from fedsrd.algorithms.base import SUM_DP, Payload, State
 from fedsrd.algorithms.fedfft import FullParameterAlgorithm
 from fedsrd.ops import SparseTensor, generator_for, weighted_sum
 from fedsrd.ops.projection import direction, seed_pool
@@ -114,6 +114,7 @@ class FedKSeed(FullParameterAlgorithm):
     paper = "FedKSeed (Qin et al., ICML 2024; arXiv 2312.06353)"
     uploads = "(seed index, scalar) pairs for the seeds used"
     downloads = "the K cumulative scalars (sparse while smaller)"
+    dp_support = SUM_DP  # noise on all K summed scalars (the broadcast becomes dense)
 
     def trainable(self, name: str) -> bool:
         return False  # no backward pass: the weights move along seeded directions only

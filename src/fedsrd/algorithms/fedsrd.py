@@ -32,6 +32,7 @@ from fedsrd.ops.lowrank import (
     stack_factors,
     truncated_svd,
 )
+from fedsrd.ops.privacy import gaussian_like
 from fedsrd.ops.robust import Terms, largest_scale_within, product_change_terms, scaled_norm
 from fedsrd.ops.sparse import SparseTensor
 from fedsrd.ops.sparsify import dare_drop, importance_prune, importance_scores_a, importance_scores_b
@@ -103,6 +104,15 @@ class FedSRD(Algorithm):
     # Clipping only, of each client's *product* change (`update_norm`): a coordinate-wise median of factor deltas has
     # no meaning for the aggregated products.
     robust_defences = frozenset({"clip"})
+    # Differential privacy (docs/privacy.md, "FedSRD"): each client's product change is clipped and the server noises
+    # the aggregated full-rank product before the decomposition (`server_step_private`). Only there: a client cannot
+    # put full-rank noise into its factor deltas. Importance-pruned positions depend on the data: DP needs
+    # upload_mask="random".
+    dp_support = frozenset({"central"})
+    dp_refusal = ("the server aggregates the clients' products B_i A_i, and the Gaussian noise must cover that "
+                  "full-rank product space, which a client's factor deltas cannot carry; use dp_mode='central'")
+    data_dependent_positions = True
+    random_upload_mask = True
 
     # ---- client: sparsify (Sec. 4.1) ---------------------------------------------------------------------------
     def client_update(self, global_state: State, local_state: State, round: int, rng: torch.Generator) -> Payload:
@@ -119,6 +129,10 @@ class FedSRD(Algorithm):
             b_new = local_state[module.b_key].detach().to("cpu", torch.float32)
             a_new = local_state[module.a_key].detach().to("cpu", torch.float32)
             delta_b, delta_a = b_new - b, a_new - a  # dB_i = B_i' - B^{t-1}, dA_i = A_i' - A^{t-1}
+            if cfg.upload_mask == "random":  # not in the paper: a seeded mask whose positions leak nothing (DP)
+                upload[module.b_key] = dare_drop(delta_b, cfg.upload_sparsity_alpha, rng)
+                upload[module.a_key] = dare_drop(delta_a, cfg.upload_sparsity_alpha, rng)
+                continue
             score_b = importance_scores_b(delta_b, a)  # Eq. 6: |dB[u,v]| * ||A^{t-1}[v,:]||
             score_a = importance_scores_a(delta_a, b_new)  # Eq. 6: |dA[u,v]| * ||B_i'[:,u]||
             upload[module.b_key] = importance_prune(delta_b, score_b, **prune)  # Eq. 7-8 (+ L1 rescale)
@@ -129,13 +143,40 @@ class FedSRD(Algorithm):
     def server_step(
         self, global_state: State, updates: list[Payload], weights: list[float], round: int, rng: torch.Generator
     ) -> Payload:
+        return self._server_step(global_state, updates, weights, round, rng, noise=None)
+
+    def server_step_private(
+        self,
+        global_state: State,
+        updates: list[Payload],
+        weights: list[float],
+        round: int,
+        rng: torch.Generator,
+        memory: State,
+        noise_std: float,
+        noise_rng: torch.Generator,
+    ) -> tuple[Payload, State]:
+        """DP (docs/privacy.md, "FedSRD"): ``N(0, noise_std^2)`` on every entry of each module's aggregated product
+        W = sum_i p_i B_i A_i (Eq. 9), before the SVD target (Eq. 10) and the decomposition (Eq. 11-13), which are
+        post-processing. The noise is full rank, so each module's d_out x d_in matrix is formed, one at a time."""
+        return self._server_step(global_state, updates, weights, round, rng, noise=(noise_std, noise_rng)), memory
+
+    def _server_step(
+        self,
+        global_state: State,
+        updates: list[Payload],
+        weights: list[float],
+        round: int,
+        rng: torch.Generator,
+        noise: tuple[float, torch.Generator] | None,
+    ) -> Payload:
         if not updates:
             raise ValueError("FedSRD.server_step: no client updates to aggregate.")
         b_round = round % 2 == 1  # paper: rounds 1..T, odd -> B-round (B^0 = 0, so B first), even -> A-round
         payload: Payload = {}
         for module in lora_modules(global_state):
             a, b = global_state[module.a_key].to(torch.float32), global_state[module.b_key].to(torch.float32)
-            delta_w = self.target_change(module, a, b, updates, weights)  # Eq. 9-11, factored
+            delta_w = self.target_change(module, a, b, updates, weights, noise)  # Eq. 9-11, factored
             if self.config.download_both_factors:  # our extension: both factors every round (docs/fedsrd.md)
                 payload.update(self._both_factors(module, a, b, delta_w, rng))
                 continue
@@ -169,11 +210,26 @@ class FedSRD(Algorithm):
         return payload
 
     def target_change(
-        self, module: LoraModule, a: torch.Tensor, b: torch.Tensor, updates: list[Payload], weights: list[float]
+        self,
+        module: LoraModule,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        updates: list[Payload],
+        weights: list[float],
+        noise: tuple[float, torch.Generator] | None = None,
     ) -> Factored:
-        """dW = W_target - B A as a factor pair (Eq. 9-11), for one module."""
+        """dW = W_target - B A as a factor pair (Eq. 9-11), for one module; with `noise` (std, generator), W gets
+        Gaussian noise on every entry first (differential privacy)."""
         deltas_b = [_dense(u[module.b_key]) for u in updates]
         deltas_a = [_dense(u[module.a_key]) for u in updates]
+        if noise is not None:  # W + Z, dense: Z is full rank (docs/privacy.md, "FedSRD")
+            aggregate = stack_factors([b + d for d in deltas_b], [a + d for d in deltas_a], weights)
+            d_out, d_in = b.shape[0], a.shape[1]
+            noisy = aggregate[0] @ aggregate[1] + gaussian_like((d_out, d_in), noise[0], noise[1])
+            # the dense matrix as a factor pair with an identity on its smaller side
+            pair = (noisy, torch.eye(d_in)) if d_in <= d_out else (torch.eye(d_out), noisy)
+            target = truncated_svd(*pair, rank=a.shape[0]) if self.use_svd else pair  # Eq. 10 (FedSRD-e: W itself)
+            return factored_difference(target, (b, a))  # Eq. 11
         if self.use_svd:
             # Eq. 9: W = sum_i p_i (B + dB_i)(A + dA_i); Eq. 10: W_target = the rank-r truncated SVD of W
             clients_b = [b + d for d in deltas_b]

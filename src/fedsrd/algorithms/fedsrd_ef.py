@@ -51,6 +51,10 @@ class FedSRDEF(FedSRD):
     paper = "FedSRD (Yan et al., WWW 2026) + error feedback on both links (this library; Karimireddy et al., ICML 2019)"
     uploads = "LoRA deltas plus the client's kept residual, importance-pruned (no L1 rescale)"
     downloads = "one factor's least-squares delta plus the server's kept residual, random-dropped (seeded, unscaled)"
+    dp_support = frozenset()
+    random_upload_mask = False  # error feedback's own importance-pruned upload
+    dp_refusal = ("error feedback's uploads carry residuals of earlier rounds and its server step keeps its own "
+                  "residual; this library has not derived or implemented DP for it (use fedsrd or fedsrd_e)")
 
     # ---- client ------------------------------------------------------------------------------------------------
     def client_update(self, global_state: State, local_state: State, round: int, rng: torch.Generator) -> Payload:

@@ -83,6 +83,9 @@ class FlexLoRA(FedAvg):
     uploads = "LoRA A and B, dense"
     downloads = "rank-r truncated SVD of the averaged product, both factors dense"
     robust_defences = frozenset()  # not a weighted sum of client tensors (an SVD of the summed products)
+    dp_support = frozenset()
+    dp_refusal = ("its server step is an SVD of the clients' products, for which this library has not implemented the "
+                  "product-space noise (FedSRD has it; docs/privacy.md)")
 
     def server_step(
         self, global_state: State, updates: list[Payload], weights: list[float], round: int, rng: torch.Generator

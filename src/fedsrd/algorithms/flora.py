@@ -75,6 +75,9 @@ class FLoRA(FedAvg):  # FedAvg's upload: every trained factor, dense
     uploads = "LoRA A and B, dense"
     downloads = "every client's B and p_i A (stacked, rank m r), dense; merged into the base, LoRA re-initialised"
     robust_defences = frozenset()  # not a weighted sum of client tensors (stacked products re-initialised every round)
+    dp_support = frozenset()
+    dp_refusal = ("its server stacks the clients' individual adapters into the base weights, so every client's update "
+                  "is released as it is, not a noised sum (docs/privacy.md)")
     writes_base_weights = True
 
     def server_step(

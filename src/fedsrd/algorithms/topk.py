@@ -18,7 +18,7 @@ from abc import abstractmethod
 import torch
 
 from fedsrd.algorithms import register_algorithm
-from fedsrd.algorithms.base import Algorithm, Payload, State
+from fedsrd.algorithms.base import SUM_DP, Algorithm, Payload, State
 from fedsrd.ops import SeededMask, SparseTensor, weighted_sum
 from fedsrd.ops.sparse import MAX_MASK_SEEDS
 
@@ -46,6 +46,7 @@ class SparseDeltaFedAvg(Algorithm):
     # Clipping only: the clients' supports differ, so a coordinate-wise median would mostly see the zeros of the
     # entries others dropped.
     robust_defences = frozenset({"clip"})
+    dp_support = SUM_DP  # noise on the sum of the clipped sparse deltas, over every coordinate (the broadcast is dense)
 
     @abstractmethod
     def sparsify(self, delta: torch.Tensor, rng: torch.Generator) -> SparseTensor:

@@ -51,6 +51,10 @@ HISTORY_KEYS = frozenset(
         "should_training_stop",  # a round callback asked to end the federation after this round
         "seconds",
         "transport",  # what only this runtime's transport knows (Flower: catch-up plans, final sync)
+        # differential privacy (docs/privacy.md); null when dp_mode is "off" (and in round 0)
+        "dp_epsilon",  # epsilon spent after this round, at dp_delta (the accountant's, over rounds 1..this)
+        "dp_delta",
+        "dp_budget_exhausted",  # true on the last round run when dp_stop_at_epsilon ended the federation
     }
 )
 
@@ -71,6 +75,8 @@ def round_record(
     cumulative_mb: float,
     transport: Mapping[str, Any] | None = None,
     robust: Mapping[str, Any] | None = None,
+    dp_epsilon: float | None = None,
+    dp_delta: float | None = None,
 ) -> dict[str, Any]:
     """A round's record with every key of `HISTORY_KEYS` (``seconds`` and ``should_training_stop`` are filled in when
     the round ends)."""
@@ -95,6 +101,9 @@ def round_record(
         "should_training_stop": False,
         "seconds": 0.0,
         "transport": dict(transport or {}),
+        "dp_epsilon": dp_epsilon,
+        "dp_delta": dp_delta,
+        "dp_budget_exhausted": None if dp_delta is None else False,
     }
 
 
@@ -132,11 +141,12 @@ def round_mb(record: Mapping[str, Any]) -> float:
 
 
 class RoundTable:
-    """Prints one row per round: train loss, held-out loss per domain, upload and download MB ('-' where a value is
-    missing, e.g. round 0's train loss)."""
+    """Prints one row per round: train loss, held-out loss per domain, upload and download MB, and with differential
+    privacy the epsilon spent so far ('-' where a value is missing, e.g. round 0's train loss)."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, epsilon: bool = False) -> None:
         self.enabled = enabled
+        self.epsilon = epsilon  # a column with each round's dp_epsilon (differential privacy on)
         self.columns: list[str] | None = None
 
     def add(self, record: Mapping[str, Any]) -> None:
@@ -145,8 +155,11 @@ class RoundTable:
         evals = [k for k in record if k.startswith("eval_") and k.endswith("_loss") and k != "eval_loss"]
         if self.columns is None:
             self.columns = ["round", "train_loss", *evals, "eval_loss", "up_MB", "down_MB"]
+            if self.epsilon:
+                self.columns.append("epsilon")
             tqdm.write(" | ".join(f"{c:>12}" for c in self.columns))
-        values = {**record, "up_MB": record["upload_bytes"] / MB, "down_MB": record["download_bytes"] / MB}
+        values = {**record, "up_MB": record["upload_bytes"] / MB, "down_MB": record["download_bytes"] / MB,
+                  "epsilon": record.get("dp_epsilon")}
         tqdm.write(" | ".join(_cell(values.get(c)) for c in self.columns))
 
 
