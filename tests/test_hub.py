@@ -11,8 +11,7 @@ import torch
 
 from fedsrd import FedSRDConfig
 from fedsrd.hub import PRIVATE_PATTERNS, HubPushCallback, build_model_card
-
-MB = 1024 * 1024
+from fedsrd.wire import MB
 
 
 def fake_api(pushed: list | None = None):
