@@ -124,3 +124,15 @@ def test_every_shipped_yaml_config_still_loads():
     for path in sorted((Path(__file__).resolve().parents[1] / "examples" / "configs").glob("*.yaml")):
         fed, _, _ = parse_train_args(["--config", str(path)])
         assert fed.algorithm in fedsrd.list_algorithms(), path.name
+
+
+def test_docs_list_every_options_class_and_option():
+    from dataclasses import fields
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "algorithms.md").read_text()
+    section = text[text.index("## Each algorithm's options") :]
+    for cls in _options_classes():
+        assert cls.__name__ in section, cls.__name__
+        for f in fields(cls):
+            assert f"`{f.name}`" in section, f.name
