@@ -178,6 +178,14 @@ def _usage_lines(
     model_dir: Path, base: str, name: str, repo_id: str | None, ref: str, uses_lora: bool, auto_class: str
 ) -> list[str]:
     revision = f', revision="{ref}"' if repo_id else ""
+    if not uses_lora and not (model_dir / "config.json").is_file():  # a Flower server's folder: no model, the state
+        return [
+            "## Use it",
+            "",
+            "`global_state.safetensors` holds each trained weight's change from the shared initial weights; "
+            "`fedsrd.FederatedTrainer.load_global_state` turns it into the model's weights on any party.",
+            "",
+        ]
     if not uses_lora:
         return [
             "## Use it with transformers",
