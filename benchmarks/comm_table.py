@@ -33,8 +33,8 @@ from fedsrd.algorithms import get_algorithm_class
 from fedsrd.client import FederatedClient
 from fedsrd.ops import generator_for
 from fedsrd.server import FederatedServer
+from fedsrd.wire import MB
 
-MB = 1024 * 1024
 # Row order of the table: the reference, the baselines, then FedSRD; anything else registered follows, sorted.
 TABLE_ORDER = [
     "fedavg", "fedprox", "ffa_lora", "flexlora", "fed_dare", "topk", "flora", "fedsa_lora", "fedex_lora", "fedsrd",

@@ -53,8 +53,8 @@ from fedsrd.algorithms.fedkseed import LOCAL_INCREMENT
 from fedsrd.client import FederatedClient
 from fedsrd.ops import generator_for
 from fedsrd.server import FederatedServer
+from fedsrd.wire import MB
 
-MB = 1024 * 1024
 ALGORITHMS = ["fedfft", "fedkrso", "fedkseed"]
 
 

@@ -5,10 +5,31 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# ---- algorithms' options: each algorithm declares its options dataclass in its own file (its knobs, help text and
+# validation); FedSRDConfig inherits them all, so they stay flat fields (YAML keys, --upload_sparsity_alpha,
+# FedSRDConfig(upload_sparsity_alpha=...)). A new algorithm with options adds one line to ALGORITHM_OPTIONS.
+from fedsrd.algorithms.base import validate_options
+from fedsrd.algorithms.fed_dare import FedDAREOptions
+from fedsrd.algorithms.fedkrso import FedKRSOOptions
+from fedsrd.algorithms.fedkseed import FedKSeedOptions
+from fedsrd.algorithms.fedprox import FedProxOptions
+from fedsrd.algorithms.fedsrd_ef import EF_DOWNLOAD_SELECTIONS as EF_DOWNLOAD_SELECTIONS  # re-exported
+from fedsrd.algorithms.fedsrd_ef import FedSRDEFOptions
+from fedsrd.algorithms.topk import TopKOptions
+
+ALGORITHM_OPTIONS = (
+    FedSRDEFOptions,  # fedsrd_ef; it extends FedSRDOptions (fedsrd, fedsrd_e)
+    FedProxOptions,  # fedprox
+    FedDAREOptions,  # fed_dare
+    TopKOptions,  # topk
+    FedKRSOOptions,  # fedkrso
+    FedKSeedOptions,  # fedkseed
+)
+# ---- end of algorithms' options --------------------------------------------------------------------------------
+
 AGGREGATIONS = ("uniform", "samples")
 VALUE_DTYPES = ("float32", "float16", "bfloat16")
 POSITION_ENCODINGS = ("auto", "bitmap", "varint")
-EF_DOWNLOAD_SELECTIONS = ("random", "magnitude")
 HUB_ROUND_REFS = ("branch", "tag")
 ROBUST_AGGREGATIONS = ("none", "median", "trimmed_mean")
 ADAPTIVE_CLIP_MODES = ("auto", "on", "off")
@@ -19,12 +40,15 @@ UPLOAD_MASKS = ("importance", "random")
 
 
 @dataclass
-class FedSRDConfig:
+class FedSRDConfig(*ALGORITHM_OPTIONS):
     """Settings of a federated fine-tuning run.
 
     Local training itself (learning rate, batch size, precision, ...) is configured by `transformers.TrainingArguments`;
     this config says how many parties train, for how long each round, which algorithm combines their updates, and the
     LoRA adapter they share (mapped to a standard `peft.LoraConfig` by `to_lora_config`).
+
+    An algorithm's own knobs (e.g. FedSRD's ``upload_sparsity_alpha``) are declared by its options class
+    (`fedsrd.algorithms.fedsrd.FedSRDOptions`, named by `Algorithm.options`) and inherited here as flat fields.
     """
 
     algorithm: str = field(
@@ -58,95 +82,8 @@ class FedSRDConfig:
         default_factory=lambda: ["all-linear"],
         metadata={"help": "Module-name suffixes to adapt (e.g. q_proj v_proj), or 'all-linear' (all but the head)."},
     )
-    # ---- FedSRD / FedSRD-e (../docs/algorithms.md; Yan et al., WWW 2026) ----
-    upload_sparsity_alpha: float = field(
-        default=0.85,
-        metadata={"help": "FedSRD: base upload sparsity alpha; per matrix rho = alpha + min(cap, coeff*ln(kurtosis))."},
-    )
-    upload_sparsity_coeff: float = field(default=0.1, metadata={"help": "FedSRD: kurtosis coefficient of rho."})
-    upload_sparsity_cap: float = field(default=0.11, metadata={"help": "FedSRD: cap on the kurtosis increment of rho."})
-    upload_l1_rescale: bool = field(
-        default=True,
-        metadata={"help": "FedSRD: rescale kept entries to preserve the L1 mass (authors' code; off = paper text)."},
-    )
-    download_drop: float = field(
-        default=0.8, metadata={"help": "FedSRD: DARE drop probability on the broadcast delta (kept entries x 1/(1-p))."}
-    )
-    decompose_ridge: float = field(
-        default=0.0,
-        metadata={"help": "FedSRD family, not in the paper: damp the one-factor least-squares solves, e.g. dA = "
-                  "(B^T B + lambda I)^-1 B^T dW with lambda = decompose_ridge * mean squared singular value of B; "
-                  "0 = the paper's pinv."},
-    )
-    download_both_factors: bool = field(
-        default=False,
-        metadata={"help": "FedSRD/FedSRD-e, not in the paper: broadcast both factors' least-squares deltas every round "
-                  "(dB, then dA for the rest of the target), each DARE-dropped with download_drop; off = the paper's "
-                  "alternation (B in odd rounds, A in even ones)."},
-    )
-    # ---- fedsrd_ef: FedSRD with error feedback (this library's variant; docs/fedsrd.md) ----------------------------
-    ef_upload: bool = field(
-        default=True,
-        metadata={"help": "fedsrd_ef: each client keeps what importance pruning removed from its upload and adds it "
-                  "to its next upload's delta (no L1 rescale: the kept residual carries that mass)."},
-    )
-    ef_download: bool = field(
-        default=True,
-        metadata={"help": "fedsrd_ef: the server keeps what the random drop removed from the broadcast and adds it to "
-                  "that factor's next delta (survivors are not scaled by 1/(1-p))."},
-    )
-    ef_download_selection: str = field(
-        default="random",
-        metadata={"help": "fedsrd_ef: which 1 - download_drop of the broadcast delta (plus residual) is sent: 'random' "
-                  "(seeded mask, no position bytes, as FedSRD) or 'magnitude' (the largest entries; positions sent)."},
-    )
-    # ---- baselines (docs/algorithms.md): fedprox, fed_dare, topk -------------------------------------------------
-    fedprox_mu: float = field(
-        default=0.01,
-        metadata={"help": "FedProx: weight mu of the proximal term mu/2 * ||w - w_global||^2 over the trained LoRA."},
-    )
-    fed_dare_drop: float = field(
-        default=0.9,
-        metadata={"help": "Fed-DARE: drop probability p on the uploaded LoRA deltas (kept entries x 1/(1-p))."},
-    )
-    topk_density: float = field(
-        default=0.1,
-        metadata={"help": "Top-k: fraction of each uploaded LoRA delta's entries kept (the largest magnitudes)."},
-    )
-    # ---- end of baselines ------------------------------------------------------------------------------------------
-    # ---- full-parameter family (docs/full_parameter.md): fedkrso, fedkseed (fedfft has no settings) -------------
-    krso_rank: int = field(
-        default=4, metadata={"help": "FedKRSO: rank r of each random projection P (r x d_in, entries N(0, 1/r))."}
-    )
-    krso_num_seeds: int = field(
-        default=10,
-        metadata={"help": "FedKRSO: seeds K drawn fresh each round; each defines one projection per weight matrix."},
-    )
-    krso_tau: int = field(
-        default=10,
-        metadata={"help": "FedKRSO: local steps per subspace; then a new seed from the K and reset Adam moments."},
-    )
-    kseed_num_seeds: int = field(
-        default=4096, metadata={"help": "FedKSeed: size K of the seed pool, fixed for the whole run."}
-    )
-    kseed_eps: float = field(
-        default=5e-4, metadata={"help": "FedKSeed: perturbation scale eps of the two-point zeroth-order estimate."}
-    )
-    krso_head_bias_decay: bool = field(
-        default=False,
-        metadata={
-            "help": "FedKRSO: apply weight_decay to the head's biases too, as the authors' code does (default: only "
-            "to the head's matrices, Trainer's convention)."
-        },
-    )
-    kseed_grad_clip: float = field(
-        default=0.0,
-        metadata={
-            "help": "FedKSeed: skip a local step whose two losses differ by more than this, |L(w + eps z) - "
-            "L(w - eps z)| > kseed_grad_clip (the reference's optional grad_clip); 0: never skip."
-        },
-    )
-    # ---- end of full-parameter family ------------------------------------------------------------------------------
+    # ---- each algorithm's own options (fedsrd, fedsrd_ef, fedprox, fed_dare, topk, fedkrso, fedkseed) are inherited
+    # from the options classes in ALGORITHM_OPTIONS above, declared in the algorithm's file: still flat fields here.
     value_dtype: str = field(
         default="float32",
         metadata={"help": "Dtype of tensor values on the wire: float32 (the papers' accounting), float16, bfloat16."},
@@ -342,37 +279,7 @@ class FedSRDConfig:
         _require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
         _require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         _require(len(self.lora_target_modules) > 0, "lora_target_modules", "must name at least one module")
-        _require(
-            0.0 <= self.upload_sparsity_alpha < 1.0,
-            "upload_sparsity_alpha",
-            f"must be in [0, 1), got {self.upload_sparsity_alpha}",
-        )
-        _require(
-            self.upload_sparsity_coeff >= 0, "upload_sparsity_coeff", f"must be >= 0, got {self.upload_sparsity_coeff}"
-        )
-        _require(self.upload_sparsity_cap >= 0, "upload_sparsity_cap", f"must be >= 0, got {self.upload_sparsity_cap}")
-        _require(0.0 <= self.download_drop < 1.0, "download_drop", f"must be in [0, 1), got {self.download_drop}")
-        _require(self.decompose_ridge >= 0, "decompose_ridge", f"must be >= 0 (0: the paper's pinv), got "
-                 f"{self.decompose_ridge}")
-        _require(
-            not (self.download_both_factors and self.algorithm == "fedsrd_ef" and self.ef_download),
-            "download_both_factors",
-            "is not combined with fedsrd_ef's download error feedback; use fedsrd or fedsrd_e, or ef_download false",
-        )
-        _require(
-            self.ef_download_selection in EF_DOWNLOAD_SELECTIONS,
-            "ef_download_selection",
-            f"must be one of {EF_DOWNLOAD_SELECTIONS}, got {self.ef_download_selection!r}",
-        )
-        _require(self.fedprox_mu >= 0.0, "fedprox_mu", f"must be >= 0, got {self.fedprox_mu}")
-        _require(0.0 <= self.fed_dare_drop < 1.0, "fed_dare_drop", f"must be in [0, 1), got {self.fed_dare_drop}")
-        _require(0.0 < self.topk_density <= 1.0, "topk_density", f"must be in (0, 1], got {self.topk_density}")
-        _require(self.krso_rank >= 1, "krso_rank", f"must be >= 1, got {self.krso_rank}")
-        _require(self.krso_num_seeds >= 1, "krso_num_seeds", f"must be >= 1, got {self.krso_num_seeds}")
-        _require(self.krso_tau >= 1, "krso_tau", f"must be >= 1, got {self.krso_tau}")
-        _require(self.kseed_num_seeds >= 1, "kseed_num_seeds", f"must be >= 1, got {self.kseed_num_seeds}")
-        _require(self.kseed_eps > 0, "kseed_eps", f"must be > 0, got {self.kseed_eps}")
-        _require(self.kseed_grad_clip >= 0, "kseed_grad_clip", f"must be >= 0 (0: off), got {self.kseed_grad_clip}")
+        validate_options(self)  # every algorithm's options class checks its own fields
         _require(
             self.value_dtype in VALUE_DTYPES, "value_dtype", f"must be one of {VALUE_DTYPES}, got {self.value_dtype!r}"
         )

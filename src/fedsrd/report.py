@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedsrd.wire import MB
+
 SCORE_PREFIX = "lm_eval/"
 UNAVAILABLE_KEY = "lm_eval_unavailable"
 MAX_SCORE_PANELS = 12
@@ -75,12 +77,11 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
 def comm_summary(history: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Bytes moved, in MB: means per client per round, and totals over the rounds (all clients, and per client)."""
     rounds = [r for r in history if r.get("round", 0) >= 1 and "upload_bytes" in r]
-    mb = 1024 * 1024
     n = len(rounds)
     up = [r.get("upload_mb_per_client", math.nan) for r in rounds]
     down = [r.get("download_mb_per_client", math.nan) for r in rounds]
-    total_up = sum(r["upload_bytes"] for r in rounds) / mb
-    total_down = sum(r.get("download_bytes", 0) for r in rounds) / mb
+    total_up = sum(r["upload_bytes"] for r in rounds) / MB
+    total_down = sum(r.get("download_bytes", 0) for r in rounds) / MB
     return {
         "rounds": n,
         "upload_mb_per_client_per_round": sum(up) / n if n else math.nan,

@@ -14,7 +14,7 @@ from fedsrd import wire
 from fedsrd.algorithms import Algorithm, State, get_algorithm
 from fedsrd.client import expected_specs
 from fedsrd.config import FedSRDConfig
-from fedsrd.ops import generator_for, normalized_weights
+from fedsrd.ops import generator_for, normalized_weights, round_to_dtype
 from fedsrd.ops.privacy import noise_std_on_mean
 from fedsrd.ops.robust import lower_median, trim_count, trimmed_mean
 
@@ -353,14 +353,7 @@ def as_received(payload: dict, value_dtype: str) -> dict:
     dtype = wire.VALUE_DTYPES[value_dtype]
     if dtype == torch.float32:
         return payload
-    out = {}
-    for name, value in payload.items():
-        if isinstance(value, wire.SparseTensor):
-            values = value.values.to(dtype).to(torch.float32)
-            out[name] = wire.SparseTensor(shape=value.shape, indices=value.indices, values=values, mask=value.mask)
-        else:
-            out[name] = value.to(dtype).to(torch.float32)
-    return out
+    return {name: round_to_dtype(value, dtype) for name, value in payload.items()}
 
 
 def _max_abs(value) -> float:

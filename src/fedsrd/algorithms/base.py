@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -30,6 +31,48 @@ SUM_DEFENCES = frozenset(ROBUST_DEFENCES)  # a server step that is a weighted su
 Payload = dict[str, Any]
 # A change to fold into frozen base weights: module name -> factor pairs (left d_out x k, right k x d_in).
 BaseDelta = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+# ---- an algorithm's own options ------------------------------------------------------------------------------------
+@dataclass
+class AlgorithmOptions:
+    """Base of an algorithm's options: a dataclass of the knobs only that algorithm reads, declared in its own file
+    (as PEFT gives each tuner its config), each field with ``metadata={"help": ...}``.
+
+    `fedsrd.FedSRDConfig` is composed from these classes (it inherits every algorithm's options class), so the options
+    stay flat fields of the config: the same YAML keys, ``--upload_sparsity_alpha`` on the command line and
+    ``FedSRDConfig(upload_sparsity_alpha=...)``. An algorithm names its class in `Algorithm.options`; the model card
+    and the docs list exactly those fields. On its own (``FedSRDOptions(download_drop=0.5)``) an options class is
+    validated when it is made.
+    """
+
+    def __post_init__(self) -> None:
+        validate_options(self)
+
+    @staticmethod
+    def validate(config: Any) -> None:
+        """Raise ValueError naming the option if one of *this class's own* fields (read from `config`, the options
+        object or a `FedSRDConfig`) is invalid. Subclasses override it; fields of a parent class are checked by the
+        parent's `validate`."""
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The names of the fields of this options class (its parents' included), in declaration order."""
+        return tuple(f.name for f in fields(cls))
+
+
+def validate_options(config: Any) -> None:
+    """Run the own `validate` of every `AlgorithmOptions` class that `config`'s class is made of, parents first."""
+    for klass in reversed(type(config).__mro__):
+        check = klass.__dict__.get("validate")
+        if check is not None and issubclass(klass, AlgorithmOptions):
+            check.__func__(config)
+
+
+def require_option(config: Any, ok: bool, option: str, message: str) -> None:
+    """Raise ``ValueError("<ConfigClass>.<option>: <message>.")`` unless `ok` (the style of `FedSRDConfig`'s errors)."""
+    if not ok:
+        raise ValueError(f"{type(config).__name__}.{option}: {message}.")
 
 
 class Algorithm(ABC):
@@ -57,6 +100,9 @@ class Algorithm(ABC):
     paper: ClassVar[str] = ""
     uploads: ClassVar[str] = ""
     downloads: ClassVar[str] = ""
+    # The dataclass of the options this algorithm reads beyond the common ones (None: it has none). FedSRDConfig
+    # inherits it, so they are flat config fields; the model card lists exactly these.
+    options: ClassVar[type[AlgorithmOptions] | None] = None
 
     def __init__(self, config: FedSRDConfig) -> None:
         self.config = config

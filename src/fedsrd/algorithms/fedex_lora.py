@@ -22,9 +22,8 @@ import torch
 
 from fedsrd.algorithms import register_algorithm
 from fedsrd.algorithms.base import BaseDelta, Payload, State
+from fedsrd.algorithms.families import base_delta_from_slots, lora_modules, merge_slot_keys, merge_slot_shapes
 from fedsrd.algorithms.fedavg import FedAvg
-from fedsrd.algorithms.fedsrd import lora_modules
-from fedsrd.algorithms.flora import base_delta_from_slots, merge_slot_keys, merge_slot_shapes
 from fedsrd.ops import weighted_sum
 
 

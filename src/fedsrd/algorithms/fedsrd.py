@@ -14,16 +14,18 @@ Per LoRA module (B d_out x r, A r x d_in), every round t = 1, 2, ...:
 Nothing here forms a d_out x d_in matrix: W is kept as the factor pair ([p_i B_i], [A_i]) (`fedsrd.ops.lowrank`).
 Resolved ambiguities follow docs/specs (fedsrd.md, sec. 5): B-round first, dW against the current global factors,
 Pearson kurtosis with rho <= 0.99, keep score >= tau, L1 rescale on by default, sparse delta added to the global state.
+The knobs are `FedSRDOptions`; the LoRA helpers (`lora_modules`) live in `fedsrd.algorithms.families`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from fedsrd.algorithms import register_algorithm
-from fedsrd.algorithms.base import Algorithm, Payload, State
+from fedsrd.algorithms.base import Algorithm, AlgorithmOptions, Payload, State, require_option
+from fedsrd.algorithms.families import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraModule, lora_modules, lora_shapes
 from fedsrd.ops.lowrank import (
     Factored,
     factored_difference,
@@ -34,60 +36,56 @@ from fedsrd.ops.lowrank import (
 )
 from fedsrd.ops.privacy import gaussian_like
 from fedsrd.ops.robust import Terms, largest_scale_within, product_change_terms, scaled_norm
-from fedsrd.ops.sparse import SparseTensor
+from fedsrd.ops.sparse import SparseTensor, densify
 from fedsrd.ops.sparsify import dare_drop, importance_prune, importance_scores_a, importance_scores_b
 
-LORA_A_SUFFIX = ".lora_A.weight"
-LORA_B_SUFFIX = ".lora_B.weight"
-_WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+# ---- the options FedSRD reads (FedSRDConfig inherits them: flat fields, e.g. --upload_sparsity_alpha) -----------
+@dataclass
+class FedSRDOptions(AlgorithmOptions):
+    """FedSRD / FedSRD-e: the upload's importance pruning (Sec. 4.1, Eq. 7) and the download's DARE drop (Sec. 4.3)."""
 
-@dataclass(frozen=True)
-class LoraModule:
-    """The state keys of one adapted layer's LoRA factors."""
+    upload_sparsity_alpha: float = field(
+        default=0.85,
+        metadata={"help": "FedSRD: base upload sparsity alpha; per matrix rho = alpha + min(cap, coeff*ln(kurtosis))."},
+    )
+    upload_sparsity_coeff: float = field(default=0.1, metadata={"help": "FedSRD: kurtosis coefficient of rho."})
+    upload_sparsity_cap: float = field(default=0.11, metadata={"help": "FedSRD: cap on the kurtosis increment of rho."})
+    upload_l1_rescale: bool = field(
+        default=True,
+        metadata={"help": "FedSRD: rescale kept entries to preserve the L1 mass (authors' code; off = paper text)."},
+    )
+    download_drop: float = field(
+        default=0.8, metadata={"help": "FedSRD: DARE drop probability on the broadcast delta (kept entries x 1/(1-p))."}
+    )
+    decompose_ridge: float = field(
+        default=0.0,
+        metadata={
+            "help": "FedSRD family, not in the paper: damp the one-factor least-squares solves, e.g. dA = "
+            "(B^T B + lambda I)^-1 B^T dW with lambda = decompose_ridge * mean squared singular value of B; "
+            "0 = the paper's pinv."
+        },
+    )
+    download_both_factors: bool = field(
+        default=False,
+        metadata={
+            "help": "FedSRD/FedSRD-e, not in the paper: broadcast both factors' least-squares deltas every round "
+            "(dB, then dA for the rest of the target), each DARE-dropped with download_drop; off = the paper's "
+            "alternation (B in odd rounds, A in even ones)."
+        },
+    )
 
-    name: str
-    a_key: str  # A: r x d_in
-    b_key: str  # B: d_out x r
-
-
-def lora_modules(state: State) -> list[LoraModule]:
-    """The LoRA modules of a PEFT adapter state (keys without adapter name), sorted by module name."""
-    a_names, b_names = set(), set()
-    for key in state:
-        if key.endswith(LORA_A_SUFFIX):
-            a_names.add(key[: -len(LORA_A_SUFFIX)])
-        elif key.endswith(LORA_B_SUFFIX):
-            b_names.add(key[: -len(LORA_B_SUFFIX)])
-        elif "lora_A" in key or "lora_B" in key:
-            raise ValueError(
-                f"FedSRD: state key {key!r} names a LoRA factor but does not end in {LORA_A_SUFFIX!r} or "
-                f"{LORA_B_SUFFIX!r} (expected PEFT adapter keys without the adapter name)."
-            )
-    unpaired = sorted(a_names ^ b_names)
-    if unpaired:
-        raise ValueError(f"FedSRD: LoRA module {unpaired[0]!r} has only one of lora_A/lora_B in the state.")
-    modules = [LoraModule(n, n + LORA_A_SUFFIX, n + LORA_B_SUFFIX) for n in sorted(a_names)]
-    for module in modules:
-        a, b = state[module.a_key], state[module.b_key]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(
-                f"FedSRD: module {module.name!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
-                "expected A r x d_in and B d_out x r (linear LoRA layers only)."
-            )
-    return modules
-
-
-def _lora_shapes(state: State) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """Every LoRA factor of the state, which may travel sparse."""
-    keys = [key for module in lora_modules(state) for key in (module.a_key, module.b_key)]
-    return {key: (tuple(state[key].shape), True) for key in keys}
-
-
-def _dense(value: torch.Tensor | SparseTensor) -> torch.Tensor:
-    if isinstance(value, SparseTensor):
-        return value.to_dense(torch.float32)
-    return value.to(torch.float32)
+    @staticmethod
+    def validate(config) -> None:
+        alpha = config.upload_sparsity_alpha
+        require_option(config, 0.0 <= alpha < 1.0, "upload_sparsity_alpha", f"must be in [0, 1), got {alpha}")
+        coeff, cap = config.upload_sparsity_coeff, config.upload_sparsity_cap
+        require_option(config, coeff >= 0, "upload_sparsity_coeff", f"must be >= 0, got {coeff}")
+        require_option(config, cap >= 0, "upload_sparsity_cap", f"must be >= 0, got {cap}")
+        drop = config.download_drop
+        require_option(config, 0.0 <= drop < 1.0, "download_drop", f"must be in [0, 1), got {drop}")
+        ridge = config.decompose_ridge
+        require_option(config, ridge >= 0, "decompose_ridge", f"must be >= 0 (0: the paper's pinv), got {ridge}")
 
 
 @register_algorithm
@@ -99,6 +97,7 @@ class FedSRD(Algorithm):
     paper = "FedSRD (Yan et al., WWW 2026; arXiv 2510.04601)"
     uploads = "LoRA deltas dA, dB, importance-pruned (~95% sparse, adaptive per matrix)"
     downloads = "one factor's least-squares delta per round (B odd rounds, A even), DARE-dropped (80% sparse)"
+    options = FedSRDOptions
 
     use_svd = True  # FedSRD-e: False
     # Clipping only, of each client's *product* change (`update_norm`): a coordinate-wise median of factor deltas has
@@ -186,7 +185,7 @@ class FedSRD(Algorithm):
                 key, delta = module.a_key, solve_right_update(delta_w, b, self.config.decompose_ridge)  # Eq. 13
             else:
                 continue  # never pinv a zero B: this module sends nothing this round
-            payload[key] = self._on_wire(dare_drop(delta, self.config.download_drop, rng))  # DARE download
+            payload[key] = dare_drop(delta, self.config.download_drop, rng)  # DARE download
         return payload
 
     def _both_factors(
@@ -199,14 +198,14 @@ class FedSRD(Algorithm):
         `download_drop` (0.9 keeps the bytes of one factor at 0.8).
         """
         drop = self.config.download_drop
-        sent_b = self._on_wire(dare_drop(solve_left_update(delta_w, a, self.config.decompose_ridge), drop, rng))
+        sent_b = dare_drop(solve_left_update(delta_w, a, self.config.decompose_ridge), drop, rng)
         payload: Payload = {module.b_key: sent_b}
-        dense_b = _dense(sent_b)
+        dense_b = densify(sent_b)
         b_new = b + dense_b
         if bool(b_new.any()):
             rest = factored_difference(delta_w, (dense_b, a))  # dW - dB' A
             delta_a = solve_right_update(rest, b_new, self.config.decompose_ridge)
-            payload[module.a_key] = self._on_wire(dare_drop(delta_a, drop, rng))
+            payload[module.a_key] = dare_drop(delta_a, drop, rng)
         return payload
 
     def target_change(
@@ -220,8 +219,8 @@ class FedSRD(Algorithm):
     ) -> Factored:
         """dW = W_target - B A as a factor pair (Eq. 9-11), for one module; with `noise` (std, generator), W gets
         Gaussian noise on every entry first (differential privacy)."""
-        deltas_b = [_dense(u[module.b_key]) for u in updates]
-        deltas_a = [_dense(u[module.a_key]) for u in updates]
+        deltas_b = [densify(u[module.b_key]) for u in updates]
+        deltas_a = [densify(u[module.a_key]) for u in updates]
         if noise is not None:  # W + Z, dense: Z is full rank (docs/privacy.md, "FedSRD")
             aggregate = stack_factors([b + d for d in deltas_b], [a + d for d in deltas_a], weights)
             d_out, d_in = b.shape[0], a.shape[1]
@@ -275,16 +274,10 @@ class FedSRD(Algorithm):
             if module.a_key not in update and module.b_key not in update:
                 continue
             a, b = global_state[module.a_key].to(torch.float32), global_state[module.b_key].to(torch.float32)
-            delta_a = _dense(update[module.a_key]) if module.a_key in update else torch.zeros_like(a)
-            delta_b = _dense(update[module.b_key]) if module.b_key in update else torch.zeros_like(b)
+            delta_a = densify(update[module.a_key]) if module.a_key in update else torch.zeros_like(a)
+            delta_b = densify(update[module.b_key]) if module.b_key in update else torch.zeros_like(b)
             terms.append(product_change_terms(a, b, delta_a, delta_b))
         return terms
-
-    def _on_wire(self, delta: SparseTensor) -> SparseTensor:
-        """The delta as clients will decode it: values rounded to the wire dtype, so server and clients stay equal."""
-        wire_dtype = _WIRE_DTYPES.get(self.config.value_dtype, torch.float32)
-        values = delta.values.to(wire_dtype).to(torch.float32)
-        return SparseTensor(shape=delta.shape, indices=delta.indices, values=values, mask=delta.mask)
 
     # ---- both roles ------------------------------------------------------------------------------------------
     def apply(self, state: State, broadcast: Payload) -> State:
@@ -292,7 +285,7 @@ class FedSRD(Algorithm):
         for key, delta in broadcast.items():
             if key not in state:
                 raise KeyError(f"FedSRD.apply: broadcast tensor {key!r} is not in the global state.")
-            dense = _dense(delta)
+            dense = densify(delta)
             if tuple(dense.shape) != tuple(state[key].shape):
                 raise ValueError(
                     f"FedSRD.apply: broadcast tensor {key!r} has shape {tuple(dense.shape)}, "
@@ -302,10 +295,10 @@ class FedSRD(Algorithm):
         return new_state
 
     def update_shapes(self, global_state: State) -> dict[str, tuple[tuple[int, ...], bool]]:
-        return _lora_shapes(global_state)
+        return lora_shapes(global_state)
 
     def broadcast_shapes(self, global_state: State) -> dict[str, tuple[tuple[int, ...], bool]]:
-        return _lora_shapes(global_state)
+        return lora_shapes(global_state)
 
     def broadcast_is_partial(self) -> bool:
         return True
@@ -318,3 +311,6 @@ class FedSRDe(FedSRD):
     name = "fedsrd_e"
     downloads = "one factor's least-squares delta toward the full aggregate (no SVD), DARE-dropped (80% sparse)"
     use_svd = False
+
+
+__all__ = ["LORA_A_SUFFIX", "LORA_B_SUFFIX", "FedSRD", "FedSRDOptions", "FedSRDe", "LoraModule", "lora_modules"]

@@ -22,8 +22,8 @@ import torch
 
 from fedsrd.algorithms import register_algorithm
 from fedsrd.algorithms.base import Payload, State
+from fedsrd.algorithms.families import lora_modules
 from fedsrd.algorithms.fedavg import FedAvg
-from fedsrd.algorithms.fedsrd import lora_modules
 from fedsrd.ops.lowrank import Factored, stack_factors, truncated_svd
 
 

@@ -22,44 +22,15 @@ import torch
 
 from fedsrd.algorithms import register_algorithm
 from fedsrd.algorithms.base import BaseDelta, Payload, State
+from fedsrd.algorithms.families import (
+    LoraModule,
+    base_delta_from_slots,
+    lora_modules,
+    merge_slot_keys,
+    merge_slot_shapes,
+)
 from fedsrd.algorithms.fedavg import FedAvg
-from fedsrd.algorithms.fedsrd import LoraModule, lora_modules
 from fedsrd.ops import generator_for
-
-
-# ---- base-weight factors on the wire (shared with FedEx-LoRA) -----------------------------------------------------
-def merge_slot_keys(module: str, slot: int) -> tuple[str, str]:
-    """Broadcast names of the ``slot``-th factor pair merged into ``module``'s base weight (left, right)."""
-    return f"{module}.base_merge_{slot}.left", f"{module}.base_merge_{slot}.right"
-
-
-def merge_slot_shapes(state: State, num_slots: int) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """Expected shapes of up to ``num_slots`` factor pairs per module: left d_out x r, right r x d_in (dense)."""
-    shapes: dict[str, tuple[tuple[int, ...], bool]] = {}
-    for module in lora_modules(state):
-        (r, d_in), (d_out, _) = state[module.a_key].shape, state[module.b_key].shape
-        for slot in range(num_slots):
-            left, right = merge_slot_keys(module.name, slot)
-            shapes[left], shapes[right] = ((d_out, r), False), ((r, d_in), False)
-    return shapes
-
-
-def base_delta_from_slots(broadcast: Payload) -> BaseDelta:
-    """Group the broadcast's factor-pair slots by module, in slot order."""
-    slots: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    for key, value in broadcast.items():
-        head, dot, side = key.rpartition(".")
-        module, sep, slot = head.rpartition(".base_merge_")
-        if not sep or side not in ("left", "right") or not slot.isdigit():
-            continue
-        slots.setdefault(module, {}).setdefault(int(slot), {})[side] = value.to(torch.float32)
-    delta: BaseDelta = {}
-    for module, by_slot in sorted(slots.items()):
-        for slot, pair in sorted(by_slot.items()):
-            if set(pair) != {"left", "right"}:
-                raise ValueError(f"base-weight factors of {module!r}: slot {slot} has only its {sorted(pair)[0]}.")
-            delta.setdefault(module, []).append((pair["left"], pair["right"]))
-    return delta
 
 
 def peft_lora_a_init(rank: int, d_in: int, generator: torch.Generator) -> torch.Tensor:
@@ -121,3 +92,7 @@ class FLoRA(FedAvg):  # FedAvg's upload: every trained factor, dense
 
     def broadcast_is_partial(self) -> bool:
         return True  # one slot per aggregated client, however many that was
+
+
+# merge_slot_* and base_delta_from_slots (shared with FedEx-LoRA) live in fedsrd.algorithms.families
+__all__ = ["FLoRA", "base_delta_from_slots", "merge_slot_keys", "merge_slot_shapes", "peft_lora_a_init"]

@@ -28,7 +28,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-MB = 1024 * 1024  # bytes in the MB that every communication figure reports
+from fedsrd.wire import MB  # bytes in the MB that every communication figure reports
+
 SCHEMA_VERSION = 2  # 1: before fedsrd.federation (keys differed per runtime)
 
 HISTORY_KEYS = frozenset(

@@ -6,11 +6,11 @@ One round:
     sample clients (fedsrd.federation.sampling) -> on_round_begin -> Transport.deliver (the clients' local phases,
     their encoded updates) -> Transport.server_step (retried with a fresh sample while fewer than min_clients usable
     updates arrive) -> Transport.distribute (the broadcast) -> the round's record (fedsrd.federation.history) ->
-    evaluation and round_NNNN/ when due -> on_round_end (control honoured) -> Transport.commit (history.json,
-    checkpoint)
+    evaluation and round_NNNN/ when due -> on_round_end (control honoured) -> the saved folder's model card
+    (fedsrd.model_card) -> Transport.commit (history.json, checkpoint)
 
 and after the last round (or the round a callback stopped the federation): Transport.finish (final/, Flower's final
-sync), then ``on_train_end``.
+sync), final/'s model card, then ``on_train_end``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from fedsrd.config import FedSRDConfig
 from fedsrd.federation.callbacks import RoundEvents
 from fedsrd.federation.history import MB, RoundTable, round_mb, round_record, total_mb
 from fedsrd.federation.sampling import sample_clients
+from fedsrd.model_card import write_model_card
 from fedsrd.schedule import round_learning_rate
 
 if TYPE_CHECKING:
@@ -125,6 +126,9 @@ class Federation:
                 break
         bar.close()
         self.transport.finish(self.history)
+        final = self.out_dir / "final"
+        if self.transport.is_main and final.is_dir():
+            write_model_card(final, self.config, self.history)
         self.events.train_end()
         return self.history
 
@@ -176,6 +180,8 @@ class Federation:
             self.transport.save(saved_dir)
         # Callbacks may add to the record (e.g. benchmark scores) before it is written to history.json.
         self.events.call("on_round_end", round=round, record=record, saved_dir=saved_dir, is_last=last)
+        if saved_dir is not None and "hub_commit" not in record:  # a Hub push already wrote the card it published
+            write_model_card(saved_dir, cfg, [*self.history, record])
         record["should_training_stop"] = self.events.should_stop()
         if self.budget_spent_before(round + 1) and not last:
             record["dp_budget_exhausted"] = record["should_training_stop"] = True
