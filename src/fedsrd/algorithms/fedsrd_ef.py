@@ -51,6 +51,7 @@ class FedSRDEF(FedSRD):
     paper = "FedSRD (Yan et al., WWW 2026) + error feedback on both links (this library; Karimireddy et al., ICML 2019)"
     uploads = "LoRA deltas plus the client's kept residual, importance-pruned (no L1 rescale)"
     downloads = "one factor's least-squares delta plus the server's kept residual, random-dropped (seeded, unscaled)"
+    supports_unequal_ranks = False  # the kept residuals have the global rank's shapes
 
     # ---- client ------------------------------------------------------------------------------------------------
     def client_update(self, global_state: State, local_state: State, round: int, rng: torch.Generator) -> Payload:

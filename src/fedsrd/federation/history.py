@@ -29,7 +29,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 MB = 1024 * 1024  # bytes in the MB that every communication figure reports
-SCHEMA_VERSION = 2  # 1: before fedsrd.federation (keys differed per runtime)
+SCHEMA_VERSION = 3  # 1: before fedsrd.federation (keys differed per runtime); 2: before per_client
 
 HISTORY_KEYS = frozenset(
     {
@@ -51,6 +51,7 @@ HISTORY_KEYS = frozenset(
         "should_training_stop",  # a round callback asked to end the federation after this round
         "seconds",
         "transport",  # what only this runtime's transport knows (Flower: catch-up plans, final sync)
+        "per_client",  # {client id: rank, upload_bytes, download_bytes, trainable_param_bytes}: `per_client_costs`
     }
 )
 
@@ -71,6 +72,7 @@ def round_record(
     cumulative_mb: float,
     transport: Mapping[str, Any] | None = None,
     robust: Mapping[str, Any] | None = None,
+    per_client: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A round's record with every key of `HISTORY_KEYS` (``seconds`` and ``should_training_stop`` are filled in when
     the round ends)."""
@@ -95,7 +97,32 @@ def round_record(
         "should_training_stop": False,
         "seconds": 0.0,
         "transport": dict(transport or {}),
+        "per_client": dict(per_client or {}),
     }
+
+
+def per_client_costs(
+    senders: Sequence[int],
+    updates: Sequence[bytes],
+    ranks: Mapping[int, int | None],
+    download_bytes_by_rank: Mapping[str, int],
+    trainable_bytes_by_rank: Mapping[str, int | None],
+) -> dict[str, dict[str, Any]]:
+    """The record's ``per_client``: for every client whose update reached the server step, its LoRA rank (null when
+    every client trains the global adapter's), the bytes of its encoded upload, the encoded bytes of what it needs of
+    the round's broadcast (its rank's part, `Algorithm.client_download`; the whole broadcast at the global rank), and
+    the float32 bytes of the parameters it trains (null for full-parameter algorithms)."""
+    out: dict[str, dict[str, Any]] = {}
+    for cid, update in zip(senders, updates, strict=True):
+        rank = ranks.get(cid)
+        key = "global" if rank is None else str(rank)
+        out[str(cid)] = {
+            "rank": rank,
+            "upload_bytes": len(update),
+            "download_bytes": download_bytes_by_rank.get(key),
+            "trainable_param_bytes": trainable_bytes_by_rank.get(key),
+        }
+    return out
 
 
 def start_record(*, upload_bytes: int = 0, transport: Mapping[str, Any] | None = None) -> dict[str, Any]:
