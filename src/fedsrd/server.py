@@ -101,7 +101,9 @@ class FederatedServer:
                 )
         return self.algorithm.client_start_state(self.state, rank)
 
-    def per_rank_costs(self, payload: dict, broadcast_bytes: int) -> tuple[dict[str, int], dict[str, int | None]]:
+    def per_rank_costs(
+        self, broadcast: wire.Message, broadcast_bytes: int
+    ) -> tuple[dict[str, int], dict[str, int | None]]:
         """For each configured rank (str): the encoded bytes of what a client of that rank needs of the broadcast, and
         the float32 bytes of the parameters it trains. Without `client_lora_ranks`, one entry ``"global"``: the whole
         broadcast and the global adapter's trainable bytes."""
@@ -112,8 +114,9 @@ class FederatedServer:
         ranks = sorted(set(self.config.client_lora_ranks))
         download, trainable = {}, {}
         for rank in ranks:
-            part = self.algorithm.client_download(payload, rank)
-            msg = wire.Message(kind="broadcast", algorithm=self.algorithm.name, round=0, tensors=part)
+            part = self.algorithm.client_download(broadcast.tensors, rank)  # with the broadcast's header
+            msg = wire.Message(kind="broadcast", algorithm=self.algorithm.name, round=broadcast.round, tensors=part,
+                               meta=broadcast.meta)
             download[str(rank)] = len(wire.encode(msg, value_dtype=self.config.value_dtype,
                                                   positions=self.config.positions))
             trainable[str(rank)] = self.algorithm.trainable_param_bytes(self.state, rank)
@@ -286,7 +289,7 @@ class FederatedServer:
             meta={"digest": wire.state_digest(state)},
         )
         data = wire.encode(broadcast, value_dtype=self.config.value_dtype, positions=self.config.positions)
-        download_by_rank, trainable_by_rank = self.per_rank_costs(payload, len(data))
+        download_by_rank, trainable_by_rank = self.per_rank_costs(broadcast, len(data))
         result = RoundResult(
             round=round,
             broadcast=data,

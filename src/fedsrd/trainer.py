@@ -433,7 +433,10 @@ class FederatedTrainer(Trainer):
         """Write the model as loaded now (after a round: the global one): a PEFT adapter folder, or for
         full-parameter algorithms a complete model folder (`save_pretrained` of the model and its tokenizer)."""
         if self.algorithm.uses_lora:
-            self.model.save_pretrained(str(directory), save_embedding_layers=False)
+            # the global adapter only (not the per-rank client adapters of client_lora_ranks)
+            self.model.save_pretrained(
+                str(directory), save_embedding_layers=False, selected_adapters=[self.global_adapter]
+            )
             return
         self.model.save_pretrained(str(directory))
         if self.processing_class is not None:
