@@ -383,3 +383,19 @@ def test_flower_loopback_with_unequal_ranks_is_the_simulation(tmp_path, tmp_path
     for i, rank in enumerate([2, 4]):  # each data owner's own adapter: a PEFT folder of its own rank
         (folder,) = (tmp_path / f"node{i}").glob("*/client_*/adapter")
         assert json.loads((folder / "adapter_config.json").read_text())["r"] == rank
+
+
+def test_comm_table_measures_unequal_ranks_for_the_algorithms_that_support_them(capsys):
+    spec = importlib.util.spec_from_file_location("comm_table", REPO / "benchmarks" / "comm_table.py")
+    comm_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(comm_table)
+    comm_table.main(["--preset", "tiny", "--rounds", "1", "--algorithms", "fedavg", "hetlora", "fedsrd", "--json"])
+    equal = {r["algorithm"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]}
+    comm_table.main(["--preset", "tiny", "--rounds", "1", "--client-ranks", "1", "2", "3", "4", "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = {r["algorithm"]: r for r in result["rows"]}
+    assert sorted(rows) == SUPPORTED and result["config"]["client_ranks"] == [1, 2, 3, 4]
+    for name in ("hetlora", "fedsrd"):  # mean rank 2.5 of 4: less up and down than every client at rank 4
+        assert rows[name]["upload_mb"] < equal[name]["upload_mb"]
+        assert rows[name]["download_mb"] < equal[name]["download_mb"]
+    assert equal["hetlora"]["upload_mb"] == equal["fedavg"]["upload_mb"]  # equal ranks: FedAvg's message
