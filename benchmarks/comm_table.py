@@ -147,7 +147,9 @@ def measure(name: str, dims: dict[str, int], rank: int, clients: int, rounds: in
     return {
         "algorithm": name,
         "paper": cls.paper,
-        "paper_up_down_mb": PAPER_TABLE8.get(name) if dims.get("layers") == 28 and rank == 64 else None,
+        "paper_up_down_mb": PAPER_TABLE8.get(name)
+        if dims.get("layers") == 28 and rank == 64 and not client_ranks
+        else None,
         "uploads": cls.uploads,
         "downloads": cls.downloads,
         "upload_mb": statistics.fmean(up_rounds),
@@ -180,7 +182,7 @@ def _mb(x: float) -> str:
 def markdown(rows: list[dict], config: dict, compact: bool = False) -> str:
     """The table; with the paper's Table 8 figures beside ours for the Llama-3.2-3B preset at r = 64.
     `compact`: without the long description columns."""
-    paper = config["preset"] == "llama-3.2-3b" and config["rank"] == 64
+    paper = config["preset"] == "llama-3.2-3b" and config["rank"] == 64 and not config.get("client_ranks")
     head = ["algorithm"] + ([] if compact else ["paper", "client uploads", "server broadcasts"])
     head += ["up MB", "down MB", "total MB"] + (["paper up / down / total MB", "ours / paper"] if paper else [])
     lines = [f"Configuration: {config['description']}", "", "| " + " | ".join(head) + " |",

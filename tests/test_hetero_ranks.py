@@ -399,3 +399,34 @@ def test_comm_table_measures_unequal_ranks_for_the_algorithms_that_support_them(
         assert rows[name]["upload_mb"] < equal[name]["upload_mb"]
         assert rows[name]["download_mb"] < equal[name]["download_mb"]
     assert equal["hetlora"]["upload_mb"] == equal["fedavg"]["upload_mb"]  # equal ranks: FedAvg's message
+
+
+def test_trainer_builds_one_adapter_per_rank_and_refuses_a_global_adapter_of_another_rank(tmp_path):
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    from fedsrd.models import build_tiny_llama, build_tiny_tokenizer
+    from fedsrd.trainer import FederatedTrainer, client_adapter_name
+
+    data = Dataset.from_dict({"instruction": ["1+1", "2+2"], "input": ["", ""], "output": ["2", "4"]})
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, disable_tqdm=True)
+    cfg = FedSRDConfig(algorithm="hetlora", num_clients=2, lora_r=8, lora_alpha=16, client_lora_ranks=[2, 8])
+    kwargs = {
+        "args": args,
+        "fed_config": cfg,
+        "client_datasets": [data, data],
+        "processing_class": build_tiny_tokenizer(),
+    }
+    trainer = FederatedTrainer(model=build_tiny_llama(), **kwargs)
+    config = trainer.model.peft_config[client_adapter_name(2)]
+    assert (config.r, config.lora_alpha) == (2, 4.0)  # the global adapter's scaling, 16 / 8
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained and all(".default." in n for n in trained)  # the global adapter only, outside a client's phase
+    trainer.use_client_rank(2)
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained and all(f".{client_adapter_name(2)}." in n for n in trained)
+    trainer.use_client_rank(None)
+    other = get_peft_model(build_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="the model's adapter has rank 4, but lora_r=8"):
+        FederatedTrainer(model=other, **kwargs)
