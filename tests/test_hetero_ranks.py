@@ -321,15 +321,21 @@ TINY_ARGS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("name, ranks", [("hetlora", ["2", "4", "8"]), ("fedsrd", ["cycle:2,4,8"])])
-def test_tiny_run_with_ranks_2_4_8(name, ranks, tmp_path):
+@pytest.mark.parametrize(
+    "name, ranks, extra",
+    [
+        ("hetlora", ["2", "4", "8"], ["--hetlora_prune_lambda", "0.01", "--hetlora_prune_gamma", "0.5"]),
+        ("fedsrd", ["cycle:2,4,8"], []),
+    ],
+)
+def test_tiny_run_with_ranks_2_4_8(name, ranks, extra, tmp_path):
     from peft import PeftModel
 
     from fedsrd.cli import run_train
     from fedsrd.models import build_tiny_llama
 
     argv = ["--config", str(TINY), "--output_dir", str(tmp_path), "--algorithm", name, *TINY_ARGS,
-            "--client_lora_ranks", *ranks]  # fmt: skip
+            "--client_lora_ranks", *ranks, *extra]  # fmt: skip
     trainer = run_train(argv)
     history = json.loads((tmp_path / "history.json").read_text())
     assert [r["round"] for r in history] == [0, 1, 2] and math.isfinite(history[-1]["eval_loss"])
@@ -342,6 +348,12 @@ def test_tiny_run_with_ranks_2_4_8(name, ranks, tmp_path):
         uploads = [per_client[str(c)]["upload_bytes"] for c in range(3)]
         assert sum(uploads) == record["upload_bytes"]
         assert per_client["0"]["download_bytes"] <= per_client["2"]["download_bytes"] <= record["broadcast_bytes"]
+    if extra:  # HetLoRA's self-pruning: every client keeps its modules' ranks and tail norms between uploads
+        from fedsrd.checkpoint import load_checkpoint
+
+        _, tensors, _ = load_checkpoint(tmp_path)
+        kept = {key.split("/")[1] for key in tensors if key.startswith("memory/") and key.endswith(".hetlora_rank")}
+        assert kept == {"0", "1", "2"}
     saved = tmp_path / "final"
     assert json.loads((saved / "adapter_config.json").read_text())["r"] == 8  # the global adapter, alone
     assert not any(p.is_dir() for p in saved.iterdir() if p.name.startswith("fedsrd_rank_"))
