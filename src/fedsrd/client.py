@@ -65,8 +65,16 @@ class FederatedClient:
         return new_state
 
     def start_state(self, client_id: int) -> State:
-        """The adapter client `client_id` trains from: the global state with that client's personal tensors on top."""
-        return {**self.state, **self.personal_states.get(client_id, {})}
+        """The adapter client `client_id` trains from: the global state (at that client's LoRA rank, with
+        `client_lora_ranks`) with that client's personal tensors on top."""
+        return {**self.rank_view(client_id), **self.personal_states.get(client_id, {})}
+
+    def rank_view(self, client_id: int) -> State:
+        """The global state as client `client_id` sees it: `Algorithm.client_start_state` at its configured rank
+        (`FedSRDConfig.client_lora_ranks`), or the global state itself when no per-client ranks are set."""
+        if self.config.client_lora_ranks is None:
+            return self.state
+        return self.algorithm.client_start_state(self.state, self.config.client_rank(client_id))
 
     def keep_personal(self, client_id: int, local_state: State) -> None:
         """Store client `client_id`'s personal tensors (`Algorithm.personal`) after its local training."""
@@ -81,7 +89,8 @@ class FederatedClient:
         """Encode what this client uploads after local training ended in `local_state`."""
         rng = generator_for(self.config.seed, "client_update", round, client_id)
         memory = self.memories.get(client_id, {})
-        payload, kept = self.algorithm.client_update_with_memory(self.state, local_state, memory, round, rng)
+        start = self.rank_view(client_id)  # the upload is at this client's own rank
+        payload, kept = self.algorithm.client_update_with_memory(start, local_state, memory, round, rng)
         if kept:
             self.memories[client_id] = {k: v.detach().to("cpu", torch.float32) for k, v in kept.items()}
         else:

@@ -84,6 +84,32 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
     )
     # ---- each algorithm's own options (fedsrd, fedsrd_ef, fedprox, fed_dare, topk, fedkrso, fedkseed) are inherited
     # from the options classes in ALGORITHM_OPTIONS above, declared in the algorithm's file: still flat fields here.
+    # ---- per-client LoRA ranks (heterogeneous clients; docs/user_guide.md, "Clients of different ranks") ----------
+    client_lora_ranks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "One LoRA rank per client (e.g. 2 4 8 8: client k trains a rank-r_k adapter), or one rule "
+            "'cycle:4,8,16,32' (client k gets the (k mod 4)-th rank). Every rank must be at most lora_r, the global "
+            "adapter's rank. Each client's lora_alpha is lora_alpha * r_k / lora_r, so every adapter has the same "
+            "scaling. Only for the algorithms whose Algorithm.supports_unequal_ranks is true (fedsrd, fedsrd_e, "
+            "flexlora, flora, hetlora). Default: every client trains lora_r."
+        },
+    )
+    hetlora_prune_lambda: float = field(
+        default=0.0,
+        metadata={
+            "help": "HetLoRA rank self-pruning (Cho et al., EMNLP 2024): weight lambda of the local regulariser "
+            "lambda * sum_modules ||B[:, g r:]||_F ||A[g r:, :]||_F on the tail of each client's rank r; 0: off."
+        },
+    )
+    hetlora_prune_gamma: float = field(
+        default=0.99,
+        metadata={
+            "help": "HetLoRA rank self-pruning: the decay gamma in (0, 1); the tail is the ranks from floor(gamma r) "
+            "on. A client whose tail norm falls below its previous round's prunes those ranks (uploads them as zero)."
+        },
+    )
+    # ---- end of per-client LoRA ranks ------------------------------------------------------------------------------
     value_dtype: str = field(
         default="float32",
         metadata={"help": "Dtype of tensor values on the wire: float32 (the papers' accounting), float16, bfloat16."},
@@ -310,6 +336,13 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
         _require(self.max_update_value > 0, "max_update_value", f"must be > 0, got {self.max_update_value}")
         self._check_robust_aggregation()
         self._check_privacy()
+        self._check_client_lora_ranks()  # per-client LoRA ranks
+        _require(
+            self.dp_mode == "off" or not self.has_unequal_ranks,
+            "client_lora_ranks",
+            "clients of different ranks are not combined with differential privacy (the noised product-space target "
+            "is derived for one rank); set dp_mode 'off' or give every client lora_r",
+        )
         _require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         _require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
         # learning rate across rounds
@@ -511,6 +544,58 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
 
     # ---- end of differential privacy ----
 
+    # ---- per-client LoRA ranks ---------------------------------------------------------------------------------
+    def _check_client_lora_ranks(self) -> None:
+        _require(
+            self.hetlora_prune_lambda >= 0, "hetlora_prune_lambda", f"must be >= 0, got {self.hetlora_prune_lambda}"
+        )
+        _require(
+            0.0 < self.hetlora_prune_gamma < 1.0,
+            "hetlora_prune_gamma",
+            f"must be in (0, 1), got {self.hetlora_prune_gamma}",
+        )
+        if self.client_lora_ranks is None:
+            return
+        self.client_lora_ranks = parse_client_lora_ranks(self.client_lora_ranks, self.num_clients)
+        too_large = [(k, r) for k, r in enumerate(self.client_lora_ranks) if r > self.lora_r]
+        _require(
+            not too_large,
+            "client_lora_ranks",
+            f"client {too_large[0][0] if too_large else 0} has rank {too_large[0][1] if too_large else 0}, above "
+            f"lora_r={self.lora_r} (the global adapter's rank); set lora_r to at least "
+            f"{max(self.client_lora_ranks)}",
+        )
+        if not self.has_unequal_ranks:
+            return
+        from fedsrd.algorithms import get_algorithm_class, list_algorithms
+
+        if not get_algorithm_class(self.algorithm).supports_unequal_ranks:
+            able = [a for a in list_algorithms() if get_algorithm_class(a).supports_unequal_ranks]
+            raise ValueError(
+                f"FedSRDConfig.client_lora_ranks: algorithm {self.algorithm!r} needs every client at the same LoRA "
+                f"rank (lora_r={self.lora_r}), got ranks {sorted(set(self.client_lora_ranks))}; the algorithms that "
+                f"handle clients of different ranks: {', '.join(able)}."
+            )
+
+    @property
+    def has_unequal_ranks(self) -> bool:
+        """True when some client trains a LoRA rank other than lora_r (`client_lora_ranks`)."""
+        return self.client_lora_ranks is not None and any(r != self.lora_r for r in self.client_lora_ranks)
+
+    def client_rank(self, client_id: int) -> int:
+        """The LoRA rank client `client_id` trains (`client_lora_ranks`, or lora_r)."""
+        if self.client_lora_ranks is None:
+            return self.lora_r
+        if not 0 <= client_id < len(self.client_lora_ranks):
+            raise ValueError(f"client id {client_id} is outside 0..{len(self.client_lora_ranks) - 1}.")
+        return int(self.client_lora_ranks[client_id])
+
+    def client_lora_alpha(self, rank: int) -> float:
+        """lora_alpha of a rank-`rank` client's adapter: lora_alpha * rank / lora_r, so its scaling (alpha / r) is the
+        global adapter's and the products B A of every rank are summed on one scale."""
+        return self.lora_alpha * rank / self.lora_r
+    # ---- end of per-client LoRA ranks ----------------------------------------------------------------------------
+
     @property
     def seed(self) -> int:
         """The federation's seed (`fed_seed`, or 42 if unset and no Trainer has filled it in)."""
@@ -542,6 +627,40 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# ---- per-client LoRA ranks ---------------------------------------------------------------------------------------
+def parse_client_lora_ranks(value: Any, num_clients: int) -> list[int]:
+    """`client_lora_ranks` as one positive int per client: a list (ints or digit strings, e.g. from the command line)
+    or the rule ``"cycle:r_0,r_1,..."`` (client k gets r_(k mod n)); ValueError naming what is wrong otherwise."""
+    what = "FedSRDConfig.client_lora_ranks"
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{what}: expected one rank per client or a rule 'cycle:4,8,16,32', got {value!r}.")
+    if len(value) == 1 and isinstance(value[0], str) and ":" in value[0]:
+        rule, _, args = value[0].partition(":")
+        if rule.strip() != "cycle":
+            raise ValueError(f"{what}: unknown rule {rule.strip()!r} in {value[0]!r}; expected 'cycle:4,8,16,32'.")
+        cycle = [_positive_rank(v, what) for v in args.split(",")]
+        return [cycle[k % len(cycle)] for k in range(num_clients)]
+    ranks = [_positive_rank(v, what) for v in value]
+    if len(ranks) != num_clients:
+        raise ValueError(
+            f"{what}: got {len(ranks)} rank(s) for num_clients={num_clients}; expected one rank per client, or a rule "
+            "such as 'cycle:4,8,16,32'."
+        )
+    return ranks
+
+
+def _positive_rank(value: Any, what: str) -> int:
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, str) and text.isdigit():
+        text = int(text)
+    if isinstance(text, bool) or not isinstance(text, int) or text < 1:
+        raise ValueError(f"{what}: every rank must be a positive int, got {value!r}.")
+    return text
+# ---- end of per-client LoRA ranks ----------------------------------------------------------------------------------
 
 
 def _require(ok: bool, field_name: str, message: str) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from fedsrd import wire
 from fedsrd.algorithms import Algorithm, State, get_algorithm
+from fedsrd.algorithms.ranks import rank_dim, state_rank
 from fedsrd.client import expected_specs
 from fedsrd.config import FedSRDConfig
 from fedsrd.ops import generator_for, normalized_weights, round_to_dtype
@@ -31,6 +32,10 @@ class RoundResult:
     rejected: dict[str, str] = field(default_factory=dict)  # client id (or position) -> reason
     metrics: dict[str, float] = field(default_factory=dict)  # means of the clients' reported metrics
     robust: dict = field(default_factory=dict)  # what bounded the clients' influence (`bound_influence`)
+    # Clients of different LoRA ranks: per configured rank (str), the encoded size of the part of the broadcast a
+    # client of that rank needs (`Algorithm.client_download`) and its trainable parameter bytes (history's per_client).
+    download_bytes_by_rank: dict[str, int] = field(default_factory=dict)
+    trainable_bytes_by_rank: dict[str, int | None] = field(default_factory=dict)
 
 
 class FederatedServer:
@@ -52,7 +57,7 @@ class FederatedServer:
         update must carry that id). Raises WireError naming what is wrong."""
         msg = wire.decode(
             data,
-            expected=expected_specs(self.algorithm.update_shapes(self.state)),
+            expected=expected_specs(self.algorithm.update_shapes(self.update_view(data, sender))),
             kind="update",
             algorithm=self.algorithm.name,
             max_bytes=self.config.max_message_bytes,
@@ -69,6 +74,54 @@ class FederatedServer:
                 f"above max_update_value={self.config.max_update_value:g}."
             )
         return msg
+
+    # ---- clients of different LoRA ranks (FedSRDConfig.client_lora_ranks) ----------------------------------------
+    def update_view(self, data: bytes, sender: int | None = None) -> State:
+        """The state an update is checked against: the global state, or with `client_lora_ranks` the start state of
+        the rank configured for the client the update claims to be (`sender` where the transport knows it).
+
+        WireError if that client has no configured rank, or if the update's LoRA tensors carry another rank (the
+        rank travels in the tensors' shapes and is checked before anything is decoded)."""
+        if self.config.client_lora_ranks is None:
+            return self.state
+        header = wire.read_header(data, max_bytes=self.config.max_message_bytes)
+        client_id = header["meta"].get("client_id") if sender is None else sender
+        if not _is_int(client_id) or not 0 <= client_id < self.config.num_clients:
+            raise wire.WireError(
+                f"update meta 'client_id' must be an int in 0..{self.config.num_clients - 1} (a client with a rank in "
+                f"client_lora_ranks), got {_short(client_id)}."
+            )
+        rank = self.config.client_rank(client_id)
+        for name, entry in header["tensors"].items():
+            dim = rank_dim(name)
+            shape = entry.get("shape") if isinstance(entry, dict) else None
+            if dim is not None and isinstance(shape, (list, tuple)) and len(shape) == 2 and shape[dim] != rank:
+                raise wire.WireError(
+                    f"update from client {client_id} has LoRA rank {shape[dim]} in {name!r}, but client {client_id} "
+                    f"is configured for rank {rank} (client_lora_ranks)."
+                )
+        return self.algorithm.client_start_state(self.state, rank)
+
+    def per_rank_costs(
+        self, broadcast: wire.Message, broadcast_bytes: int
+    ) -> tuple[dict[str, int], dict[str, int | None]]:
+        """For each configured rank (str): the encoded bytes of what a client of that rank needs of the broadcast, and
+        the float32 bytes of the parameters it trains. Without `client_lora_ranks`, one entry ``"global"``: the whole
+        broadcast and the global adapter's trainable bytes."""
+        if self.config.client_lora_ranks is None:
+            rank = state_rank(self.state)
+            trained = None if rank is None else self.algorithm.trainable_param_bytes(self.state, rank)
+            return {"global": broadcast_bytes}, {"global": trained}
+        ranks = sorted(set(self.config.client_lora_ranks))
+        download, trainable = {}, {}
+        for rank in ranks:
+            part = self.algorithm.client_download(broadcast.tensors, rank)  # with the broadcast's header
+            msg = wire.Message(kind="broadcast", algorithm=self.algorithm.name, round=broadcast.round, tensors=part,
+                               meta=broadcast.meta)
+            download[str(rank)] = len(wire.encode(msg, value_dtype=self.config.value_dtype,
+                                                  positions=self.config.positions))
+            trainable[str(rank)] = self.algorithm.trainable_param_bytes(self.state, rank)
+        return download, trainable
 
     def bound_influence(
         self, round: int, messages: list[wire.Message], rejected: dict[str, str]
@@ -269,6 +322,7 @@ class FederatedServer:
             meta={"digest": wire.state_digest(state)},
         )
         data = wire.encode(broadcast, value_dtype=self.config.value_dtype, positions=self.config.positions)
+        download_by_rank, trainable_by_rank = self.per_rank_costs(broadcast, len(data))
         result = RoundResult(
             round=round,
             broadcast=data,
@@ -276,6 +330,8 @@ class FederatedServer:
             rejected=rejected,
             metrics=_mean_metrics(accepted),
             robust=robust,
+            download_bytes_by_rank=download_by_rank,
+            trainable_bytes_by_rank=trainable_by_rank,
         )
         self.state, self.memory, self.round = state, memory, round  # the only place the step changes the server
         return result

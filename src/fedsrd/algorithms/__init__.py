@@ -29,6 +29,8 @@ _BUILTIN: dict[str, str] = {
     "fedfft": "fedsrd.algorithms.fedfft",
     "fedkrso": "fedsrd.algorithms.fedkrso",
     "fedkseed": "fedsrd.algorithms.fedkseed",
+    # ---- clients of different LoRA ranks ----
+    "hetlora": "fedsrd.algorithms.hetlora",
 }
 
 

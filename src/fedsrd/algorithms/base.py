@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from fedsrd.algorithms.ranks import lora_param_bytes, truncate_payload, truncate_state
 from fedsrd.ops.privacy import gaussian_like
 from fedsrd.ops.robust import change_norm, scale_change
 from fedsrd.ops.sparse import SparseTensor
@@ -275,6 +276,30 @@ class Algorithm(ABC):
         Default: the state unchanged.
         """
         return state
+
+    # ---- clients of different LoRA ranks (FedSRDConfig.client_lora_ranks; fedsrd.algorithms.ranks) -------------
+    # True if the algorithm defines its server step for clients of different LoRA ranks. The global state keeps rank
+    # lora_r; a rank-r client trains from `client_start_state` and uploads tensors of its own rank (`update_shapes` of
+    # that start state), and the server infers each update's rank from its shapes after checking them against the
+    # rank configured for its sender. The config refuses unequal ranks for the others.
+    supports_unequal_ranks: ClassVar[bool] = False
+
+    def client_start_state(self, global_state: State, rank: int) -> State:
+        """The adapter a client of LoRA rank `rank` trains from, and computes its upload against. Default: the
+        global state truncated to its first `rank` components (the global state itself at the global rank)."""
+        return truncate_state(global_state, rank)
+
+    def client_download(self, broadcast: Payload, rank: int) -> Payload:
+        """The part of a broadcast a rank-`rank` client needs to move its start state to the next round's (its own
+        rank's update). Default: every LoRA tensor of the broadcast truncated to `rank`."""
+        return truncate_payload(broadcast, rank)
+
+    def trainable_param_bytes(self, global_state: State, rank: int) -> int | None:
+        """Float32 bytes of the parameters a rank-`rank` client trains (its adapter's memory, without optimizer
+        state); None for full-parameter algorithms."""
+        if not self.uses_lora:
+            return None
+        return lora_param_bytes(global_state, rank, self.trainable)
 
     # ---- full-parameter algorithms (FedKRSO, FedFFT, FedKSeed; docs/full_parameter.md) ------------------------------
     # With uses_lora False the model is trained without PEFT. Every party holds the shared initial values of the

@@ -72,19 +72,26 @@ def lora_shapes(state: State) -> dict[str, tuple[tuple[int, ...], bool]]:
 
 
 # ---- factor pairs merged into the base weights (FLoRA, FedEx-LoRA) ---------------------------------------------------
-def merge_slot_keys(module: str, slot: int) -> tuple[str, str]:
-    """Broadcast names of the ``slot``-th factor pair merged into ``module``'s base weight (left, right)."""
-    return f"{module}.base_merge_{slot}.left", f"{module}.base_merge_{slot}.right"
+def merge_slot_keys(module: str, slot: int, rank: int | None = None) -> tuple[str, str]:
+    """Broadcast names of the ``slot``-th factor pair merged into ``module``'s base weight (left, right); with clients
+    of different ranks the slot's rank is in its name (``base_merge_3_r4``), so the receiver knows its shape."""
+    tag = f"{slot}" if rank is None else f"{slot}_r{rank}"
+    return f"{module}.base_merge_{tag}.left", f"{module}.base_merge_{tag}.right"
 
 
-def merge_slot_shapes(state: State, num_slots: int) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """Expected shapes of up to ``num_slots`` factor pairs per module: left d_out x r, right r x d_in (dense)."""
+def merge_slot_shapes(
+    state: State, num_slots: int, ranks: list[int] | None = None
+) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Expected shapes of up to ``num_slots`` factor pairs per module: left d_out x r, right r x d_in (dense); with
+    `ranks` (clients of different ranks), one rank-tagged pair per slot and rank."""
     shapes: dict[str, tuple[tuple[int, ...], bool]] = {}
     for module in lora_modules(state):
         (r, d_in), (d_out, _) = state[module.a_key].shape, state[module.b_key].shape
         for slot in range(num_slots):
-            left, right = merge_slot_keys(module.name, slot)
-            shapes[left], shapes[right] = ((d_out, r), False), ((r, d_in), False)
+            for rank in [None] if ranks is None else sorted(set(ranks)):
+                left, right = merge_slot_keys(module.name, slot, rank)
+                width = r if rank is None else rank
+                shapes[left], shapes[right] = ((d_out, width), False), ((width, d_in), False)
     return shapes
 
 
@@ -94,6 +101,7 @@ def base_delta_from_slots(broadcast: Payload) -> BaseDelta:
     for key, value in broadcast.items():
         head, dot, side = key.rpartition(".")
         module, sep, slot = head.rpartition(".base_merge_")
+        slot = slot.partition("_r")[0]  # rank-tagged slots (clients of different ranks): base_merge_3_r4
         if not sep or side not in ("left", "right") or not slot.isdigit():
             continue
         slots.setdefault(module, {}).setdefault(int(slot), {})[side] = value.to(torch.float32)

@@ -100,6 +100,7 @@ class FedSRD(Algorithm):
     options = FedSRDOptions
 
     use_svd = True  # FedSRD-e: False
+    supports_unequal_ranks = True  # `_unequal_rank_change`; each client downloads its rank's slice of the delta
     # Clipping only, of each client's *product* change (`update_norm`): a coordinate-wise median of factor deltas has
     # no meaning for the aggregated products.
     robust_defences = frozenset({"clip"})
@@ -221,6 +222,8 @@ class FedSRD(Algorithm):
         Gaussian noise on every entry first (differential privacy)."""
         deltas_b = [densify(u[module.b_key]) for u in updates]
         deltas_a = [densify(u[module.a_key]) for u in updates]
+        if any(d.shape[0] != a.shape[0] for d in deltas_a):  # clients of different ranks (never with DP: config)
+            return self._unequal_rank_change(a, b, deltas_b, deltas_a, weights)
         if noise is not None:  # W + Z, dense: Z is full rank (docs/privacy.md, "FedSRD")
             aggregate = stack_factors([b + d for d in deltas_b], [a + d for d in deltas_a], weights)
             d_out, d_in = b.shape[0], a.shape[1]
@@ -245,6 +248,37 @@ class FedSRD(Algorithm):
         if total != 1.0:
             lefts, rights, term_weights = [*lefts, b], [*rights, a], [*term_weights, total - 1.0]
         return stack_factors(lefts, rights, term_weights)
+
+    def _unequal_rank_change(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        deltas_b: list[torch.Tensor],
+        deltas_a: list[torch.Tensor],
+        weights: list[float],
+    ) -> Factored:
+        """dW for clients of different ranks r_i <= r (`client_lora_ranks`).
+
+        Client i trained from the first r_i components of the global factors, B_i^0 = B[:, :r_i], A_i^0 = A[:r_i],
+        and its product moved by B_i A_i - B_i^0 A_i^0 = dB_i A_i^0 + (B_i^0 + dB_i) dA_i. The server sums these
+        *changes*: W = (sum_i p_i) B A + sum_i p_i (B_i A_i - B_i^0 A_i^0), so the components a client could not hold
+        are not pulled to zero by it; with equal ranks this is Eq. 9. FedSRD then takes the rank-r SVD of W (Eq. 10)
+        and dW = W_target - B A (Eq. 11); FedSRD-e uses dW = W - B A.
+        """
+        lefts, rights, term_weights = [], [], []
+        for delta_b, delta_a, weight in zip(deltas_b, deltas_a, weights, strict=True):
+            rank = delta_a.shape[0]
+            b_start, a_start = b[:, :rank], a[:rank]  # what client i trained from
+            lefts += [delta_b, b_start + delta_b]
+            rights += [a_start, delta_a]
+            term_weights += [weight, weight]
+        total = sum(weights)  # 1 unless a robust rule combined the updates
+        if not self.use_svd:  # dW = W - B A = sum_i p_i (B_i A_i - B_i^0 A_i^0) + (sum_i p_i - 1) B A
+            if total != 1.0:
+                lefts, rights, term_weights = [*lefts, b], [*rights, a], [*term_weights, total - 1.0]
+            return stack_factors(lefts, rights, term_weights)
+        aggregate = stack_factors([b, *lefts], [a, *rights], [total, *term_weights])  # W
+        return factored_difference(truncated_svd(*aggregate, rank=a.shape[0]), (b, a))  # Eq. 10-11
 
     # ---- bounding one client's influence (docs/reliability.md, "FedSRD: the product change") ----------------------
     def update_norm(self, global_state: State, update: Payload) -> float:
@@ -274,6 +308,9 @@ class FedSRD(Algorithm):
             if module.a_key not in update and module.b_key not in update:
                 continue
             a, b = global_state[module.a_key].to(torch.float32), global_state[module.b_key].to(torch.float32)
+            present = update[module.a_key] if module.a_key in update else update[module.b_key]
+            rank = present.shape[0] if module.a_key in update else present.shape[1]
+            a, b = a[:rank], b[:, :rank]  # a client of rank r_i changed the first r_i components
             delta_a = densify(update[module.a_key]) if module.a_key in update else torch.zeros_like(a)
             delta_b = densify(update[module.b_key]) if module.b_key in update else torch.zeros_like(b)
             terms.append(product_change_terms(a, b, delta_a, delta_b))

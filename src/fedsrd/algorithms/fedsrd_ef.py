@@ -104,6 +104,7 @@ class FedSRDEF(FedSRD):
     dp_refusal = ("error feedback's uploads carry residuals of earlier rounds and its server step keeps its own "
                   "residual; this library has not derived or implemented DP for it (use fedsrd or fedsrd_e)")
     options = FedSRDEFOptions
+    supports_unequal_ranks = False  # the kept residuals have the global rank's shapes
 
     # ---- client ------------------------------------------------------------------------------------------------
     def client_update(self, global_state: State, local_state: State, round: int, rng: torch.Generator) -> Payload:

@@ -9,6 +9,12 @@ into its frozen base weights, and LoRA is re-initialised for the next round: B =
 (Kaiming-uniform, ``U(-1/sqrt(d_in), 1/sqrt(d_in))``) from ``generator_for(seed, "flora_reinit", round, module)``,
 so every party draws the same A and nothing is sent for it. The server never needs the base weights.
 
+Clients of different ranks (`FedSRDConfig.client_lora_ranks`, the setting FLoRA was designed for): slot i carries
+client i's own rank r_i (``B_i`` d_out x r_i, ``p_i A_i`` r_i x d_in), so the stacked product is still exactly
+``sum_i p_i B_i A_i``; each client restarts from the first r_i rows of the fresh A (rows drawn i.i.d., so that is a
+fresh rank-r_i A) and B = 0. Every adapter has the same scaling (lora_alpha * r_i / R over r_i), as in the authors'
+code, where lora_alpha is a fixed multiple of each client's rank.
+
 The download is m times FedAvg's A+B (the rank grows with the clients). What a user needs afterwards: the base
 weights as merged (the runtime saves their accumulated change, ``base_delta.safetensors``, next to each adapter) and
 the adapter, which right after a round is the fresh one (B = 0). Refused on quantized bases.
@@ -49,6 +55,7 @@ class FLoRA(FedAvg):  # FedAvg's upload: every trained factor, dense
     dp_support = frozenset()
     dp_refusal = ("its server stacks the clients' individual adapters into the base weights, so every client's update "
                   "is released as it is, not a noised sum (docs/privacy.md)")
+    supports_unequal_ranks = True  # slots of any rank stack exactly; the fresh A is cut to each client's rank
     writes_base_weights = True
 
     def server_step(
@@ -61,7 +68,8 @@ class FLoRA(FedAvg):  # FedAvg's upload: every trained factor, dense
         payload: Payload = {}
         for module in lora_modules(global_state):
             for slot, (update, weight) in enumerate(zip(updates, weights, strict=True)):
-                left, right = merge_slot_keys(module.name, slot)
+                rank = update[module.a_key].shape[0] if self.config.has_unequal_ranks else None
+                left, right = merge_slot_keys(module.name, slot, rank)  # B_i: d_out x r_i, p_i A_i: r_i x d_in
                 payload[left] = update[module.b_key].to(torch.float32).clone()  # P = [B_1 .. B_m]
                 payload[right] = update[module.a_key].to(torch.float32) * weight  # Q = [p_1 A_1; ..; p_m A_m]
         return payload
@@ -88,7 +96,12 @@ class FLoRA(FedAvg):  # FedAvg's upload: every trained factor, dense
         return peft_lora_a_init(rank, d_in, generator_for(self.config.seed, "flora_reinit", round, module.name))
 
     def broadcast_shapes(self, global_state: State) -> dict[str, tuple[tuple[int, ...], bool]]:
-        return merge_slot_shapes(global_state, self.config.num_clients)
+        ranks = self.config.client_lora_ranks if self.config.has_unequal_ranks else None
+        return merge_slot_shapes(global_state, self.config.num_clients, ranks)
+
+    def client_download(self, broadcast: Payload, rank: int) -> Payload:
+        """Every client merges the whole stacked product into its base weights: it needs all of the broadcast."""
+        return broadcast
 
     def broadcast_is_partial(self) -> bool:
         return True  # one slot per aggregated client, however many that was

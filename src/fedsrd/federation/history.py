@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from fedsrd.wire import MB  # bytes in the MB that every communication figure reports
 
-SCHEMA_VERSION = 2  # 1: before fedsrd.federation (keys differed per runtime)
+SCHEMA_VERSION = 3  # 1: before fedsrd.federation (keys differed per runtime); 2: before per_client
 
 HISTORY_KEYS = frozenset(
     {
@@ -56,6 +56,7 @@ HISTORY_KEYS = frozenset(
         "dp_epsilon",  # epsilon spent after this round, at dp_delta (the accountant's, over rounds 1..this)
         "dp_delta",
         "dp_budget_exhausted",  # true on the last round run when dp_stop_at_epsilon ended the federation
+        "per_client",  # {client id: rank, upload_bytes, download_bytes, trainable_param_bytes}: `per_client_costs`
     }
 )
 
@@ -78,6 +79,7 @@ def round_record(
     robust: Mapping[str, Any] | None = None,
     dp_epsilon: float | None = None,
     dp_delta: float | None = None,
+    per_client: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A round's record with every key of `HISTORY_KEYS` (``seconds`` and ``should_training_stop`` are filled in when
     the round ends)."""
@@ -105,7 +107,32 @@ def round_record(
         "dp_epsilon": dp_epsilon,
         "dp_delta": dp_delta,
         "dp_budget_exhausted": None if dp_delta is None else False,
+        "per_client": dict(per_client or {}),
     }
+
+
+def per_client_costs(
+    senders: Sequence[int],
+    updates: Sequence[bytes],
+    ranks: Mapping[int, int | None],
+    download_bytes_by_rank: Mapping[str, int],
+    trainable_bytes_by_rank: Mapping[str, int | None],
+) -> dict[str, dict[str, Any]]:
+    """The record's ``per_client``: for every client whose update reached the server step, its LoRA rank (null when
+    every client trains the global adapter's), the bytes of its encoded upload, the encoded bytes of what it needs of
+    the round's broadcast (its rank's part, `Algorithm.client_download`; the whole broadcast at the global rank), and
+    the float32 bytes of the parameters it trains (null for full-parameter algorithms)."""
+    out: dict[str, dict[str, Any]] = {}
+    for cid, update in zip(senders, updates, strict=True):
+        rank = ranks.get(cid)
+        key = "global" if rank is None else str(rank)
+        out[str(cid)] = {
+            "rank": rank,
+            "upload_bytes": len(update),
+            "download_bytes": download_bytes_by_rank.get(key),
+            "trainable_param_bytes": trainable_bytes_by_rank.get(key),
+        }
+    return out
 
 
 def start_record(*, upload_bytes: int = 0, transport: Mapping[str, Any] | None = None) -> dict[str, Any]:

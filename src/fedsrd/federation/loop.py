@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from fedsrd.config import FedSRDConfig
 from fedsrd.federation.callbacks import RoundEvents
-from fedsrd.federation.history import MB, RoundTable, round_mb, round_record, total_mb
+from fedsrd.federation.history import MB, RoundTable, per_client_costs, round_mb, round_record, total_mb
 from fedsrd.federation.sampling import sample_clients
 from fedsrd.model_card import write_model_card
 from fedsrd.schedule import round_learning_rate
@@ -170,6 +170,12 @@ class Federation:
             cumulative_mb=total_mb(self.history) + (upload + download) / MB, robust=result.robust,
             transport=delivery.transport, dp_epsilon=cfg.dp_epsilon_after(round),
             dp_delta=None if cfg.dp_mode == "off" else cfg.dp_delta,
+            per_client=per_client_costs(
+                delivery.senders, delivery.updates,
+                {cid: cfg.client_rank(cid) for cid in delivery.senders
+                 if cfg.client_lora_ranks is not None and 0 <= cid < cfg.num_clients},
+                result.download_bytes_by_rank, result.trainable_bytes_by_rank,
+            ),
         )  # fmt: skip
         last = round == cfg.num_rounds
         if self.transport.can_evaluate and ((cfg.eval_every and round % cfg.eval_every == 0) or last):
