@@ -143,6 +143,18 @@ class FedSRDConfig:
         },
     )
     # ---- end of full-parameter family ------------------------------------------------------------------------------
+    # ---- issue 19 (newalgos): fedsvd, fed_sb (docs/algorithms.md) --------------------------------------------------
+    fedsvd_every: int = field(
+        default=1,
+        metadata={"help": "FedSVD: re-orthogonalise A by the SVD of the aggregated B A every k rounds (the official "
+                  "code's --recalculate-svd-period, default 1); other rounds broadcast B only."},
+    )
+    fed_sb_init_samples: int = field(
+        default=170,
+        metadata={"help": "Fed-SB: examples (the first of client 0's data) whose summed gradient of the base weights "
+                  "gives LoRA-SB's initialisation (the Fed-SB code's num_samples, 170)."},
+    )
+    # ---- end of issue 19 (newalgos) --------------------------------------------------------------------------------
     value_dtype: str = field(
         default="float32",
         metadata={"help": "Dtype of tensor values on the wire: float32 (the papers' accounting), float16, bfloat16."},
@@ -325,6 +337,9 @@ class FedSRDConfig:
         _require(self.kseed_num_seeds >= 1, "kseed_num_seeds", f"must be >= 1, got {self.kseed_num_seeds}")
         _require(self.kseed_eps > 0, "kseed_eps", f"must be > 0, got {self.kseed_eps}")
         _require(self.kseed_grad_clip >= 0, "kseed_grad_clip", f"must be >= 0 (0: off), got {self.kseed_grad_clip}")
+        # issue 19 (newalgos)
+        _require(self.fedsvd_every >= 1, "fedsvd_every", f"must be >= 1, got {self.fedsvd_every}")
+        _require(self.fed_sb_init_samples >= 1, "fed_sb_init_samples", f"must be >= 1, got {self.fed_sb_init_samples}")
         _require(
             self.value_dtype in VALUE_DTYPES, "value_dtype", f"must be one of {VALUE_DTYPES}, got {self.value_dtype!r}"
         )
