@@ -40,7 +40,7 @@ MB = 1024 * 1024
 TABLE_ORDER = [
     "fedavg", "fedprox", "ffa_lora", "flexlora", "fed_dare", "topk", "flora", "fedsa_lora", "fedex_lora", "fedsrd",
     "fedsrd_e", "fedsrd_ef",
-    "rolora", "fedsvd", "fed_sb",  # issue 19 (newalgos)
+    "rolora", "fedsvd", "fed_sb", "fedrpca",  # issue 19 (newalgos)
 ]  # fmt: skip
 # The FedSRD paper's Table 8 (Llama-3.2-3B, r = 64, all 7 projections, float32, a 1-bit bitmap per sparse tensor):
 # (up, down) MB per client per round. FedSRD-e's bytes equal FedSRD's. Methods the paper does not list have none.

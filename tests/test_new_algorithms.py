@@ -12,7 +12,8 @@ from fedsrd import FedSRDConfig, get_algorithm, wire
 from fedsrd.client import FederatedClient
 from fedsrd.server import FederatedServer
 
-NEW = ["rolora", "fedsvd", "fed_sb"]
+NEW = ["rolora", "fedsvd", "fed_sb", "fedrpca"]  # LoRA
+FULL = ["ferret"]  # full-parameter
 MODULES = {"base_model.model.layers.0.q_proj": (6, 5), "base_model.model.layers.0.down_proj": (4, 9)}  # d_out, d_in
 RANK = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def test_every_new_algorithm_is_registered_with_its_table_row():
     from fedsrd import list_algorithms
     from fedsrd.algorithms import get_algorithm_class
 
-    for name in NEW:
+    for name in NEW + FULL:
         assert name in list_algorithms()
         cls = get_algorithm_class(name)
         assert cls.name == name and cls.paper and cls.uploads and cls.downloads
@@ -84,7 +85,14 @@ def test_every_new_algorithm_is_registered_with_its_table_row():
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"fedsvd_every": 0}, "fedsvd_every"), ({"fed_sb_init_samples": 0}, "fed_sb_init_samples")],
+    [
+        ({"fedsvd_every": 0}, "fedsvd_every"),
+        ({"fed_sb_init_samples": 0}, "fed_sb_init_samples"),
+        ({"ferret_num_seeds": 1}, "ferret_num_seeds"),
+        ({"ferret_server_lr": 0.0}, "ferret_server_lr"),
+        ({"fedrpca_beta": 0.0}, "fedrpca_beta"),
+        ({"algorithm": "fedrpca", "robust_aggregation": "median"}, "robust_aggregation"),
+    ],
 )
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"FedSRDConfig.{field}"):
@@ -315,6 +323,116 @@ def test_fed_sb_refuses_untokenised_or_missing_init_data():
         base_weight_gradients(torch.nn.Linear(2, 2), None, 1)
 
 
+# ---- FedRPCA -------------------------------------------------------------------------------------------------------
+def test_robust_pca_recovers_a_planted_low_rank_plus_sparse_matrix():
+    from fedsrd.ops.rpca import robust_pca
+
+    g = torch.Generator().manual_seed(0)  # Candes et al.'s regime: rank 2, 5% gross errors
+    low = torch.randn(200, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 100, generator=g, dtype=torch.float64)
+    sparse = torch.zeros(200, 100, dtype=torch.float64)
+    where = torch.rand(200, 100, generator=g) < 0.05
+    sparse[where] = 5.0 * torch.sign(torch.randn(int(where.sum()), generator=g, dtype=torch.float64))
+    est_low, est_sparse = robust_pca(low + sparse)
+    assert float((est_low - low).norm() / low.norm()) < 1e-5
+    assert float((est_sparse - sparse).norm() / sparse.norm()) < 1e-5
+    zero_l, zero_s = robust_pca(torch.zeros(4, 3))
+    assert not zero_l.any() and not zero_s.any()
+
+
+def test_robust_pca_of_a_tall_client_matrix_reaches_the_pcp_optimum():
+    """At FedRPCA's shape (d x m, few clients) against a long run of the plain ADMM (Candes et al., fixed mu)."""
+    from fedsrd.ops.rpca import _shrink, _svt, robust_pca
+
+    g = torch.Generator().manual_seed(1)
+    m = torch.randn(300, 1, generator=g, dtype=torch.float64) @ torch.randn(1, 6, generator=g, dtype=torch.float64)
+    m += 0.3 * torch.randn(300, 6, generator=g, dtype=torch.float64)
+    lam = 1 / math.sqrt(300)
+
+    def objective(low, sparse):
+        return float(torch.linalg.matrix_norm(low, "nuc") + lam * sparse.abs().sum())
+
+    mu, low, sparse, dual = m.numel() / (4 * float(m.abs().sum())), 0 * m, 0 * m, 0 * m
+    for _ in range(3000):
+        low = _svt(m - sparse + dual / mu, 1 / mu)
+        sparse = _shrink(m - low + dual / mu, lam / mu)
+        dual = dual + mu * (m - low - sparse)
+    est_low, est_sparse = robust_pca(m)
+    assert float((est_low + est_sparse - m).norm() / m.norm()) <= 1e-7  # the stopping rule
+    assert objective(est_low, est_sparse) <= 1.005 * objective(low, sparse)
+
+
+def test_fedrpca_scales_the_sparse_part_and_reduces_to_fedavg_at_beta_one():
+    from fedsrd.ops.rpca import robust_pca
+
+    state = _state()
+    locals_ = [_local(state, s) for s in (1, 2, 3)]
+    server, _, blobs, result = _round("fedrpca", state, locals_, fedrpca_beta=3.0)
+    assert _names(result.broadcast) == sorted(state)
+    for name in state:  # the dense reference: stack, decompose, average L, scale and average S
+        m = torch.stack([(loc[name] - state[name]).reshape(-1).double() for loc in locals_], dim=1)
+        low, sparse = robust_pca(m)
+        expected = state[name].double() + (low.mean(dim=1) + 3.0 * sparse.mean(dim=1)).reshape(state[name].shape)
+        torch.testing.assert_close(server.state[name], expected.float())
+        assert float(sparse.abs().sum()) > 0  # the beta term did something
+    fedrpca_one = _round("fedrpca", state, locals_, fedrpca_beta=1.0)[0]
+    fedavg = _round("fedavg", state, locals_)[0]
+    for name in state:
+        torch.testing.assert_close(fedrpca_one.state[name], fedavg.state[name], atol=1e-5, rtol=1e-5)
+
+
+# ---- Ferret --------------------------------------------------------------------------------------------------------
+def test_ferret_bases_have_identity_second_moment_and_are_seeded():
+    from fedsrd.algorithms.ferret import ferret_direction
+
+    d = 64
+    v = torch.stack([ferret_direction(seed, "w", d) for seed in range(2000)])
+    assert torch.equal(ferret_direction(3, "w", d), v[3]) and not torch.equal(ferret_direction(3, "u", d), v[3])
+    torch.testing.assert_close(v.T @ v / 2000, torch.eye(d) / d, atol=0.15 / d, rtol=0)  # E[v v^T] = I / d
+    assert float(v.abs().max()) <= 1.8 / math.sqrt(d)  # bounded: the code's truncated normal, rescaled by sqrt(3)
+
+
+def test_ferret_projection_and_reconstruction_against_a_dense_reference():
+    from fedsrd.algorithms.ferret import ferret_direction, project, reconstruct_block, seeds_per_block
+
+    g = torch.Generator().manual_seed(0)
+    delta = 0.01 * torch.randn(4, 5, generator=g)
+    pool = list(range(100, 130))
+    indices = [1, 4, 7, 20]
+    coords = project(delta, "w", pool, indices)
+    v = torch.stack([ferret_direction(pool[k], "w", 20) for k in indices])  # n x d
+    torch.testing.assert_close(coords[indices], 20 / 4 * v @ delta.reshape(-1))  # gamma = (d / n) <Delta, v>
+    assert int((coords != 0).sum()) == 4
+    torch.testing.assert_close(reconstruct_block(coords, "w", pool, (4, 5)), (coords[indices] @ v).reshape(4, 5))
+    # with every seed of a large pool the reconstruction approaches Delta (unbiased)
+    big = list(range(4000))
+    estimate = reconstruct_block(project(delta, "w", big, list(range(4000))), "w", big, (4, 5))
+    assert float((estimate - delta).norm() / delta.norm()) < 0.2
+    assert seeds_per_block({"a": 2.0, "b": 1.0, "c": 0.0}, 10) == {"a": 10, "b": 5, "c": 2}
+
+
+def test_ferret_round_through_the_wire_averages_coordinates():
+    from fedsrd.algorithms.ferret import coord_name, reconstruct_block
+
+    state = {"model.layers.0.mlp.up_proj.weight": torch.zeros(6, 4), "model.layers.0.mlp.down_proj.weight":
+             torch.zeros(4, 6)}  # fmt: skip
+    locals_ = [{k: 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(s)) for k, v in state.items()}
+               for s in (1, 2)]  # fmt: skip
+    server, _, blobs, result = _round("ferret", state, locals_, ferret_num_seeds=16, ferret_server_lr=2.0)
+    uploads = [wire.decode(b).tensors for b in blobs]
+    broadcast = wire.decode(result.broadcast).tensors
+    pool = server.algorithm.pool()
+    for name in state:
+        key = coord_name(name)
+        assert all(isinstance(u[key], wire.SparseTensor) for u in uploads)
+        mean = sum(u[key].to_dense() for u in uploads) / 2
+        torch.testing.assert_close(broadcast[key].to_dense(), mean)
+        expected = 2.0 * reconstruct_block(mean, name, pool, tuple(state[name].shape))
+        torch.testing.assert_close(server.state[name], expected)
+    # the largest block uses every seed, the other at least two
+    nnz = sorted(int((u[coord_name(n)].to_dense() != 0).sum()) for n in state for u in uploads[:1])
+    assert nnz[-1] == 16 and nnz[0] >= 2
+
+
 # ---- end to end ----------------------------------------------------------------------------------------------------
 def _logits(model, ids):
     model.eval()
@@ -353,6 +471,40 @@ def test_tiny_run_and_saved_adapter_reloads(name, tmp_path):
         assert history[1]["upload_bytes"] > 0
 
 
+@pytest.mark.parametrize("name", FULL)
+def test_tiny_full_parameter_run_saves_a_loadable_model(name, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from fedsrd.cli import run_train
+
+    argv = ["--config", str(REPO / "examples" / "configs" / "krso_tiny.yaml"), "--output_dir", str(tmp_path),
+            "--algorithm", name, "--disable_tqdm", "true", "--local_steps", "2", "--train_size", "16", "--eval_size",
+            "4", "--max_length", "48", "--eval_every", "0", "--ferret_num_seeds", "20",
+            "--learning_rate", "0.05"]  # fmt: skip
+    trainer = run_train(argv)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [r["round"] for r in history] == [0, 1, 2]
+    assert all(0 < r["upload_bytes"] < 20_000 for r in history[1:])  # coordinates, not weights (~300 KB dense)
+    assert math.isfinite(history[-1]["eval_loss"]) and history[-1]["eval_loss"] < history[0]["eval_loss"]
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(trainer.model, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_full_parameter_table_measures_ferret():
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("full_parameter", REPO / "benchmarks" / "full_parameter.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = {r["algorithm"]: r for r in bench.main(["--preset", "tiny", "--clients", "2", "--algorithms", "fedfft",
+                                                   "ferret"])["rows"]}  # fmt: skip
+    assert rows["ferret"]["upload_mb"] < 0.1 * rows["fedfft"]["upload_mb"]
+    assert rows["ferret"]["download_mb"] < 0.1 * rows["fedfft"]["download_mb"]
+
+
 def test_comm_table_measures_the_new_algorithms(capsys):
     import importlib.util
 
@@ -367,3 +519,5 @@ def test_comm_table_measures_the_new_algorithms(capsys):
     assert rows["fedsvd"]["upload_mb"] < 0.6 * fedavg["upload_mb"]  # B up
     assert rows["fedsvd"]["download_mb"] == pytest.approx(fedavg["download_mb"], rel=0.02)  # A and B down
     assert rows["fed_sb"]["upload_mb"] < 0.2 * fedavg["upload_mb"]  # r x r per module
+    assert rows["fedrpca"]["upload_mb"] == pytest.approx(fedavg["upload_mb"], rel=0.02)  # FedAvg's messages
+    assert rows["fedrpca"]["download_mb"] == pytest.approx(fedavg["download_mb"], rel=0.02)

@@ -33,6 +33,8 @@ _BUILTIN: dict[str, str] = {
     "rolora": "fedsrd.algorithms.rolora",
     "fedsvd": "fedsrd.algorithms.fedsvd",
     "fed_sb": "fedsrd.algorithms.fed_sb",
+    "ferret": "fedsrd.algorithms.ferret",
+    "fedrpca": "fedsrd.algorithms.fedrpca",
 }
 
 
