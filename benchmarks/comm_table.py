@@ -24,6 +24,7 @@ then the means over the clients of each one's upload and of the part of the broa
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -43,6 +44,7 @@ from fedsrd.wire import MB
 TABLE_ORDER = [
     "fedavg", "fedprox", "ffa_lora", "flexlora", "fed_dare", "topk", "flora", "fedsa_lora", "fedex_lora", "fedsrd",
     "fedsrd_e", "fedsrd_ef",
+    "rolora", "fedsvd", "fed_sb", "fedrpca",  # issue 19 (newalgos)
 ]  # fmt: skip
 # The FedSRD paper's Table 8 (Llama-3.2-3B, r = 64, all 7 projections, float32, a 1-bit bitmap per sparse tensor):
 # (up, down) MB per client per round. FedSRD-e's bytes equal FedSRD's. Methods the paper does not list have none.
@@ -124,13 +126,16 @@ def measure(name: str, dims: dict[str, int], rank: int, clients: int, rounds: in
     for layer in layers:
         algo = get_algorithm(name, cfg)
         state = initial_state(dims, layer, rank, args.seed)
+        if name == "fed_sb":  # Fed-SB's adapter also holds the r x r matrix R between B and A (what it sends)
+            state.update({k.replace("lora_A", "lora_R"): torch.eye(rank) for k in list(state) if "lora_A" in k})
         server = FederatedServer(algo, dict(state), cfg)
         view = FederatedClient(algo, dict(state), cfg)  # every client holds this state after each broadcast
         for round in range(1, rounds + 1):
             blobs = []
             for cid in range(clients):
                 start = view.start_state(cid)
-                local = local_training(start, algo.trainable, generator_for(args.seed, "train", layer, round, cid))
+                trains = functools.partial(algo.trains, round=round)  # what this round trains (RoLoRA: by round)
+                local = local_training(start, trains, generator_for(args.seed, "train", layer, round, cid))
                 view.keep_personal(cid, local)
                 blobs.append(view.make_update(local, round=round, client_id=cid, num_samples=1))
                 upload[round - 1][cid] += len(blobs[-1])

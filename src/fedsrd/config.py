@@ -110,6 +110,33 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
         },
     )
     # ---- end of per-client LoRA ranks ------------------------------------------------------------------------------
+    # ---- issue 19 (newalgos): fedsvd, fed_sb (docs/algorithms.md) --------------------------------------------------
+    fedsvd_every: int = field(
+        default=1,
+        metadata={"help": "FedSVD: re-orthogonalise A by the SVD of the aggregated B A every k rounds (the official "
+                  "code's --recalculate-svd-period, default 1); other rounds broadcast B only."},
+    )
+    fed_sb_init_samples: int = field(
+        default=170,
+        metadata={"help": "Fed-SB: examples (the first of client 0's data) whose summed gradient of the base weights "
+                  "gives LoRA-SB's initialisation (the Fed-SB code's num_samples, 170)."},
+    )
+    ferret_num_seeds: int = field(
+        default=200,
+        metadata={"help": "Ferret: K, the run's pool of shared random bases; a weight matrix's update is sent as its "
+                  "coordinates on n_g <= K of them, n_g proportional to its norm (the official script's K = 200)."},
+    )
+    ferret_server_lr: float = field(
+        default=1.0,
+        metadata={"help": "Ferret: server learning rate on the reconstructed update (1: unbiased; the official "
+                  "script's slr = 10 on its unnormalised bases is about 3.3 here)."},
+    )
+    fedrpca_beta: float = field(
+        default=2.0,
+        metadata={"help": "FedRPCA: scale beta of the averaged sparse (client-specific) parts of the Robust PCA of the "
+                  "clients' updates; 1 = FedAvg-LoRA."},
+    )
+    # ---- end of issue 19 (newalgos) --------------------------------------------------------------------------------
     value_dtype: str = field(
         default="float32",
         metadata={"help": "Dtype of tensor values on the wire: float32 (the papers' accounting), float16, bfloat16."},
@@ -306,6 +333,12 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
         _require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         _require(len(self.lora_target_modules) > 0, "lora_target_modules", "must name at least one module")
         validate_options(self)  # every algorithm's options class checks its own fields
+        # issue 19 (newalgos)
+        _require(self.fedsvd_every >= 1, "fedsvd_every", f"must be >= 1, got {self.fedsvd_every}")
+        _require(self.fed_sb_init_samples >= 1, "fed_sb_init_samples", f"must be >= 1, got {self.fed_sb_init_samples}")
+        _require(self.ferret_num_seeds >= 2, "ferret_num_seeds", f"must be >= 2, got {self.ferret_num_seeds}")
+        _require(self.ferret_server_lr > 0, "ferret_server_lr", f"must be > 0, got {self.ferret_server_lr}")
+        _require(self.fedrpca_beta > 0, "fedrpca_beta", f"must be > 0, got {self.fedrpca_beta}")
         _require(
             self.value_dtype in VALUE_DTYPES, "value_dtype", f"must be one of {VALUE_DTYPES}, got {self.value_dtype!r}"
         )

@@ -256,6 +256,8 @@ class FederatedTrainer(Trainer):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.fed_config.seed)  # every party builds the same initial adapter
                 model = get_peft_model(model, lora_config)
+            # issue 19 (newalgos): e.g. Fed-SB's R between B and A, initialised from client 0's first examples
+            self.algorithm.prepare_adapter(model, self.client_datasets[0], args)
         self._add_client_rank_adapters(model)
         for name, param in model.named_parameters():
             if "lora_" in name:
@@ -353,6 +355,10 @@ class FederatedTrainer(Trainer):
         self.optimizer, self.lr_scheduler = None, None
         self.fed_optimizer, self._fed_round, self._fed_client = None, round, client_id
         set_seed(derive_seed(self.fed_config.seed, "local", round, client_id) % (2**32))
+        if self.algorithm.uses_lora:  # issue 19 (newalgos): what trains may change by round (RoLoRA)
+            for name, param in self.model.named_parameters():
+                if "lora_" in name:
+                    param.requires_grad_(self.algorithm.trains(name, round))
         self.callback_handler.local_phase = True
         try:
             return super().train()

@@ -113,6 +113,22 @@ class Algorithm(ABC):
         """Whether local training updates the adapter parameter `name` (default: every LoRA A and B)."""
         return "lora_A" in name or "lora_B" in name
 
+    # ---- issue 19 (newalgos): round-dependent training (RoLoRA) and adapters PEFT has no layer for (Fed-SB) -------
+    def trains(self, name: str, round: int) -> bool:
+        """Whether local training in `round` updates adapter parameter `name`. Default: `trainable(name)` every round;
+        RoLoRA alternates (B in odd rounds, A in even ones). The trainer sets ``requires_grad`` from it each round."""
+        return self.trainable(name)
+
+    def prepare_adapter(self, model: torch.nn.Module, init_data: Any = None, args: Any = None) -> None:
+        """Change a freshly built PEFT model before its adapter becomes the global state (every party runs it).
+
+        Fed-SB inserts its r x r matrix R between each LoRA B and A and sets B, A, R from LoRA-SB's initialisation,
+        computed on `init_data` (a tokenised dataset) with `args` (TrainingArguments). Default: nothing.
+        """
+        return None
+
+    # ---- end of issue 19 (newalgos) ----------------------------------------------------------------------------
+
     def extra_loss(self, model: torch.nn.Module, global_state: State) -> torch.Tensor | None:
         """An extra term added to the local loss (e.g. FedProx's proximal term); None for plain SFT."""
         return None
