@@ -74,6 +74,15 @@ class FedSRDOptions(AlgorithmOptions):
             "alternation (B in odd rounds, A in even ones)."
         },
     )
+    train_one_factor: bool = field(
+        default=False,
+        metadata={
+            "help": "FedSRD/FedSRD-e, not in the paper: clients train and upload only the factor this round's "
+            "broadcast updates (B in odd rounds with A frozen, A in even rounds with B frozen: RoLoRA's "
+            "alternation), so the aggregated change lies in the one-factor download's space (no projection loss) "
+            "and half the factors travel up."
+        },
+    )
 
     @staticmethod
     def validate(config) -> None:
@@ -86,6 +95,16 @@ class FedSRDOptions(AlgorithmOptions):
         require_option(config, 0.0 <= drop < 1.0, "download_drop", f"must be in [0, 1), got {drop}")
         ridge = config.decompose_ridge
         require_option(config, ridge >= 0, "decompose_ridge", f"must be >= 0 (0: the paper's pinv), got {ridge}")
+        if config.train_one_factor:
+            algorithm = getattr(config, "algorithm", "fedsrd")
+            require_option(config, algorithm in ("fedsrd", "fedsrd_e"), "train_one_factor",
+                           f"applies to fedsrd and fedsrd_e only (algorithm is {algorithm!r}); for plain alternating "
+                           "training use algorithm 'rolora'")  # fmt: skip
+            require_option(config, not config.download_both_factors, "train_one_factor",
+                           "trains one factor per round, so its download is that factor's; set download_both_factors "
+                           "false")  # fmt: skip
+            require_option(config, not getattr(config, "has_unequal_ranks", False), "train_one_factor",
+                           "is not combined with clients of different ranks (client_lora_ranks)")  # fmt: skip
 
 
 @register_algorithm
@@ -114,6 +133,17 @@ class FedSRD(Algorithm):
     data_dependent_positions = True
     random_upload_mask = True
 
+    # ---- train_one_factor (not in the paper): the local phase trains the factor the round's download updates ----
+    def trains(self, name: str, round: int) -> bool:
+        """Every LoRA factor (the paper); with ``train_one_factor`` only this round's factor: B in odd rounds,
+        A in even rounds, as the server's one-factor decomposition (Eq. 12-13) and RoLoRA alternate."""
+        if not self.config.train_one_factor:
+            return self.trainable(name)
+        return ("lora_B" if round % 2 == 1 else "lora_A") in name
+
+    def update_is_partial(self) -> bool:
+        return bool(self.config.train_one_factor)  # one factor's deltas per round
+
     # ---- client: sparsify (Sec. 4.1) ---------------------------------------------------------------------------
     def client_update(self, global_state: State, local_state: State, round: int, rng: torch.Generator) -> Payload:
         cfg = self.config
@@ -129,15 +159,20 @@ class FedSRD(Algorithm):
             b_new = local_state[module.b_key].detach().to("cpu", torch.float32)
             a_new = local_state[module.a_key].detach().to("cpu", torch.float32)
             delta_b, delta_a = b_new - b, a_new - a  # dB_i = B_i' - B^{t-1}, dA_i = A_i' - A^{t-1}
+            train_b, train_a = self.trains(module.b_key, round), self.trains(module.a_key, round)  # train_one_factor
             if cfg.upload_mask == "random":  # not in the paper: a seeded mask whose positions leak nothing (DP)
-                upload[module.b_key] = dare_drop(delta_b, cfg.upload_sparsity_alpha, rng)
-                upload[module.a_key] = dare_drop(delta_a, cfg.upload_sparsity_alpha, rng)
+                if train_b:
+                    upload[module.b_key] = dare_drop(delta_b, cfg.upload_sparsity_alpha, rng)
+                if train_a:
+                    upload[module.a_key] = dare_drop(delta_a, cfg.upload_sparsity_alpha, rng)
                 continue
-            score_b = importance_scores_b(delta_b, a)  # Eq. 6: |dB[u,v]| * ||A^{t-1}[v,:]||
-            score_a = importance_scores_a(delta_a, b_new)  # Eq. 6: |dA[u,v]| * ||B_i'[:,u]||
-            upload[module.b_key] = importance_prune(delta_b, score_b, **prune)  # Eq. 7-8 (+ L1 rescale)
-            upload[module.a_key] = importance_prune(delta_a, score_a, **prune)
-        return upload
+            if train_b:
+                score_b = importance_scores_b(delta_b, a)  # Eq. 6: |dB[u,v]| * ||A^{t-1}[v,:]||
+                upload[module.b_key] = importance_prune(delta_b, score_b, **prune)  # Eq. 7-8 (+ L1 rescale)
+            if train_a:
+                score_a = importance_scores_a(delta_a, b_new)  # Eq. 6: |dA[u,v]| * ||B_i'[:,u]||
+                upload[module.a_key] = importance_prune(delta_a, score_a, **prune)
+        return upload  # train_one_factor: the frozen factor's delta is zero and is not sent
 
     # ---- server: reconstruct (Sec. 4.2) and decompose (Sec. 4.3) -----------------------------------------------
     def server_step(
@@ -220,8 +255,9 @@ class FedSRD(Algorithm):
     ) -> Factored:
         """dW = W_target - B A as a factor pair (Eq. 9-11), for one module; with `noise` (std, generator), W gets
         Gaussian noise on every entry first (differential privacy)."""
-        deltas_b = [densify(u[module.b_key]) for u in updates]
-        deltas_a = [densify(u[module.a_key]) for u in updates]
+        # a factor a client did not send (train_one_factor: the frozen one) did not change
+        deltas_b = [densify(u[module.b_key]) if module.b_key in u else torch.zeros_like(b) for u in updates]
+        deltas_a = [densify(u[module.a_key]) if module.a_key in u else torch.zeros_like(a) for u in updates]
         if any(d.shape[0] != a.shape[0] for d in deltas_a):  # clients of different ranks (never with DP: config)
             return self._unequal_rank_change(a, b, deltas_b, deltas_a, weights)
         if noise is not None:  # W + Z, dense: Z is full rank (docs/privacy.md, "FedSRD")
