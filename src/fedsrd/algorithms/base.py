@@ -40,6 +40,10 @@ class Algorithm(ABC):
     # replacing the weighted mean: only for steps that are a weighted sum of dense client tensors). The config refuses
     # the others; the default adaptive clipping (adaptive_clip="auto") is on where "clip" is listed.
     robust_defences: ClassVar[frozenset[str]] = frozenset()
+    # True if the server step is linear in equal-shape dense uploads: server_step(updates, weights) equals
+    # server_step([sum_i weights[i] * updates[i]], [1.0]). Secure aggregation (FedSRDConfig.secure_aggregation) then
+    # hands the server only that sum; the config refuses it for the others.
+    secure_sum: ClassVar[bool] = False
     paper: ClassVar[str] = ""
     uploads: ClassVar[str] = ""
     downloads: ClassVar[str] = ""

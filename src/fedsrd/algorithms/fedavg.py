@@ -20,6 +20,7 @@ class FedAvg(Algorithm):
     uploads = "LoRA A and B, dense"
     downloads = "averaged LoRA A and B, dense"
     robust_defences = SUM_DEFENCES  # a weighted sum of dense client tensors (and so FedProx, FFA-LoRA, FedSA-LoRA)
+    secure_sum = True  # secure aggregation may hand the step only the weighted sum of the uploads
 
     def client_update(self, global_state: State, local_state: State, round: int, rng: torch.Generator) -> Payload:
         return {k: local_state[k].detach().to("cpu", torch.float32) for k in global_state if self.trainable(k)}

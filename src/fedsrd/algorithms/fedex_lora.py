@@ -35,6 +35,7 @@ class FedExLoRA(FedAvg):
     uploads = "LoRA A and B, dense"
     downloads = "averaged A and B + the exact residual as m-1 rank-r factor pairs, dense; residual merged into base"
     robust_defences = frozenset()  # not a weighted sum of client tensors (a residual makes products exact)
+    secure_sum = False  # needs each client's upload (see robust_defences)
     writes_base_weights = True
 
     def server_step(

@@ -83,6 +83,7 @@ class FlexLoRA(FedAvg):
     uploads = "LoRA A and B, dense"
     downloads = "rank-r truncated SVD of the averaged product, both factors dense"
     robust_defences = frozenset()  # not a weighted sum of client tensors (an SVD of the summed products)
+    secure_sum = False  # needs each client's upload (see robust_defences)
 
     def server_step(
         self, global_state: State, updates: list[Payload], weights: list[float], round: int, rng: torch.Generator

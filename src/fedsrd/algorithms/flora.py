@@ -75,6 +75,7 @@ class FLoRA(FedAvg):  # FedAvg's upload: every trained factor, dense
     uploads = "LoRA A and B, dense"
     downloads = "every client's B and p_i A (stacked, rank m r), dense; merged into the base, LoRA re-initialised"
     robust_defences = frozenset()  # not a weighted sum of client tensors (stacked products re-initialised every round)
+    secure_sum = False  # needs each client's upload (see robust_defences)
     writes_base_weights = True
 
     def server_step(

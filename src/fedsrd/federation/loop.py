@@ -46,6 +46,9 @@ class Delivery:
     rejected: dict[str, str] = field(default_factory=dict)  # replies that arrived but were refused: why
     download_bytes: int = 0  # bytes sent to the clients before they trained (Flower's catch-up)
     transport: dict[str, Any] = field(default_factory=dict)  # what only this transport knows, for the record
+    # Where the uploads are not `updates` (secure aggregation: masked vectors and protocol messages): their bytes/count.
+    upload_bytes: int | None = None
+    num_uploads: int | None = None
 
 
 class Transport(ABC):
@@ -135,9 +138,9 @@ class Federation:
             clients = sample_clients(cfg.seed, round, cfg.num_clients, cfg.sampled_per_round, attempt)
             self.events.call("on_round_begin", round=round, clients=clients)
             delivery = self.transport.deliver(round, clients)
-            upload += sum(len(u) for u in delivery.updates)
+            upload += sum(len(u) for u in delivery.updates) if delivery.upload_bytes is None else delivery.upload_bytes
             download += delivery.download_bytes
-            uploads += len(delivery.updates)
+            uploads += len(delivery.updates) if delivery.num_uploads is None else delivery.num_uploads
             try:
                 result = self.transport.server_step(round, delivery, cfg.min_clients)
                 break
