@@ -1,6 +1,6 @@
 """Secure aggregation's cost on a real Flower deployment on loopback: bytes and time of SecAgg+ against the plain run.
 
-    python benchmarks/secagg_overhead.py [--rounds 3] [--nodes 3] [--algorithm fedavg] [--json]
+    python benchmarks/secagg_overhead.py [--rounds 3] [--nodes 3] [--algorithm fedavg] [--runtime in-process] [--json]
 
 Starts one SuperLink and `--nodes` SuperNodes on 127.0.0.1 (`fedsrd.integrations.flower_loopback`), runs the example
 Flower app (tiny random Llama, LoRA r=4) twice with every client sampled every round: secure_aggregation off, then
@@ -35,7 +35,63 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def measure(rounds: int, nodes: int, algorithm: str, workdir: Path) -> dict:
+class InProcessGrid:
+    """A Flower Grid that hands each message to our ClientApp in this process (one Context per SuperNode): the same
+    messages and bytes as a deployment, without its transport latency."""
+
+    def __init__(self, run_config: dict, node_configs: list[dict]) -> None:
+        from flwr.app import Context, RecordDict
+
+        from fedsrd.integrations.flower import make_client_app
+
+        self.app = make_client_app()
+        self.contexts = {
+            100 + i: Context(run_id=1, node_id=100 + i, node_config=c, state=RecordDict(), run_config=run_config)
+            for i, c in enumerate(node_configs)
+        }
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Error, Message
+
+        replies = []
+        for msg in messages:
+            try:
+                replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
+            except Exception as err:  # what a SuperNode does when the ClientApp raises
+                replies.append(Message(Error(code=1, reason=repr(err)), reply_to=msg))
+        return replies
+
+
+def _run_in_process(app_config: dict, run: dict, node_configs: list[dict]) -> dict:
+    import time
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedsrd.integrations.flower import run_server
+
+    rc = {**app_config, **run}
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a ServerApp process has
+    start = time.monotonic()
+    try:
+        run_server(InProcessGrid(rc, node_configs), rc)
+    finally:
+        TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+    return {"status": "finished:completed", "seconds": round(time.monotonic() - start, 1), "log": ""}
+
+
+def _app_config() -> dict:
+    """The example app's [tool.flwr.app.config] (what `flwr run` hands the apps)."""
+    import tomllib
+
+    return dict(tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+
+
+def measure(rounds: int, nodes: int, algorithm: str, workdir: Path, runtime: str = "loopback") -> dict:
+    import contextlib
+
     from fedsrd.integrations.flower_loopback import LoopbackDeployment
 
     node_configs = [
@@ -49,17 +105,24 @@ def measure(rounds: int, nodes: int, algorithm: str, workdir: Path) -> dict:
         "num-rounds": rounds,
         "save-every": 0,
         "final-sync": False,
-        "node-timeout": 120.0,
         "domains": " ".join(domains[:nodes]) if nodes <= len(domains) else " ".join(domains),
         "partition": "domain" if nodes <= len(domains) else "iid",
     }
     link_port, node_port = _free_ports(2)
-    out: dict = {"rounds": rounds, "nodes": nodes, "algorithm": algorithm, "runs": {}}
-    with LoopbackDeployment(workdir / "flwr", nodes, node_configs, link_port, node_port) as deployment:
+    out: dict = {"rounds": rounds, "nodes": nodes, "algorithm": algorithm, "runtime": runtime, "runs": {}}
+    deployment = (
+        LoopbackDeployment(workdir / "flwr", nodes, node_configs, link_port, node_port)
+        if runtime == "loopback"
+        else contextlib.nullcontext()
+    )
+    with deployment:
         for mode in ("off", "secaggplus"):
             out_dir = workdir / mode
             run = {**base, "output-dir": str(out_dir), "args": f"--secure_aggregation {mode}"}
-            result = deployment.run(APP, run, timeout=900)
+            if runtime == "loopback":
+                result = deployment.run(APP, run, timeout=1800)
+            else:
+                result = _run_in_process(_app_config(), run, node_configs)
             if result["status"] != "finished:completed":
                 raise RuntimeError(f"{mode} run ended {result['status']}:\n{result['log']}")
             history = json.loads((out_dir / "history.json").read_text())[1:]
@@ -101,8 +164,9 @@ def report(result: dict) -> dict:
         "protocol_download_bytes_per_round": _mean(secure["protocol_download_bytes"]),
         "unmask_server_seconds": _mean([s.get("unmask_server", 0.0) for s in secure["stage_seconds"]]),
     }
+    where = "on loopback" if result["runtime"] == "loopback" else "in one process (no transport latency)"
     print(
-        f"SecAgg+ overhead, {result['algorithm']}, {result['nodes']} SuperNodes on loopback, "
+        f"SecAgg+ overhead, {result['algorithm']}, {result['nodes']} SuperNodes {where}, "
         f"{result['rounds']} rounds, every client every round\n"
     )
     print("| per round (mean) | plain | SecAgg+ | ratio |\n|---|---:|---:|---:|")
@@ -127,12 +191,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--algorithm", default="fedavg", help="One that admits secure aggregation (fedavg, fedprox, ...).")
+    p.add_argument(
+        "--runtime",
+        choices=("loopback", "in-process"),
+        default="loopback",
+        help="loopback: SuperLink + SuperNodes as processes on 127.0.0.1; in-process: the same ServerApp and "
+        "ClientApp messages through an in-process Grid (same bytes, no transport latency in the times).",
+    )
     p.add_argument("--workdir", default=None, help="Scratch directory (default: a temporary one).")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="secagg-") as tmp:
         workdir = Path(a.workdir or tmp).resolve()
-        result = report(measure(a.rounds, a.nodes, a.algorithm, workdir))
+        result = report(measure(a.rounds, a.nodes, a.algorithm, workdir, a.runtime))
     if a.json:
         print(json.dumps(result))
     return result

@@ -252,6 +252,14 @@ def test_fewer_survivors_than_the_threshold_fail_the_round(task_identity):
 
 
 @needs_flwr
+def test_fewer_than_three_reachable_clients_are_refused(task_identity):
+    server_cls, config, specs, uploads, weights = _protocol(num_nodes=3)
+    grid = ModGrid(uploads, weights)
+    out = _run(server_cls, config, specs, grid, [100, 101])
+    assert out.mean is None and "needs at least 3" in out.failure and grid.replies == []
+
+
+@needs_flwr
 def test_protocol_sizes_follow_flowers_workflow():
     from fedsrd.integrations.secagg import protocol_sizes
 
@@ -408,7 +416,6 @@ def test_deployment_on_loopback_secure_equals_plain(tmp_path):
         "algorithm": "fedavg",
         "num-rounds": 1,
         "domains": "arithmetic percent units",
-        "node-timeout": 120.0,
     }
     node_configs = [{"partition-id": i, "num-partitions": 3, "state-dir": str(tmp_path / f"node{i}")} for i in range(3)]
     runs = [
@@ -431,7 +438,7 @@ def test_deployment_on_loopback_secure_equals_plain(tmp_path):
         "--node-port",
         str(node_port),
         "--timeout",
-        "300",
+        "900",
         *[arg for c in node_configs for arg in ("--node-config", json.dumps(c))],
         *[arg for c in runs for arg in ("--run-config", json.dumps(c))],
     ]
@@ -439,7 +446,7 @@ def test_deployment_on_loopback_secure_equals_plain(tmp_path):
         driver = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', *driver]
     proc = subprocess.Popen(driver, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=600)
+        out, err = proc.communicate(timeout=1800)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)

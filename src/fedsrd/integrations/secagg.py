@@ -132,6 +132,9 @@ class SecAggPlusServer:
             out.failure = f"secure aggregation stopped at {stage}: {why}"
             return out
 
+        if len(sampled) < 3:  # with one or two clients the sum is (almost) the update itself
+            return fail("setup", f"{len(sampled)} sampled client(s) reachable, secure aggregation needs at least 3")
+
         # ---- stage 0: setup -> public keys
         setup = {
             Key.STAGE: Stage.SETUP,
