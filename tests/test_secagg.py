@@ -438,7 +438,7 @@ def test_deployment_on_loopback_secure_equals_plain(tmp_path):
         "--node-port",
         str(node_port),
         "--timeout",
-        "900",
+        "600",
         *[arg for c in node_configs for arg in ("--node-config", json.dumps(c))],
         *[arg for c in runs for arg in ("--run-config", json.dumps(c))],
     ]
@@ -446,7 +446,7 @@ def test_deployment_on_loopback_secure_equals_plain(tmp_path):
         driver = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', *driver]
     proc = subprocess.Popen(driver, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=1800)
+        out, err = proc.communicate(timeout=1500)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
