@@ -10,11 +10,16 @@ from typing import Any
 # FedSRDConfig(upload_sparsity_alpha=...)). A new algorithm with options adds one line to ALGORITHM_OPTIONS.
 from fedsrd.algorithms.base import validate_options
 from fedsrd.algorithms.fed_dare import FedDAREOptions
+from fedsrd.algorithms.fed_sb import FedSBOptions
 from fedsrd.algorithms.fedkrso import FedKRSOOptions
 from fedsrd.algorithms.fedkseed import FedKSeedOptions
 from fedsrd.algorithms.fedprox import FedProxOptions
+from fedsrd.algorithms.fedrpca import FedRPCAOptions
 from fedsrd.algorithms.fedsrd_ef import EF_DOWNLOAD_SELECTIONS as EF_DOWNLOAD_SELECTIONS  # re-exported
 from fedsrd.algorithms.fedsrd_ef import FedSRDEFOptions
+from fedsrd.algorithms.fedsvd import FedSVDOptions
+from fedsrd.algorithms.ferret import FerretOptions
+from fedsrd.algorithms.hetlora import HetLoRAOptions
 from fedsrd.algorithms.topk import TopKOptions
 
 ALGORITHM_OPTIONS = (
@@ -24,6 +29,11 @@ ALGORITHM_OPTIONS = (
     TopKOptions,  # topk
     FedKRSOOptions,  # fedkrso
     FedKSeedOptions,  # fedkseed
+    FedSVDOptions,  # fedsvd
+    FedSBOptions,  # fed_sb
+    FerretOptions,  # ferret
+    FedRPCAOptions,  # fedrpca
+    HetLoRAOptions,  # hetlora
 )
 # ---- end of algorithms' options --------------------------------------------------------------------------------
 
@@ -96,48 +106,7 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
             "flexlora, flora, hetlora). Default: every client trains lora_r."
         },
     )
-    hetlora_prune_lambda: float = field(
-        default=0.0,
-        metadata={
-            "help": "HetLoRA rank self-pruning (Cho et al., EMNLP 2024): weight lambda of the local regulariser "
-            "lambda * sum_modules ||B[:, g r:]||_F ||A[g r:, :]||_F on the tail of each client's rank r; 0: off."
-        },
-    )
-    hetlora_prune_gamma: float = field(
-        default=0.99,
-        metadata={
-            "help": "HetLoRA rank self-pruning: the decay gamma in (0, 1); the tail is the ranks from floor(gamma r) "
-            "on. A client whose tail norm falls below its previous round's prunes those ranks (uploads them as zero)."
-        },
-    )
     # ---- end of per-client LoRA ranks ------------------------------------------------------------------------------
-    # ---- issue 19 (newalgos): fedsvd, fed_sb (docs/algorithms.md) --------------------------------------------------
-    fedsvd_every: int = field(
-        default=1,
-        metadata={"help": "FedSVD: re-orthogonalise A by the SVD of the aggregated B A every k rounds (the official "
-                  "code's --recalculate-svd-period, default 1); other rounds broadcast B only."},
-    )
-    fed_sb_init_samples: int = field(
-        default=170,
-        metadata={"help": "Fed-SB: examples (the first of client 0's data) whose summed gradient of the base weights "
-                  "gives LoRA-SB's initialisation (the Fed-SB code's num_samples, 170)."},
-    )
-    ferret_num_seeds: int = field(
-        default=200,
-        metadata={"help": "Ferret: K, the run's pool of shared random bases; a weight matrix's update is sent as its "
-                  "coordinates on n_g <= K of them, n_g proportional to its norm (the official script's K = 200)."},
-    )
-    ferret_server_lr: float = field(
-        default=1.0,
-        metadata={"help": "Ferret: server learning rate on the reconstructed update (1: unbiased; the official "
-                  "script's slr = 10 on its unnormalised bases is about 3.3 here)."},
-    )
-    fedrpca_beta: float = field(
-        default=2.0,
-        metadata={"help": "FedRPCA: scale beta of the averaged sparse (client-specific) parts of the Robust PCA of the "
-                  "clients' updates; 1 = FedAvg-LoRA."},
-    )
-    # ---- end of issue 19 (newalgos) --------------------------------------------------------------------------------
     value_dtype: str = field(
         default="float32",
         metadata={"help": "Dtype of tensor values on the wire: float32 (the papers' accounting), float16, bfloat16."},
@@ -372,12 +341,6 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
         _require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         _require(len(self.lora_target_modules) > 0, "lora_target_modules", "must name at least one module")
         validate_options(self)  # every algorithm's options class checks its own fields
-        # issue 19 (newalgos)
-        _require(self.fedsvd_every >= 1, "fedsvd_every", f"must be >= 1, got {self.fedsvd_every}")
-        _require(self.fed_sb_init_samples >= 1, "fed_sb_init_samples", f"must be >= 1, got {self.fed_sb_init_samples}")
-        _require(self.ferret_num_seeds >= 2, "ferret_num_seeds", f"must be >= 2, got {self.ferret_num_seeds}")
-        _require(self.ferret_server_lr > 0, "ferret_server_lr", f"must be > 0, got {self.ferret_server_lr}")
-        _require(self.fedrpca_beta > 0, "fedrpca_beta", f"must be > 0, got {self.fedrpca_beta}")
         _require(
             self.value_dtype in VALUE_DTYPES, "value_dtype", f"must be one of {VALUE_DTYPES}, got {self.value_dtype!r}"
         )
@@ -626,14 +589,6 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
 
     # ---- per-client LoRA ranks ---------------------------------------------------------------------------------
     def _check_client_lora_ranks(self) -> None:
-        _require(
-            self.hetlora_prune_lambda >= 0, "hetlora_prune_lambda", f"must be >= 0, got {self.hetlora_prune_lambda}"
-        )
-        _require(
-            0.0 < self.hetlora_prune_gamma < 1.0,
-            "hetlora_prune_gamma",
-            f"must be in (0, 1), got {self.hetlora_prune_gamma}",
-        )
         if self.client_lora_ranks is None:
             return
         self.client_lora_ranks = parse_client_lora_ranks(self.client_lora_ranks, self.num_clients)

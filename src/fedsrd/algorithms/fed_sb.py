@@ -32,13 +32,14 @@ bits. Deviations from the code: an exact SVD (``torch.linalg.svd`` in float64 on
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fedsrd.algorithms import register_algorithm
-from fedsrd.algorithms.base import Payload, State
+from fedsrd.algorithms.base import AlgorithmOptions, Payload, State, require_option
 from fedsrd.algorithms.fedavg import FedAvg
 from fedsrd.algorithms.fedsrd import lora_modules
 from fedsrd.ops import weighted_sum
@@ -146,9 +147,26 @@ def insert_r(layer: torch.nn.Module, adapter: str, r: torch.Tensor) -> None:
     lora_a.register_forward_hook(apply_r)
 
 
+@dataclass
+class FedSBOptions(AlgorithmOptions):
+    """Fed-SB: the examples LoRA-SB's initialisation is computed on."""
+
+    fed_sb_init_samples: int = field(
+        default=170,
+        metadata={"help": "Fed-SB: examples (the first of client 0's data) whose summed gradient of the base weights "
+                  "gives LoRA-SB's initialisation (the Fed-SB code's num_samples, 170)."},
+    )
+
+    @staticmethod
+    def validate(config) -> None:
+        n = config.fed_sb_init_samples
+        require_option(config, n >= 1, "fed_sb_init_samples", f"must be >= 1, got {n}")
+
+
 @register_algorithm
 class FedSB(FedAvg):
     name = "fed_sb"
+    options = FedSBOptions
     paper = "Fed-SB (Singhal et al., arXiv 2502.15436, 2025) on LoRA-SB (Ponkshe et al., arXiv 2411.19557)"
     uploads = "the r x r matrix R per module, dense (B and A frozen at LoRA-SB's initialisation)"
     downloads = "the averaged R per module, dense"

@@ -23,10 +23,12 @@ The PCP solver's parameters are the standard ones of Candès et al. and Lin et a
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from fedsrd.algorithms import register_algorithm
-from fedsrd.algorithms.base import Payload, State
+from fedsrd.algorithms.base import AlgorithmOptions, Payload, State, require_option
 from fedsrd.algorithms.fedavg import FedAvg
 from fedsrd.ops.rpca import robust_pca
 
@@ -41,9 +43,26 @@ def rpca_aggregate(global_value: torch.Tensor, clients: list[torch.Tensor], weig
     return (base + change.reshape(base.shape)).to(torch.float32)
 
 
+@dataclass
+class FedRPCAOptions(AlgorithmOptions):
+    """FedRPCA: the scale of the sparse, client-specific parts."""
+
+    fedrpca_beta: float = field(
+        default=2.0,
+        metadata={"help": "FedRPCA: scale beta of the averaged sparse (client-specific) parts of the Robust PCA of the "
+                  "clients' updates; 1 = FedAvg-LoRA."},
+    )
+
+    @staticmethod
+    def validate(config) -> None:
+        beta = config.fedrpca_beta
+        require_option(config, beta > 0, "fedrpca_beta", f"must be > 0, got {beta}")
+
+
 @register_algorithm
 class FedRPCA(FedAvg):
     name = "fedrpca"
+    options = FedRPCAOptions
     paper = "FedRPCA (Jhunjhunwala et al., arXiv 2506.01194, 2025)"
     uploads = "LoRA A and B, dense"
     downloads = "A and B from Robust PCA of the stacked updates: low-rank part averaged, sparse part x beta, dense"

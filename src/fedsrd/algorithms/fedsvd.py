@@ -20,10 +20,12 @@ A module whose aggregated B is zero (e.g. nothing trained yet) keeps its A: the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from fedsrd.algorithms import register_algorithm
-from fedsrd.algorithms.base import Payload, State
+from fedsrd.algorithms.base import AlgorithmOptions, Payload, State, require_option
 from fedsrd.algorithms.fedsrd import lora_modules
 from fedsrd.algorithms.ffa_lora import FFALoRA
 from fedsrd.ops import weighted_sum
@@ -42,9 +44,25 @@ def orthogonalize(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch
     return new_b, new_a
 
 
+@dataclass
+class FedSVDOptions(AlgorithmOptions):
+    """FedSVD: how often A is re-orthogonalised."""
+
+    fedsvd_every: int = field(
+        default=1,
+        metadata={"help": "FedSVD: re-orthogonalise A by the SVD of the aggregated B A every k rounds (the official "
+                  "code's --recalculate-svd-period, default 1); other rounds broadcast B only."},
+    )
+
+    @staticmethod
+    def validate(config) -> None:
+        require_option(config, config.fedsvd_every >= 1, "fedsvd_every", f"must be >= 1, got {config.fedsvd_every}")
+
+
 @register_algorithm
 class FedSVD(FFALoRA):  # FFA-LoRA's client: B trained and uploaded, A frozen
     name = "fedsvd"
+    options = FedSVDOptions
     paper = "FedSVD (Lee et al., NeurIPS 2025; arXiv 2505.12805)"
     uploads = "LoRA B only, dense (A frozen)"
     downloads = "B and the re-orthogonalised A from the SVD of B A, dense (B alone in rounds without the SVD)"

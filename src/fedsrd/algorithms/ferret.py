@@ -31,12 +31,13 @@ momentum (0 in its script) is not implemented. Upload and download: one sparse K
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fedsrd.algorithms import register_algorithm
-from fedsrd.algorithms.base import Payload, State
+from fedsrd.algorithms.base import AlgorithmOptions, Payload, State, require_option
 from fedsrd.algorithms.fedfft import FullParameterAlgorithm, is_head
 from fedsrd.ops import SparseTensor, generator_for, weighted_sum
 from fedsrd.ops.projection import seed_pool
@@ -99,9 +100,32 @@ def _dense(value: torch.Tensor | SparseTensor) -> torch.Tensor:
     return value.to_dense(torch.float32) if isinstance(value, SparseTensor) else value.to(torch.float32)
 
 
+@dataclass
+class FerretOptions(AlgorithmOptions):
+    """Ferret: the pool of shared random bases and the server learning rate."""
+
+    ferret_num_seeds: int = field(
+        default=200,
+        metadata={"help": "Ferret: K, the run's pool of shared random bases; a weight matrix's update is sent as its "
+                  "coordinates on n_g <= K of them, n_g proportional to its norm (the official script's K = 200)."},
+    )
+    ferret_server_lr: float = field(
+        default=1.0,
+        metadata={"help": "Ferret: server learning rate on the reconstructed update (1: unbiased; the official "
+                  "script's slr = 10 on its unnormalised bases is about 3.3 here)."},
+    )
+
+    @staticmethod
+    def validate(config) -> None:
+        k, lr = config.ferret_num_seeds, config.ferret_server_lr
+        require_option(config, k >= 2, "ferret_num_seeds", f"must be >= 2, got {k}")
+        require_option(config, lr > 0, "ferret_server_lr", f"must be > 0, got {lr}")
+
+
 @register_algorithm
 class Ferret(FullParameterAlgorithm):
     name = "ferret"
+    options = FerretOptions
     uploads_deltas = True
     paper = "Ferret (Shu et al., ICML 2025)"
     uploads = "per weight matrix, the SGD update's coordinates on n_g of K shared random bases (sparse); the head"

@@ -24,11 +24,12 @@ shapes (the configured rank is what the server checks).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
 from fedsrd.algorithms import register_algorithm
-from fedsrd.algorithms.base import Payload, State
+from fedsrd.algorithms.base import AlgorithmOptions, Payload, State, require_option
 from fedsrd.algorithms.fedavg import FedAvg
 from fedsrd.algorithms.fedsrd import lora_modules
 from fedsrd.algorithms.ranks import pad_tensor
@@ -58,9 +59,36 @@ def tail_start(rank: int, gamma: float) -> int:
     return max(1, int(math.floor(gamma * rank)))
 
 
+@dataclass
+class HetLoRAOptions(AlgorithmOptions):
+    """HetLoRA: rank self-pruning (off by default)."""
+
+    hetlora_prune_lambda: float = field(
+        default=0.0,
+        metadata={
+            "help": "HetLoRA rank self-pruning (Cho et al., EMNLP 2024): weight lambda of the local regulariser "
+            "lambda * sum_modules ||B[:, g r:]||_F ||A[g r:, :]||_F on the tail of each client's rank r; 0: off."
+        },
+    )
+    hetlora_prune_gamma: float = field(
+        default=0.99,
+        metadata={
+            "help": "HetLoRA rank self-pruning: the decay gamma in (0, 1); the tail is the ranks from floor(gamma r) "
+            "on. A client whose tail norm falls below its previous round's prunes those ranks (uploads them as zero)."
+        },
+    )
+
+    @staticmethod
+    def validate(config) -> None:
+        lam, gamma = config.hetlora_prune_lambda, config.hetlora_prune_gamma
+        require_option(config, lam >= 0, "hetlora_prune_lambda", f"must be >= 0, got {lam}")
+        require_option(config, 0.0 < gamma < 1.0, "hetlora_prune_gamma", f"must be in (0, 1), got {gamma}")
+
+
 @register_algorithm
 class HetLoRA(FedAvg):
     name = "hetlora"
+    options = HetLoRAOptions
     paper = "HetLoRA (Cho et al., EMNLP 2024)"
     uploads = "the client's LoRA A and B at its own rank, dense"
     downloads = "sparsity-weighted mean of the zero-padded factors (rank R), dense; each client needs its rank's slice"

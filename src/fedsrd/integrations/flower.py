@@ -53,11 +53,18 @@ from fedsrd.checkpoint import check_resume, prepare_output_dir
 from fedsrd.federation import Delivery, Federation, RoundEvents, Transport, start_record
 from fedsrd.federation.files import atomic_write_bytes
 from fedsrd.federation.history import MB, write_history
+from fedsrd.integrations import secagg as _secagg
 from fedsrd.integrations.catchup import CatchUp, CatchUpError, OutOfSync, SyncLedger, decode_full_state
 from fedsrd.integrations.catchup import encode_full_state as _encode_full_state
 from fedsrd.integrations.checkpoint import ServerCheckpoint, load_checkpoint, save_checkpoint
 from fedsrd.integrations.node import FederationNode
-from fedsrd.integrations.secagg import SecAggPlusServer, SecureSum, is_secagg_message, secure_aggregation_mod
+from fedsrd.integrations.secagg import (
+    CONTROL_RECORD,
+    SecAggPlusServer,
+    SecureSum,
+    is_secagg_message,
+    secure_aggregation_mod,
+)
 from fedsrd.integrations.settings import RunSettings, parse_run_config
 from fedsrd.server import FederatedServer, RoundResult, save_adapter
 
@@ -66,7 +73,7 @@ logger = logging.getLogger(__name__)
 HELLO = f"{MessageType.QUERY}.hello"
 TRAIN = MessageType.TRAIN
 SYNC = f"{MessageType.QUERY}.sync"
-CONFIG = "fedsrd"  # ConfigRecord key: control fields
+CONFIG = CONTROL_RECORD  # ConfigRecord key: control fields (secagg reads it too)
 PAYLOAD = "payload"  # ArrayRecord key: fedsrd.wire messages, one Array each
 METRICS = "metrics"  # MetricRecord key
 WIRE_STYPE = "fedsrd.wire"  # Array.stype of a fedsrd.wire message carried as raw bytes
@@ -142,6 +149,9 @@ def _node(context: Context) -> FederationNode:
             _NODES.popitem(last=False)
     _NODES.move_to_end(key)
     return node
+
+
+_secagg.node_of = _node  # secure aggregation's client side seeds its rounding from this node's settings
 
 
 def _open(msg: Message, context: Context) -> tuple[FederationNode, Mapping[str, Any]]:

@@ -49,6 +49,11 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 
 from fedsrd.config import FedSRDConfig
 
+CONTROL_RECORD = "fedsrd"  # the ConfigRecord of a train message's control fields (flower.CONFIG, the same string)
+# The ClientApp's node (model, data, settings) for a Flower context: set by fedsrd.integrations.flower, which owns the
+# node cache (a registered function rather than an import, so the two modules do not import each other).
+node_of: Callable[[Any], Any] | None = None
+
 __all__ = ["SecAggPlusServer", "SecureSum", "protocol_sizes", "secure_aggregation_mod"]
 
 MAX_KEY_BYTES = 1024  # a serialized EC public key is ~91 bytes; a reply holding more is not a key
@@ -392,8 +397,8 @@ def secure_aggregation_mod(msg: Message, context: Any, call_next: Callable) -> M
 
 def rounding_seed(msg: Message, context: Any) -> list[int]:
     """The stochastic-rounding seed of one client's upload: (federation seed, round, client id)."""
-    from fedsrd.integrations.flower import CONFIG, _node
-
-    node = _node(context)
-    config = msg.content[CONFIG]
+    if node_of is None:
+        raise RuntimeError("secure aggregation: no node lookup registered (fedsrd.integrations.flower sets it).")
+    node = node_of(context)
+    config = msg.content[CONTROL_RECORD]  # the coordinator's control fields (fedsrd.integrations.flower.CONFIG)
     return [node.settings.fed.seed & 0xFFFFFFFF, int(config["round"]) & 0xFFFFFFFF, node.client_id, 0x5ECA]
