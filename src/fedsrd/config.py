@@ -268,6 +268,14 @@ class FedSRDConfig:
         default="round-{round:04d}", metadata={"help": "Name of each round's branch or tag on the Hub."}
     )
     # ---- end of lm-eval / Hub ------------------------------------------------------------------------------------
+    # ---- many clients per round: server step path, streaming, client state on disk (docs/fedsrd.md) --------------
+    server_step_path: str = field(
+        default="auto",
+        metadata={"help": "FedSRD's rank-r SVD of the aggregate, per module: 'factored' (QR of the stacked m*r client "
+                  "factors), 'dense' (form the d_out x d_in aggregate, thin SVD), or 'auto' (the one a flop count says "
+                  "is cheaper for that module's shape and m; both agree to float32 rounding)."},
+    )
+    # ---- end of many clients per round -----------------------------------------------------------------------------
 
     def __post_init__(self) -> None:
         # Imported here: the registry imports the algorithms, which import this module.
@@ -354,6 +362,7 @@ class FedSRDConfig:
         )
         _require(self.max_update_value > 0, "max_update_value", f"must be > 0, got {self.max_update_value}")
         self._check_robust_aggregation()
+        self._check_many_clients()
         _require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         _require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
         # learning rate across rounds
@@ -437,6 +446,16 @@ class FedSRDConfig:
                     f"FedSRDConfig.{name}: algorithm {self.algorithm!r} does not admit {defence!r} (its server step "
                     f"is not a sum it can bound that way); the algorithms that do: {', '.join(able)}."
                 )
+
+    # ---- many clients per round ------------------------------------------------------------------------------------
+    def _check_many_clients(self) -> None:
+        from fedsrd.ops.lowrank import SVD_PATHS
+
+        _require(
+            self.server_step_path in SVD_PATHS,
+            "server_step_path",
+            f"must be one of {SVD_PATHS}, got {self.server_step_path!r}",
+        )
 
     @property
     def seed(self) -> int:

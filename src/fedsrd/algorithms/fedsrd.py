@@ -26,11 +26,11 @@ from fedsrd.algorithms import register_algorithm
 from fedsrd.algorithms.base import Algorithm, Payload, State
 from fedsrd.ops.lowrank import (
     Factored,
+    cheapest_truncated_svd,
     factored_difference,
     solve_left_update,
     solve_right_update,
     stack_factors,
-    truncated_svd,
 )
 from fedsrd.ops.robust import Terms, largest_scale_within, product_change_terms, scaled_norm
 from fedsrd.ops.sparse import SparseTensor
@@ -175,11 +175,12 @@ class FedSRD(Algorithm):
         deltas_b = [_dense(u[module.b_key]) for u in updates]
         deltas_a = [_dense(u[module.a_key]) for u in updates]
         if self.use_svd:
-            # Eq. 9: W = sum_i p_i (B + dB_i)(A + dA_i); Eq. 10: W_target = the rank-r truncated SVD of W
+            # Eq. 9: W = sum_i p_i (B + dB_i)(A + dA_i); Eq. 10: W_target = the rank-r truncated SVD of W, by the
+            # cheaper of the factored and the dense path for this module's shape and m (`server_step_path`)
             clients_b = [b + d for d in deltas_b]
             clients_a = [a + d for d in deltas_a]
             aggregate = stack_factors(clients_b, clients_a, weights)
-            target = truncated_svd(*aggregate, rank=a.shape[0])
+            target = cheapest_truncated_svd(*aggregate, rank=a.shape[0], path=self.config.server_step_path)
             return factored_difference(target, (b, a))  # Eq. 11: dW = W_target - B A
         # FedSRD-e: W_target = W, so dW = sum_i p_i (B_i A_i - B A) + (sum_i p_i - 1) B A, and
         # B_i A_i - B A = dB_i A + (B + dB_i) dA_i exactly: no large B A is cancelled against itself.
