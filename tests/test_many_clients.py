@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import struct
+
 import pytest
 import torch
 
-from fedsrd.algorithms.fedsrd import FedSRD, LoraModule
+from fedsrd import get_algorithm, wire
+from fedsrd.algorithms.base import BatchAggregation
+from fedsrd.algorithms.fedsrd import FedSRD, FedSRDe, LoraModule
+from fedsrd.client import FederatedClient
 from fedsrd.config import FedSRDConfig
-from fedsrd.ops import lowrank
+from fedsrd.ops import generator_for, lowrank, normalized_weights, weighted_sum
 from fedsrd.ops.lowrank import (
     choose_svd_path,
     dense_truncated_svd,
@@ -17,6 +23,8 @@ from fedsrd.ops.lowrank import (
     truncated_svd,
     truncated_svd_flops,
 )
+from fedsrd.ops.sketch import OnePassSketch, recommended_corange_size
+from fedsrd.server import FederatedServer
 
 MODULE = LoraModule("layer", "layer.lora_A.weight", "layer.lora_B.weight")
 
@@ -109,3 +117,172 @@ def test_fedsrd_step_runs_the_chosen_path_and_every_path_gives_the_same_step(mon
 def test_server_step_path_is_validated():
     with pytest.raises(ValueError, match="server_step_path"):
         FedSRDConfig(algorithm="fedsrd", server_step_path="fast")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. the streaming step
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _adapter(d_out=12, d_in=20, r=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        f"m.layers.0.{p}.lora_{f}.weight": (0.1 * torch.randn(r, d_in, generator=g)) if f == "A"
+        else 0.01 * torch.randn(d_out, r, generator=g)
+        for p in ("q_proj", "v_proj") for f in ("A", "B")
+    }  # fmt: skip
+
+
+def _blobs(algorithm: str, cfg: FedSRDConfig, state, n: int, round: int = 1) -> list[bytes]:
+    algo = get_algorithm(algorithm, cfg)
+    client = FederatedClient(algo, state, cfg)
+    blobs = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(100 + i)
+        local = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+        blobs.append(client.make_update(local, round=round, client_id=i, num_samples=5 + 3 * i))
+    return blobs
+
+
+def _step(algorithm: str, blobs, state, round: int = 1, **options):
+    cfg = FedSRDConfig(algorithm=algorithm, num_clients=64, **options)
+    server = FederatedServer(get_algorithm(algorithm, cfg), dict(state), cfg)
+    return server, server.step(round, blobs)
+
+
+def test_running_weighted_sum_equals_the_batch_sum():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(7, 5, generator=g) for _ in range(9)]
+    raw = [float(w) for w in torch.randint(1, 50, (9,), generator=g)]
+    algo = get_algorithm("fedavg", FedSRDConfig())
+    aggregation = algo.begin_aggregate({"x": torch.zeros(7, 5)}, 1, torch.Generator(), {})
+    for t, w in zip(tensors, raw, strict=True):
+        aggregation.fold({"x": t}, w)
+    streamed = aggregation.finish()[0]["x"]
+    torch.testing.assert_close(streamed, weighted_sum(tensors, normalized_weights(raw)), rtol=1e-6, atol=1e-7)
+    # FedAvg's subclasses with their own step fall back to holding the updates
+    assert isinstance(get_algorithm("flexlora", FedSRDConfig()).begin_aggregate({}, 1, None, {}), BatchAggregation)
+
+
+@pytest.mark.parametrize("aggregation", ["uniform", "samples"])
+def test_streaming_server_step_equals_the_batch_step_for_fedavg(aggregation):
+    state = _adapter()
+    blobs = _blobs("fedavg", FedSRDConfig(num_clients=64), state, 12)
+    batch, batch_result = _step("fedavg", blobs, state, aggregation=aggregation)
+    stream, stream_result = _step("fedavg", blobs, state, aggregation=aggregation, server_streaming="on")
+    assert stream_result.accepted == batch_result.accepted == list(range(12))
+    for k in state:
+        torch.testing.assert_close(stream.state[k], batch.state[k], rtol=1e-6, atol=1e-7)
+
+
+def _with_nan(blob: bytes, name: str) -> bytes:
+    from safetensors.torch import load, save
+
+    n = struct.unpack("<Q", blob[:8])[0]
+    metadata = json.loads(blob[8 : 8 + n])["__metadata__"]
+    tensors = load(blob)
+    tensors[name].view(-1)[0] = float("nan")
+    return save(tensors, metadata=metadata)
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedsrd"])
+def test_streaming_rejects_hostile_updates_before_folding(algorithm):
+    state = _adapter()
+    cfg = FedSRDConfig(algorithm=algorithm, num_clients=64)
+    good = _blobs(algorithm, cfg, state, 6)
+    name = next(k for k in wire.decode(good[0]).tensors)
+    hostile = [
+        _with_nan(_blobs(algorithm, cfg, state, 7)[6], name) if algorithm == "fedavg" else b"not a message",
+        _blobs(algorithm, cfg, state, 1, round=2)[0],  # another round
+        good[2],  # a second update from client 2
+    ]
+    _, clean = _step(algorithm, good, state, server_streaming="on")
+    server, result = _step(algorithm, good + hostile, state, server_streaming="on")
+    assert result.accepted == clean.accepted == list(range(6))
+    assert set(result.rejected) == {"#6", "#7", "#8"}
+    assert result.broadcast == clean.broadcast
+
+
+def test_streaming_fedsrd_clips_like_the_batch_step():
+    state = _adapter()
+    cfg = FedSRDConfig(algorithm="fedsrd", num_clients=64)
+    blobs = _blobs("fedsrd", cfg, state, 8)
+    options = {"adaptive_clip_multiplier": 1.0, "download_drop": 0.0}  # about half of the clients clipped
+    _, batch = _step("fedsrd", blobs, state, **options)
+    _, stream = _step("fedsrd", blobs, state, server_streaming="on", **options)
+    assert stream.robust["clipped"] and stream.robust["clipped"] == batch.robust["clipped"]
+    assert stream.robust["clip_bound"] == batch.robust["clip_bound"]
+
+
+def _module_updates(d_out, d_in, r, m, seed=0):
+    b, a, deltas_b, deltas_a = trained_like(d_out, d_in, r, m, seed)
+    updates = [{MODULE.b_key: db, MODULE.a_key: da} for db, da in zip(deltas_b, deltas_a, strict=True)]
+    return {MODULE.a_key: a, MODULE.b_key: b}, updates
+
+
+def _streamed(algo, state, updates, round, weights):
+    aggregation = algo.begin_aggregate(state, round, generator_for(0, "step"), {})
+    for update, weight in zip(updates, weights, strict=True):
+        aggregation.fold(update, weight)
+    return aggregation.finish()[0]
+
+
+def _rel_err_of_steps(algo, state, updates, round, raw):
+    exact = algo.server_step(state, updates, normalized_weights(raw), round, generator_for(0, "step"))
+    streamed = _streamed(algo, state, updates, round, raw)
+    assert set(exact) == set(streamed)
+    return max(rel_err(streamed[k].to_dense(), exact[k].to_dense()) for k in exact)
+
+
+@pytest.mark.parametrize("round", [1, 2])
+def test_fedsrd_e_streams_exactly(round):
+    state, updates = _module_updates(40, 56, 4, 30)
+    raw = [1.0 + (i % 5) for i in range(30)]
+    for ridge in (0.0, 0.1):
+        algo = FedSRDe(FedSRDConfig(algorithm="fedsrd_e", download_drop=0.0, decompose_ridge=ridge))
+        assert _rel_err_of_steps(algo, state, updates, round, raw) < 1e-5
+
+
+@pytest.mark.parametrize("round", [1, 2])
+def test_fedsrd_sketched_step_is_close_to_the_exact_step(round):
+    state, updates = _module_updates(64, 80, 4, 40)  # m r = 160 > 64: the cross term does not fit in the sketch
+    algo = FedSRD(FedSRDConfig(algorithm="fedsrd", download_drop=0.0, sketch_oversampling=8))
+    assert _rel_err_of_steps(algo, state, updates, round, [1.0] * 40) < 1e-3
+    few_state, few = _module_updates(64, 80, 4, 3)  # m r = 12 <= k: the sketch holds the cross term whole
+    assert _rel_err_of_steps(algo, few_state, few, round, [1.0] * 3) < 1e-4
+
+
+def test_sketch_error_is_within_the_bound_on_a_low_rank_plus_noise_matrix():
+    """Tropp et al. 2017, Thm. 4.3 and Prop. 6.1: rank 6 plus noise, sketched with k = 14, l = 2k + 1."""
+    d_out, d_in, rank, k = 90, 70, 6, 14
+    l = recommended_corange_size(k)  # noqa: E741
+    f = lambda s, t: s / (t - s - 1)  # noqa: E731
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        left = torch.randn(d_out, rank, generator=g, dtype=torch.float64) * torch.logspace(1, 0, rank).double()
+        right = torch.randn(rank, d_in, generator=g, dtype=torch.float64)
+        noise = 1e-2 * torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+        w = left @ right + noise
+        sketch = OnePassSketch(d_out, d_in, k, l, g, dtype=torch.float64)
+        sketch.fold(left, right)  # folded in two terms, as client updates are
+        sketch.fold(noise, torch.eye(d_in, dtype=torch.float64))
+        sigma = torch.linalg.svdvals(w)
+        tail2 = lambda j, sigma=sigma: float((sigma[j:] ** 2).sum())  # noqa: E731  tau_{j+1}^2
+        expected_sq = (1 + f(k, l)) * min((1 + f(p, k)) * tail2(p) for p in range(1, k - 1))
+        q, x = sketch.reconstruct()
+        error = float(torch.linalg.norm(w - q @ x))
+        assert error**2 <= 4 * expected_sq  # the bound is on the mean square; 4x for one draw
+        t_left, t_right = sketch.truncated(rank)
+        assert float(torch.linalg.norm(w - t_left @ t_right)) <= tail2(rank) ** 0.5 + 2 * error
+        # and it is small: the noise's own size, far below the signal
+        assert float(torch.linalg.norm(w - t_left @ t_right)) < 2 * float(torch.linalg.norm(noise))
+
+
+def test_streaming_options_are_validated():
+    with pytest.raises(ValueError, match="server_streaming"):
+        FedSRDConfig(server_streaming="yes")
+    with pytest.raises(ValueError, match="sketch_oversampling"):
+        FedSRDConfig(sketch_oversampling=-1)
+    with pytest.raises(ValueError, match="robust_aggregation"):
+        FedSRDConfig(server_streaming="on", robust_aggregation="median")
+

@@ -12,6 +12,7 @@ EF_DOWNLOAD_SELECTIONS = ("random", "magnitude")
 HUB_ROUND_REFS = ("branch", "tag")
 ROBUST_AGGREGATIONS = ("none", "median", "trimmed_mean")
 ADAPTIVE_CLIP_MODES = ("auto", "on", "off")
+SERVER_STREAMING_MODES = ("off", "on")  # many clients per round
 
 
 @dataclass
@@ -275,6 +276,18 @@ class FedSRDConfig:
                   "factors), 'dense' (form the d_out x d_in aggregate, thin SVD), or 'auto' (the one a flop count says "
                   "is cheaper for that module's shape and m; both agree to float32 rounding)."},
     )
+    server_streaming: str = field(
+        default="off",
+        metadata={"help": "'on': fold each client update into a fixed-size aggregate and release it, so the server's "
+                  "memory does not grow with the clients per round (weighted sums exactly; FedSRD-e exactly; FedSRD "
+                  "through a one-pass sketch, see sketch_oversampling); 'off': hold the round's decoded updates."},
+    )
+    sketch_oversampling: int = field(
+        default=64,
+        metadata={"help": "FedSRD with server_streaming on: Gaussian directions of the aggregate's sketch beyond the "
+                  "LoRA rank r (k = r + this, co-range 2k + 1, plus the current factors' spans); larger is more "
+                  "accurate and costs (d_out + d_in) floats per direction per module."},
+    )
     # ---- end of many clients per round -----------------------------------------------------------------------------
 
     def __post_init__(self) -> None:
@@ -455,6 +468,19 @@ class FedSRDConfig:
             self.server_step_path in SVD_PATHS,
             "server_step_path",
             f"must be one of {SVD_PATHS}, got {self.server_step_path!r}",
+        )
+        _require(
+            self.server_streaming in SERVER_STREAMING_MODES,
+            "server_streaming",
+            f"must be one of {SERVER_STREAMING_MODES}, got {self.server_streaming!r}",
+        )
+        _require(self.sketch_oversampling >= 0, "sketch_oversampling", f"must be >= 0, got {self.sketch_oversampling}")
+        _require(
+            not (self.server_streaming == "on" and self.robust_aggregation != "none"),
+            "server_streaming",
+            f"'on' folds updates one at a time, but robust_aggregation={self.robust_aggregation!r} needs every "
+            "update of the round at once (a coordinate-wise statistic); use server_streaming 'off' or "
+            "robust_aggregation 'none' (norm clipping streams)",
         )
 
     @property

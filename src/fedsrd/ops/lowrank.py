@@ -151,8 +151,17 @@ def solve_left_update(delta: Factored, a: torch.Tensor, ridge: float = 0.0) -> t
     (relative to A's mean squared singular value, so the damping does not depend on A's scale).
     """
     left, right = delta
-    a_pinv = torch.linalg.pinv(_compute(a)) if ridge == 0 else _damped_pinv(_compute(a).T, ridge).T  # d_in x r
-    return left @ (right @ a_pinv)
+    return left @ (right @ left_solve_matrix(a, ridge))
+
+
+def left_solve_matrix(a: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """The d_in x r matrix a B-round multiplies dW by: ``pinv(A)``, or its damped form (`solve_left_update`)."""
+    return torch.linalg.pinv(_compute(a)) if ridge == 0 else _damped_pinv(_compute(a).T, ridge).T
+
+
+def right_solve_matrix(b: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """The r x d_out matrix an A-round multiplies dW by: ``pinv(B)``, or its damped form (`solve_right_update`)."""
+    return torch.linalg.pinv(_compute(b)) if ridge == 0 else _damped_pinv(_compute(b), ridge)
 
 
 def solve_right_update(delta: Factored, b: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
@@ -162,8 +171,7 @@ def solve_right_update(delta: Factored, b: torch.Tensor, ridge: float = 0.0) -> 
     directions in which B is weak are not amplified.
     """
     left, right = delta
-    b_pinv = torch.linalg.pinv(_compute(b)) if ridge == 0 else _damped_pinv(_compute(b), ridge)  # r x d_out
-    return (b_pinv @ left) @ right
+    return (right_solve_matrix(b, ridge) @ left) @ right
 
 
 def _damped_pinv(m: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -183,6 +191,8 @@ __all__ = [
     "choose_svd_path",
     "dense_truncated_svd",
     "factored_difference",
+    "left_solve_matrix",
+    "right_solve_matrix",
     "solve_left_update",
     "solve_right_update",
     "stack_factors",
