@@ -286,3 +286,117 @@ def test_streaming_options_are_validated():
     with pytest.raises(ValueError, match="robust_aggregation"):
         FedSRDConfig(server_streaming="on", robust_aggregation="median")
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. client state on disk
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_disk_client_store_round_trips_bits_and_writes_atomically(tmp_path, monkeypatch):
+    import os
+
+    from fedsrd.federation.client_store import DiskClientStore, read_snapshot, uses_disk_store
+
+    store = DiskClientStore(tmp_path / "store")
+    g = torch.Generator().manual_seed(0)
+    states = {cid: {"x": torch.randn(3, 4, generator=g), "y": torch.randn(5, generator=g)} for cid in (7, 2, 11)}
+    for cid, state in states.items():
+        store[cid] = state
+    assert list(store) == [2, 7, 11] and len(store) == 3 and 7 in store and 3 not in store
+    assert all(torch.equal(store[cid][k], states[cid][k]) for cid in states for k in ("x", "y"))
+    snapshot = store.snapshot(tmp_path / "snap")
+    # a crash in the middle of a write leaves the old file
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+    with pytest.raises(OSError, match="killed"):
+        store[7] = {"x": torch.zeros(3, 4), "y": torch.zeros(5)}
+    monkeypatch.undo()
+    assert torch.equal(store[7]["x"], states[7]["x"])
+    # later writes do not change the snapshot (hard links, replaced files)
+    store[7] = {"x": torch.zeros(3, 4), "y": torch.zeros(5)}
+    del store[2]
+    store.restore(tmp_path / "snap", snapshot)
+    assert list(store) == [2, 7, 11] and torch.equal(store[7]["x"], states[7]["x"])
+    assert torch.equal(read_snapshot(tmp_path / "snap", snapshot)[2]["y"], states[2]["y"])
+    (tmp_path / "snap" / "client_000011.safetensors").write_bytes(b"damaged")
+    with pytest.raises(ValueError, match="does not match the digest"):
+        store.restore(tmp_path / "snap", snapshot)
+    assert uses_disk_store("auto", 256, 256) and not uses_disk_store("auto", 255, 256)
+    assert uses_disk_store("disk", 2, 256) and not uses_disk_store("memory", 10**4, 256)
+    with pytest.raises(ValueError, match="client_state_store"):
+        FedSRDConfig(client_state_store="ssd")
+
+
+def test_disk_client_store_survives_a_kill_and_resumes_bit_identically(tmp_path):
+    """fedsrd_ef's residuals on disk; SIGKILL in round 2 after client 0 has replaced its residual file; resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from fedsrd.server import load_adapter_state
+
+    repo = Path(__file__).resolve().parents[1]
+    args = ["--config", str(repo / "examples" / "configs" / "tiny.yaml"), "--algorithm", "fedsrd_ef",
+            "--num_rounds", "3", "--local_steps", "2", "--eval_every", "0", "--save_every", "0",
+            "--client_state_store", "disk", "--disable_tqdm", "true"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run([sys.executable, "-c", _RUN, *args, "--output_dir", str(reference)], check=True, env=env,
+                   capture_output=True)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", _RUN, *args, "--output_dir", str(killed), "--slow", "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while not (killed / "in_round_2").exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "round 2 never started"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    meta = json.loads((killed / "checkpoints" / "round_0001" / "meta.json").read_text())
+    store = killed / "client_states" / "process_0" / "memory"
+    client0 = store / "client_000000.safetensors"
+    assert meta["client_states"]["memory"]["0"] != hashlib_of(client0)  # round 2 already replaced client 0's file
+    assert "memory/0/" not in " ".join(meta)  # residuals are files, not checkpoint tensors
+    subprocess.run([sys.executable, "-c", _RUN, *args, "--output_dir", str(killed), "--resume", "true"], check=True,
+                   env=env, capture_output=True)  # fmt: skip
+    assert wire.state_digest(load_adapter_state(killed / "final")) == wire.state_digest(
+        load_adapter_state(reference / "final")
+    )
+    final = [json.loads((out / "checkpoints" / "round_0003" / "meta.json").read_text()) for out in (reference, killed)]
+    assert final[0]["client_states"] == final[1]["client_states"]  # every residual file has the same bytes
+    assert final[0]["client_states"]["memory"]
+
+
+def hashlib_of(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# The main job; with --slow 1 it announces round 2's second client and sleeps there (client 0 has finished round 2).
+_RUN = """
+import sys, time
+from pathlib import Path
+from fedsrd.trainer import FederatedTrainer
+from fedsrd.cli import run_train
+
+argv = sys.argv[1:]
+if "--slow" in argv:
+    argv = argv[: argv.index("--slow")] + argv[argv.index("--slow") + 2 :]
+    original = FederatedTrainer.local_train
+
+    def slow(self, client_id, round):
+        if round == 2 and client_id == 1:
+            Path(self.args.output_dir, "in_round_2").touch()
+            time.sleep(600)
+        return original(self, client_id, round)
+
+    FederatedTrainer.local_train = slow
+run_train(argv)
+"""

@@ -288,6 +288,16 @@ class FedSRDConfig:
                   "LoRA rank r (k = r + this, co-range 2k + 1, plus the current factors' spans); larger is more "
                   "accurate and costs (d_out + d_in) floats per direction per module."},
     )
+    client_state_store: str = field(
+        default="auto",
+        metadata={"help": "Simulation: where each client's kept state (personal tensors, error-feedback residuals) "
+                  "lives between its rounds: 'memory', 'disk' (output_dir/client_states/, one safetensors file per "
+                  "client, atomic writes, snapshotted into checkpoints), or 'auto' (disk from "
+                  "client_state_disk_threshold clients on)."},
+    )
+    client_state_disk_threshold: int = field(
+        default=256, metadata={"help": "client_state_store 'auto': keep client states on disk from this many clients."}
+    )
     # ---- end of many clients per round -----------------------------------------------------------------------------
 
     def __post_init__(self) -> None:
@@ -475,6 +485,16 @@ class FedSRDConfig:
             f"must be one of {SERVER_STREAMING_MODES}, got {self.server_streaming!r}",
         )
         _require(self.sketch_oversampling >= 0, "sketch_oversampling", f"must be >= 0, got {self.sketch_oversampling}")
+        _require(
+            self.client_state_store in ("auto", "memory", "disk"),
+            "client_state_store",
+            f"must be one of ('auto', 'memory', 'disk'), got {self.client_state_store!r}",
+        )
+        _require(
+            self.client_state_disk_threshold >= 1,
+            "client_state_disk_threshold",
+            f"must be >= 1, got {self.client_state_disk_threshold}",
+        )
         _require(
             not (self.server_streaming == "on" and self.robust_aggregation != "none"),
             "server_streaming",
