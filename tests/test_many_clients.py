@@ -400,3 +400,37 @@ if "--slow" in argv:
     FederatedTrainer.local_train = slow
 run_train(argv)
 """
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. the benchmark
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_many_clients_benchmark_quick_mode_runs_and_reports_every_configuration():
+    """`benchmarks/many_clients.py --quick` on a small module (the default is Llama-3.2-3B's 3072 x 3072)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo / "src")}
+    script = str(repo / "benchmarks" / "many_clients.py")
+    proc = subprocess.run([sys.executable, script, "--quick", "--dim", "96", "--rank", "4", "--json"],
+                          capture_output=True, text=True, env=env, check=True)  # fmt: skip
+    assert "estimated cost:" in proc.stdout.splitlines()[1]  # printed before anything runs
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = {(row["config"], row["clients"]): row for row in result["rows"]}
+    configs = ("fedavg", "fedavg_stream", "fedsrd_auto", "fedsrd_factored", "fedsrd_dense", "fedsrd_sketch",
+               "fedsrd_e", "fedsrd_e_stream")  # fmt: skip
+    assert set(rows) == {(c, m) for c in configs for m in (4, 16, 64)}
+    assert not any(row.get("failed") or row.get("skipped") for row in rows.values())
+    for m in (4, 16, 64):
+        assert rows[("fedsrd_auto", m)]["path"] == choose_svd_path(96, 96, 4 * m, 4)
+        assert rows[("fedsrd_sketch", m)]["rel_err"] < 1e-3
+        assert rows[("fedsrd_e_stream", m)]["rel_err"] < 1e-5
+        assert all(rows[(c, m)]["ms"] > 0 and rows[(c, m)]["peak_mib"] is not None for c in configs)
+    assert rows[("fedsrd_auto", 4)]["path"] == "factored" and rows[("fedsrd_auto", 64)]["path"] == "dense"
+    simulation = result["simulation"]
+    assert simulation["clients"] == 32 and simulation["wall_s"] > 0 and simulation["client_state_files"] > 0
