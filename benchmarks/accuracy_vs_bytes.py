@@ -1,9 +1,10 @@
 """Held-out loss against bytes on a real model and real data: the FedSRD paper's claim, checked.
 
 Gemma-3-270M (the embedded copy), 4 clients, one real domain each (code, medical, finance, math from the data
-directory given with ``--data``, e.g. ``../shared/data``), and the same rounds, local steps, learning rate, batch size,
-LoRA rank and seed for every method. Each method is one run of the main job (`examples/fed_train.py`, in its own
-process, so one failing method cannot take the others down); the figures are read from its ``history.json``:
+directory given with ``--data``, e.g. ``data/`` written by ``benchmarks/prepare_data.py``), and the same rounds, local
+steps, learning rate, batch size, LoRA rank and seed for every method. Each method is one run of the main job
+(`examples/fed_train.py`, in its own process, so one failing method cannot take the others down); the figures are read
+from its ``history.json``:
 
 * ``eval_loss``: completion-only cross-entropy of the global adapter after the last round on each domain's dev split
   (the first ``--eval-size`` rows), and their mean;
@@ -13,9 +14,9 @@ A method is an algorithm name, optionally with ``+option=value`` settings of the
 * ``upload_mb`` / ``download_mb``: MB (1024^2 bytes) per client per round, the lengths of the encoded messages, averaged
   over the rounds.
 
-    python benchmarks/accuracy_vs_bytes.py --data ../shared/data        # the documented setting (~50 min, 2 cores)
-    python benchmarks/accuracy_vs_bytes.py --data ../shared/data --algorithms fedavg fedsrd --rounds 1
-    python benchmarks/accuracy_vs_bytes.py --data ../shared/data --reuse --json   # re-read finished runs
+    python benchmarks/accuracy_vs_bytes.py --data data/        # the documented setting (~50 min, 2 cores)
+    python benchmarks/accuracy_vs_bytes.py --data data/ --algorithms fedavg fedsrd --rounds 1
+    python benchmarks/accuracy_vs_bytes.py --data data/ --reuse --json   # re-read finished runs
 
 ``--reuse`` keeps a method's finished run when its settings are the same, so an interrupted benchmark goes on where it
 stopped. The base model's loss (round 0, before any training) is measured once, in the first method's run.

@@ -14,7 +14,7 @@ Rounds alternate B-rounds and A-rounds of FedSRD, with the real server step in b
 run. One client per domain (default: code, medical, finance, math, from ``--data``). ``encode_fraction`` is the median
 over clients and rounds of encode / train.
 
-    python benchmarks/client_overhead.py --data ../shared/data [--rounds 2] [--local-steps 5] [--json]
+    python benchmarks/client_overhead.py --data data/ [--rounds 2] [--local-steps 5] [--json]
 
 Prints a table; with --json the last line is one JSON object, ``{"encode_fraction": .., ...}``.
 """

@@ -13,13 +13,18 @@ averages a B-round and an A-round of FedSRD. MB = 1024^2 bytes.
     python benchmarks/comm_table.py                     # the stated configuration (a few minutes on 2 CPU cores)
     python benchmarks/comm_table.py --preset tiny       # the tiny random Llama's shapes, r = 4 (seconds)
     python benchmarks/comm_table.py --algorithms fedavg fedsrd --layers 2 --json
+    python benchmarks/comm_table.py --preset tiny --client-ranks 1 2 3 4   # clients of different LoRA ranks
 
 Prints a Markdown table; with --json the last line is one JSON object with the configuration and every row.
+With ``--client-ranks`` (one rank per client, at most the table's rank) each client trains its own rank
+(`FedSRDConfig.client_lora_ranks`) and only the algorithms that support unequal ranks are measured; up and down are
+then the means over the clients of each one's upload and of the part of the broadcast its rank needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -33,12 +38,13 @@ from fedsrd.algorithms import get_algorithm_class
 from fedsrd.client import FederatedClient
 from fedsrd.ops import generator_for
 from fedsrd.server import FederatedServer
+from fedsrd.wire import MB
 
-MB = 1024 * 1024
 # Row order of the table: the reference, the baselines, then FedSRD; anything else registered follows, sorted.
 TABLE_ORDER = [
     "fedavg", "fedprox", "ffa_lora", "flexlora", "fed_dare", "topk", "flora", "fedsa_lora", "fedex_lora", "fedsrd",
     "fedsrd_e", "fedsrd_ef",
+    "rolora", "fedsvd", "fed_sb", "fedrpca",  # issue 19 (newalgos)
 ]  # fmt: skip
 # The FedSRD paper's Table 8 (Llama-3.2-3B, r = 64, all 7 projections, float32, a 1-bit bitmap per sparse tensor):
 # (up, down) MB per client per round. FedSRD-e's bytes equal FedSRD's. Methods the paper does not list have none.
@@ -104,6 +110,7 @@ def measure(name: str, dims: dict[str, int], rank: int, clients: int, rounds: in
             value_dtype=args.value_dtype,
             positions=args.positions,
         )
+    client_ranks = getattr(args, "client_ranks", None)  # clients of different LoRA ranks
     cfg = FedSRDConfig(
         algorithm=name,
         num_clients=clients,
@@ -112,25 +119,32 @@ def measure(name: str, dims: dict[str, int], rank: int, clients: int, rounds: in
         fed_seed=args.seed,
         value_dtype=args.value_dtype,
         positions=args.positions,
+        client_lora_ranks=client_ranks,
     )
     upload = [[0] * clients for _ in range(rounds)]
     download = [0] * rounds
     for layer in layers:
         algo = get_algorithm(name, cfg)
         state = initial_state(dims, layer, rank, args.seed)
+        if name == "fed_sb":  # Fed-SB's adapter also holds the r x r matrix R between B and A (what it sends)
+            state.update({k.replace("lora_A", "lora_R"): torch.eye(rank) for k in list(state) if "lora_A" in k})
         server = FederatedServer(algo, dict(state), cfg)
         view = FederatedClient(algo, dict(state), cfg)  # every client holds this state after each broadcast
         for round in range(1, rounds + 1):
             blobs = []
             for cid in range(clients):
                 start = view.start_state(cid)
-                local = local_training(start, algo.trainable, generator_for(args.seed, "train", layer, round, cid))
+                trains = functools.partial(algo.trains, round=round)  # what this round trains (RoLoRA: by round)
+                local = local_training(start, trains, generator_for(args.seed, "train", layer, round, cid))
                 view.keep_personal(cid, local)
                 blobs.append(view.make_update(local, round=round, client_id=cid, num_samples=1))
                 upload[round - 1][cid] += len(blobs[-1])
             result = server.step(round, blobs, min_updates=clients)
             view.receive(result.broadcast)
-            download[round - 1] += len(result.broadcast)
+            if client_ranks:  # what each client's rank needs of the broadcast, averaged over the clients
+                download[round - 1] += statistics.fmean(result.download_bytes_by_rank[str(r)] for r in client_ranks)
+            else:
+                download[round - 1] += len(result.broadcast)
     scale = args.scale  # > 1 only with --sample-layers: the sampled layers stand for all layers of that shape
     up_rounds = [scale * statistics.fmean(r) / MB for r in upload]
     down_rounds = [scale * d / MB for d in download]
@@ -138,7 +152,9 @@ def measure(name: str, dims: dict[str, int], rank: int, clients: int, rounds: in
     return {
         "algorithm": name,
         "paper": cls.paper,
-        "paper_up_down_mb": PAPER_TABLE8.get(name) if dims.get("layers") == 28 and rank == 64 else None,
+        "paper_up_down_mb": PAPER_TABLE8.get(name)
+        if dims.get("layers") == 28 and rank == 64 and not client_ranks
+        else None,
         "uploads": cls.uploads,
         "downloads": cls.downloads,
         "upload_mb": statistics.fmean(up_rounds),
@@ -171,7 +187,7 @@ def _mb(x: float) -> str:
 def markdown(rows: list[dict], config: dict, compact: bool = False) -> str:
     """The table; with the paper's Table 8 figures beside ours for the Llama-3.2-3B preset at r = 64.
     `compact`: without the long description columns."""
-    paper = config["preset"] == "llama-3.2-3b" and config["rank"] == 64
+    paper = config["preset"] == "llama-3.2-3b" and config["rank"] == 64 and not config.get("client_ranks")
     head = ["algorithm"] + ([] if compact else ["paper", "client uploads", "server broadcasts"])
     head += ["up MB", "down MB", "total MB"] + (["paper up / down / total MB", "ours / paper"] if paper else [])
     lines = [f"Configuration: {config['description']}", "", "| " + " | ".join(head) + " |",
@@ -205,6 +221,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--value-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--positions", default="auto", choices=["auto", "bitmap", "varint"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--client-ranks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="One LoRA rank per client (clients of different ranks); only algorithms that support them are measured.",
+    )
     p.add_argument("--compact", action="store_true", help="Leave the description columns out of the table.")
     p.add_argument("--json", action="store_true", help="Also print one JSON object as the last line.")
     args = p.parse_args(argv)
@@ -218,6 +241,12 @@ def main(argv: list[str] | None = None) -> dict:
     not_lora = [n for n in names if n not in lora]
     if not_lora:
         p.error(f"{not_lora} train the model's own weights, not a LoRA adapter; this table measures LoRA methods.")
+    if args.client_ranks is not None:
+        if len(args.client_ranks) != args.clients or max(args.client_ranks) > rank or min(args.client_ranks) < 1:
+            p.error(
+                f"--client-ranks: expected {args.clients} ranks (one per client) in 1..{rank}, got {args.client_ranks}"
+            )
+        names = [n for n in names if get_algorithm_class(n).supports_unequal_ranks]
     sample = min(args.sample_layers or layers, layers)
     measured = sorted({(i * layers) // sample for i in range(sample)})
     args.scale = layers / len(measured)
@@ -232,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         "lora_parameters": lora_parameters(dims, rank, layers),
         "measured_layers": measured,
         "skipped_full_parameter": [] if args.algorithms else skipped,
+        "client_ranks": args.client_ranks,
         "seed": args.seed,
     }
     sampled = "" if len(measured) == layers else f" (encoded on {len(measured)} of them, scaled)"
@@ -241,6 +271,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.value_dtype} values, {args.positions} positions; MB (1024^2 B) per client per round, "
         f"mean of {args.rounds} rounds."
     )
+    if args.client_ranks:
+        config["description"] += (
+            f" Clients of LoRA ranks {args.client_ranks}: means over the clients of each one's upload and of what its "
+            "rank needs of the broadcast."
+        )
     rows = []
     for name in names:
         start = time.perf_counter()

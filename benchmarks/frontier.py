@@ -18,6 +18,12 @@ results and trains nothing.
     python benchmarks/frontier.py --data data/                        # the documented sweep (hours on 2 CPU cores)
     python benchmarks/frontier.py --report-only --json                # read the committed results, train nothing
     python benchmarks/frontier.py --data data/ --methods fedavg fedsrd_ef --seeds 1
+    python benchmarks/frontier.py --data data/ --methods fedavg@early   # FedAvg-LoRA's rounds 1-3, each evaluated
+
+The method ``fedavg@early`` is FedAvg-LoRA for ``--early-rounds`` rounds evaluated after every round; its evaluations
+fill the main FedAvg runs' unevaluated early rounds (same seed; merged only if the train losses show the same
+trajectory), so a method at a few percent of FedAvg's bytes is compared at equal bytes with FedAvg after its first
+round rather than with a line between rounds 0 and 3.
 
 With --json the last line is one JSON object: ``{"rounds", "seeds", "methods": {name: {"final_loss_mean",
 "diff_vs_fedavg", "ci95", "mb_per_client_per_round", "bytes_vs_fedavg", "seeds_done", "rounds_done", ...}}}``.
@@ -45,6 +51,10 @@ REFERENCE = "fedavg"
 # default sweep is the paper's method against FedAvg-LoRA; the ablations below say where FedSRD loses.
 EF = "fedsrd_ef+value_dtype=bfloat16+upload_sparsity_alpha=0.88+download_drop=0.9+ef_download_selection=magnitude"
 METHODS = ["fedavg", "fedsrd"]
+# FedAvg-LoRA's first rounds evaluated every round (a short run of the reference, same seed, ``--early-rounds``
+# rounds): a method at ~10% of FedAvg's bytes is compared, at equal bytes, with FedAvg after about one round, which
+# the main runs (evaluated every 3 rounds) only give by interpolating between rounds 0 and 3.
+EARLY = f"{REFERENCE}@early"
 ABLATIONS = ["fedsrd+download_drop=0", "fedsrd+upload_sparsity_alpha=0+upload_sparsity_coeff=0",
              "fedsrd_e", "fedsrd+value_dtype=bfloat16"]  # fmt: skip
 RESULT_FILES = ("history.json", "settings.json")
@@ -110,10 +120,40 @@ def with_round_zero(runs: dict[str, dict[int, list[dict]]]) -> dict[str, dict[in
             for method, by_seed in runs.items()}  # fmt: skip
 
 
+def with_early_rounds(runs: dict[str, dict[int, list[dict]]], reference: str = REFERENCE) -> dict:
+    """The reference's histories with the evaluations of its early run (`EARLY`, same seed) merged into the rounds
+    the main run did not evaluate, and `EARLY` itself removed.
+
+    Merged only where the two runs trained the same trajectory: every round the early run has must carry the same
+    train loss as the main run's (the same seed and settings give the same bits; a mismatch means other settings or
+    code, and the early run is ignored with a warning).
+    """
+    early = runs.get(EARLY, {})
+    out = {m: by_seed for m, by_seed in runs.items() if m != EARLY}
+    if not early or reference not in out:
+        return out
+    merged = dict(out[reference])
+    for seed, early_history in early.items():
+        main = merged.get(seed)
+        if main is None:
+            continue
+        by_round = {r.get("round"): r for r in main}
+        trained = [r for r in early_history if r.get("round", 0) >= 1]
+        if not trained or any(by_round.get(r["round"], {}).get("train_loss") != r.get("train_loss") for r in trained):
+            print(f"warning: {EARLY} seed {seed} did not train the same trajectory as {reference} seed {seed}; "
+                  "ignored", file=sys.stderr)  # fmt: skip
+            continue
+        evals = {r["round"]: {k: v for k, v in r.items() if k.startswith("eval_")} for r in trained if "eval_loss" in r}
+        merged[seed] = [{**r, **evals[r.get("round")]} if r.get("round") in evals and "eval_loss" not in r else r
+                        for r in main]  # fmt: skip
+    out[reference] = merged
+    return out
+
+
 def analyse(runs: dict[str, dict[int, list[dict]]], reference: str = REFERENCE) -> dict:
     """Per method: loss per evaluated round (mean over seeds), paired differences to the reference with 95%
     intervals at equal rounds and at equal bytes, and the bytes. `runs`: method -> seed -> history."""
-    runs = with_round_zero(runs)
+    runs = with_round_zero(with_early_rounds(runs, reference))
     ref_curves = {seed: curve(h) for seed, h in runs.get(reference, {}).items()}
     out: dict[str, dict] = {}
     for method, by_seed in runs.items():
@@ -177,6 +217,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--eval-size", type=int, default=64, help="Dev rows per domain (0: all).")
     p.add_argument("--eval-every", type=int, default=3)
+    p.add_argument("--early-rounds", type=int, default=3,
+                   help=f"Rounds of the method '{EARLY}': the reference evaluated every round (equal-bytes detail).")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
     p.add_argument("--value-dtype", default="float32")
@@ -202,20 +244,30 @@ def run_dir(root: str | Path, method: str, seed: int) -> Path:
     return Path(root) / method.replace("+", "__").replace("=", "-") / f"seed{seed}"
 
 
+def _job_args(a: argparse.Namespace, method: str, seed: int, out: Path) -> list[str]:
+    """The main job's arguments for (method, seed); `EARLY` is the reference for ``--early-rounds`` rounds,
+    evaluated every round (the base model's round 0 comes from the reference's main run)."""
+    if method == EARLY:
+        ns = argparse.Namespace(**{**vars(a), "seed": seed, "rounds": a.early_rounds})
+        args = avb.run_args(ns, REFERENCE, out, first=False)
+        args[args.index("--eval_every") + 1] = "1"
+        return args
+    ns = argparse.Namespace(**{**vars(a), "seed": seed})
+    args = avb.run_args(ns, method, out, first=method == REFERENCE)
+    args[args.index("--eval_every") + 1] = str(a.eval_every)
+    return args
+
+
 def settings_of(a: argparse.Namespace, method: str, seed: int) -> dict:
     """What must match for a stored run to be reused: every argument of the main job but paths and flags."""
-    ns = argparse.Namespace(**{**vars(a), "seed": seed, "rounds": a.rounds})
-    args = avb.run_args(ns, method, Path("OUT"), first=method == REFERENCE)
-    args[args.index("--eval_every") + 1] = str(a.eval_every)
+    args = _job_args(a, method, seed, Path("OUT"))
     data_at = args.index("--data")
     args[data_at + 1 : data_at + 1 + len(a.domains)] = [f"<data>/{d}" for d in a.domains]
     return {"method": method, "seed": seed, "args": args}
 
 
 def main_job_args(a: argparse.Namespace, method: str, seed: int, out: Path) -> list[str]:
-    ns = argparse.Namespace(**{**vars(a), "seed": seed})
-    args = avb.run_args(ns, method, out, first=method == REFERENCE)
-    args[args.index("--eval_every") + 1] = str(a.eval_every)
+    args = _job_args(a, method, seed, out)
     args[args.index("--checkpoint") + 1] = "true"
     return [*args, "--resume", "true"]
 

@@ -53,9 +53,9 @@ from fedsrd.algorithms.fedkseed import LOCAL_INCREMENT
 from fedsrd.client import FederatedClient
 from fedsrd.ops import generator_for
 from fedsrd.server import FederatedServer
+from fedsrd.wire import MB
 
-MB = 1024 * 1024
-ALGORITHMS = ["fedfft", "fedkrso", "fedkseed"]
+ALGORITHMS = ["fedfft", "fedkrso", "fedkseed", "ferret"]  # ferret: issue 19 (newalgos)
 
 
 def _bert(hidden: int, intermediate: int, layers: int, head: dict[str, tuple[int, ...]]) -> dict:
@@ -384,6 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
         + (" + classification head" if preset["head"] else "")
         + f"; {args.clients} clients, {args.local_steps} local steps; FedKRSO r={defaults.krso_rank}, "
         f"K={defaults.krso_num_seeds}, tau={defaults.krso_tau}; FedKSeed K={defaults.kseed_num_seeds}; "
+        f"Ferret K={defaults.ferret_num_seeds}; "
         f"{args.value_dtype}; MB (1024^2 B) per client per round, mean of {args.rounds} rounds."
     )
     print(f"Configuration: {description}\n")

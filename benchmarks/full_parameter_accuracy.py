@@ -1,7 +1,8 @@
 """Accuracy on SST-2 with the MiniLM encoder: FedKRSO against federated full fine-tuning and FedKSeed, over seeds.
 
 One run of the main job per (method, seed), each in its own process (`fedsrd train --task classification`): the
-packaged all-MiniLM-L6-v2 with a new 2-class head, ../shared/data/sst2 split over 10 clients by Dirichlet(0.5) over
+packaged all-MiniLM-L6-v2 with a new 2-class head, GLUE SST-2 (``data/sst2``, written by
+``python benchmarks/prepare_data.py --out data/ --domains sst2``) split over 10 clients by Dirichlet(0.5) over
 labels, 5 clients sampled per round, dev accuracy (all dev rows) at round 0 and after every round. Bytes are
 `len()` of the encoded messages (`history.json`: upload + download MB per client per round), from real training.
 
@@ -58,7 +59,7 @@ METHOD_ARGS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "sst2"), help="train.jsonl + dev.jsonl")
+    p.add_argument("--data", default=str(REPO / "data" / "sst2"), help="train.jsonl + dev.jsonl (prepare_data.py)")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=sorted(METHOD_ARGS))
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--rounds", type=int, default=20)
@@ -78,7 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="Also print one JSON object as the last line.")
     a = p.parse_args(argv)
     if not a.report_only and not (Path(a.data) / "train.jsonl").is_file():
-        p.error(f"--data {a.data}: expected train.jsonl and dev.jsonl there (e.g. ../shared/data/sst2)")
+        p.error(
+            f"--data {a.data}: expected train.jsonl and dev.jsonl there "
+            "(`python benchmarks/prepare_data.py --out data/ --domains sst2` writes data/sst2)"
+        )
     return a
 
 

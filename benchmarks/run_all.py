@@ -3,7 +3,8 @@
     python benchmarks/run_all.py                          # everything (about 80 min on 2 CPU cores)
     python benchmarks/run_all.py --only accuracy overhead  # some sections
     python benchmarks/run_all.py --quick                  # a smaller version of each (about 30 min), prints only
-    python benchmarks/run_all.py --data ../shared/data    # where the real domains are (default: ../shared/data)
+    python benchmarks/run_all.py --data data/             # where the real domains are (default: data/, written by
+                                                          # python benchmarks/prepare_data.py --out data/)
 
 Each section runs one script with ``--json``; its printed table (everything before the JSON line) goes into
 docs/benchmarks.md between that section's ``<!-- bench:NAME:begin/end -->`` markers, with the command that
@@ -223,7 +224,7 @@ def write_section(doc: str, name: str, body: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="The real domains' directory.")
+    p.add_argument("--data", default="data/", help="The real domains' directory (prepare_data.py --out data/).")
     p.add_argument("--only", nargs="+", default=None, help="Run only these sections.")
     p.add_argument("--quick", action="store_true", help="Smaller settings for the model-free benchmarks.")
     p.add_argument("--no-write", action="store_true", help="Print only; leave docs/benchmarks.md as it is.")
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         cmd = spec["cmd"]
         if spec["needs_data"] and not (REPO / data).is_dir():
-            print(f"\n## {name}: skipped, no data directory {data} (pass --data)")
+            print(f"\n## {name}: skipped, no data directory {data} (make data, or pass --data)")
             continue
         print(f"\n## {name}: python benchmarks/{' '.join(cmd)} --json\n", flush=True)
         text, result, seconds, code = run_section(name, cmd)

@@ -16,7 +16,7 @@ Tokens per second = non-padding input tokens seen (Trainer's ``include_num_input
 wall time of the `train()` / `local_train()` call, set-up included. The runs alternate, ``--repeats`` times each after
 one warm-up run each; figures are medians.
 
-    python benchmarks/throughput.py --data ../shared/data [--domain math] [--steps 8] [--repeats 3] [--json]
+    python benchmarks/throughput.py --data data/ [--domain math] [--steps 8] [--repeats 3] [--json]
 
 Prints a table; with --json the last line is one JSON object, ``{"ratio_vs_plain": .., ...}``.
 """

@@ -22,7 +22,7 @@ def load_benchmark(name: str):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """<dir>/<domain>/{train,dev}.jsonl with instruction/input/output rows, as ../shared/data lays them out."""
+    """<dir>/<domain>/{train,dev}.jsonl with instruction/input/output rows, as benchmarks/prepare_data.py writes."""
     root = tmp_path_factory.mktemp("domains")
     for d, domain in enumerate(DOMAINS):
         (root / domain).mkdir()

@@ -98,7 +98,7 @@ def test_synthetic_is_deterministic_and_seed_dependent(domain: str) -> None:
 def test_synthetic_is_identical_across_processes() -> None:
     code = ("from fedsrd.data import synthetic_domain;"
             "print(synthetic_domain('percent', 5, seed=2).to_dict())")
-    src_dir = str(Path(data.__file__).resolve().parents[1])
+    src_dir = str(Path(data.__file__).resolve().parents[2])  # src/ (fedsrd/data/__init__.py)
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": src_dir}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True, timeout=120).stdout

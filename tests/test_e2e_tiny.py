@@ -56,6 +56,9 @@ def test_saved_adapter_reloads_identically_with_plain_peft(tiny_run):
         for k, v in loaded.items():
             assert torch.equal(v.float(), trainer.global_state[k]), k
     assert (out / "round_0001").is_dir()
+    card = (out / "final" / "README.md").read_text()  # the run's card, not PEFT's empty template
+    assert "algorithm **fedavg**" in card and "`fedavg` has no options of its own." in card
+    assert "[More Information Needed]" not in card and str(out) not in card
 
 
 def test_same_seed_same_bits(tiny_run, tmp_path):

@@ -117,6 +117,10 @@ def stopped_run(tmp_path_factory):
                 "2",
                 "--eval_size",
                 "2",
+                "--algorithm",
+                "fedprox",
+                "--fedprox_mu",
+                "0.02",
                 "--disable_tqdm",
                 "true",
             ]
@@ -134,6 +138,17 @@ def test_a_callback_stops_the_simulation_after_the_current_round(stopped_run):
     assert (out / "final" / "adapter_model.safetensors").is_file()  # the final adapter is the stopped round's
     for record in history:
         assert set(k for k in record if not k.startswith("eval_")) == HISTORY_KEYS
+
+
+def test_every_saved_folder_carries_the_runs_model_card_not_peft_template(stopped_run):
+    out, _, _, _ = stopped_run
+    for folder, done in (("round_0001", 1), ("round_0002", 2), ("final", 2)):
+        card = (out / folder / "README.md").read_text()
+        assert "[More Information Needed]" not in card and str(out) not in card and "/tmp" not in card
+        assert "algorithm **fedprox**" in card and f"round {done} of 3" in card
+        assert "### Options of `fedprox`" in card and "| `fedprox_mu` | 0.02 |" in card  # its options class, read
+        assert "fed_dare_drop" not in card.split("<details>")[0]  # only the options fedprox reads (the JSON has all)
+        assert "MB up +" in card and "| eval_loss |" in card  # bytes and held-out scores
 
 
 def test_run_level_events_fire_once_per_federation_and_not_per_local_phase(stopped_run):

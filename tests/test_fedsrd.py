@@ -275,7 +275,9 @@ def run_round(algo, state, round: int, locals_=None, value_dtype: str = "float32
     for client, local in enumerate(locals_):
         upload = algo.client_update(state, local, round, torch.Generator().manual_seed(client))
         msg = wire.Message(kind="update", algorithm=algo.name, round=round, tensors=upload)
-        updates.append(wire.decode(wire.encode(msg, value_dtype=value_dtype), expected=expected_up).tensors)
+        partial = algo.update_is_partial()  # e.g. train_one_factor: one factor per round
+        updates.append(wire.decode(wire.encode(msg, value_dtype=value_dtype), expected=expected_up,
+                                   require_all=not partial).tensors)
     weights = [1.0 / len(updates)] * len(updates)
     with torch.no_grad():
         payload = algo.server_step(state, updates, weights, round, torch.Generator().manual_seed(round))

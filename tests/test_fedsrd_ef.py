@@ -211,3 +211,42 @@ def test_ridge_damped_solves_match_pinv_at_zero_and_shrink_weak_directions():
     torch.testing.assert_close(damped_left, expected)
     with pytest.raises(ValueError, match="FedSRDConfig.decompose_ridge"):
         FedSRDConfig(algorithm="fedsrd", decompose_ridge=-1.0)
+
+
+# ---- train_one_factor: clients train the factor the round's download updates (not in the paper) ------------------
+@pytest.mark.parametrize("name", ["fedsrd", "fedsrd_e"])
+def test_train_one_factor_rounds_are_exact_averages_of_the_trained_factor(name):
+    """With the frozen factor common to all, the aggregated change lies in the download's space: without pruning or
+    drop, a B-round's broadcast is exactly mean_i dB_i and an A-round's mean_i dA_i (no projection loss)."""
+    from test_fedsrd import run_round, toy_global_state
+
+    cfg = FedSRDConfig(algorithm=name, train_one_factor=True, upload_sparsity_alpha=0.0, upload_sparsity_coeff=0.0,
+                       download_drop=0.0)  # fmt: skip
+    algo = get_algorithm(name, cfg)
+    assert algo.update_is_partial()
+    assert algo.trains("m.lora_B.weight", 1) and not algo.trains("m.lora_A.weight", 1)
+    assert algo.trains("m.lora_A.weight", 2) and not algo.trains("m.lora_B.weight", 2)
+    state = toy_global_state()
+    for round in (1, 2, 3):
+        factor = "lora_B" if round % 2 == 1 else "lora_A"
+        gen = torch.Generator().manual_seed(round)
+        locals_ = [{k: v + 0.01 * torch.randn(v.shape, generator=gen) if factor in k else v.clone()
+                    for k, v in state.items()} for _ in range(4)]  # fmt: skip
+        upload = algo.client_update(state, locals_[0], round, torch.Generator())
+        assert upload and all(factor in k for k in upload)  # the frozen factor does not travel
+        payload, new_state = run_round(algo, state, round, locals_)
+        for key in state:
+            if factor in key:
+                mean = sum(x[key] for x in locals_) / 4
+                assert (new_state[key] - mean).abs().max() < 1e-5 * (1 + mean.abs().max()), key
+            else:
+                assert torch.equal(new_state[key], state[key]), key
+        state = new_state
+
+
+def test_train_one_factor_is_refused_where_it_does_not_apply():
+    with pytest.raises(ValueError, match="FedSRDConfig.train_one_factor"):
+        FedSRDConfig(algorithm="fedavg", train_one_factor=True)
+    with pytest.raises(ValueError, match="FedSRDConfig.train_one_factor"):
+        FedSRDConfig(algorithm="fedsrd", train_one_factor=True, download_both_factors=True)
+    assert get_algorithm("fedsrd", FedSRDConfig(algorithm="fedsrd")).trains("m.lora_A.weight", 1)  # paper: both

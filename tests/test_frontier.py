@@ -131,3 +131,23 @@ def test_run_and_store_clears_other_settings_and_stores_the_result(tmp_path):
     assert frontier.run_and_store(a, "fedavg", 1, settings, train) == history
     assert seen == [["settings.json"]]  # the other settings' checkpoint was removed before training
     assert frontier.stored(a, "fedavg", 1) == history  # stored, and reused with the same settings
+
+
+def test_the_reference_early_run_fills_its_unevaluated_rounds_only_when_it_trained_the_same_trajectory():
+    main = _history({0: 2.0, 3: 1.4, 6: 1.2}, mb_per_round=10.0)
+    for record in main[1:]:
+        record["train_loss"] = 3.0 - 0.1 * record["round"]
+    early = [{"round": r, "train_loss": 3.0 - 0.1 * r, "eval_loss": loss, "eval_code_loss": loss}
+             for r, loss in ((1, 1.7), (2, 1.5), (3, 1.4))]  # fmt: skip
+    method = {0: 1.9, 6: 1.5}
+    runs = {"fedavg": {1: main}, frontier.EARLY: {1: early}, "cheap": {1: _history(method, mb_per_round=1.5)}}
+    result = frontier.analyse(runs)
+    assert frontier.EARLY not in result
+    assert [e["round"] for e in result["fedavg"]["curve"]] == [0, 1, 2, 3, 6]
+    # 'cheap' used 9 MB by round 6: FedAvg-LoRA's loss between round 0 (0 MB, 2.0) and round 1 (10 MB, 1.7)
+    cheap_at_6 = next(e for e in result["cheap"]["curve"] if e["round"] == 6)
+    assert cheap_at_6["diff_equal_bytes"] == pytest.approx(1.5 - (2.0 - 0.3 * 0.9))
+    # an early run of another trajectory (other settings or code) is ignored, not merged
+    early[0]["train_loss"] = 9.9
+    result = frontier.analyse(runs)
+    assert [e["round"] for e in result["fedavg"]["curve"]] == [0, 3, 6]

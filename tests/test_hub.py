@@ -11,8 +11,7 @@ import torch
 
 from fedsrd import FedSRDConfig
 from fedsrd.hub import PRIVATE_PATTERNS, HubPushCallback, build_model_card
-
-MB = 1024 * 1024
+from fedsrd.wire import MB
 
 
 def fake_api(pushed: list | None = None):
@@ -239,3 +238,15 @@ def test_trainer_never_lets_transformers_touch_the_hub_and_pushes_the_global_ada
     assert [r.get("hub_commit") for r in history] == ["c1", "c2"]
     card = (tmp_path / "run" / "round_0002" / "README.md").read_text()
     assert "round 2 of 2" in card and "me/tiny-fed" in card
+
+
+def test_card_of_a_full_parameter_model_and_of_a_local_folder(tmp_path):
+    from fedsrd.models import build_tiny_llama
+
+    folder = tmp_path / "final"
+    build_tiny_llama().save_pretrained(str(folder))  # what fedkrso / fedfft / fedkseed save: a whole model
+    fed = FedSRDConfig(algorithm="fedkrso", krso_rank=3, num_rounds=1)
+    text = str(build_model_card(folder, fed, [record(1, 0.1)]))  # no repo: the card a saved folder carries
+    assert "A full fine-tune of" in text and "library_name: transformers" in text and "PeftModel" not in text
+    assert "| `krso_rank` | 3 |" in text and "- `lora_r`" not in text and "revision=" not in text
+    assert 'AutoModelForCausalLM.from_pretrained("final")' in text

@@ -287,6 +287,33 @@ def test_streaming_options_are_validated():
         FedSRDConfig(server_streaming="on", robust_aggregation="median")
 
 
+def test_streaming_refuses_what_it_does_not_fold_before_training():
+    # differential privacy: the noise goes on the whole round's aggregate (the batch step)
+    with pytest.raises(ValueError, match=r"server_streaming: 'on' is not combined with differential privacy"):
+        FedSRDConfig(algorithm="fedavg", dp_mode="central", dp_clip_norm=1.0, dp_noise_multiplier=1.0,
+                     server_streaming="on")  # fmt: skip
+    FedSRDConfig(algorithm="fedavg", dp_mode="central", dp_clip_norm=1.0, dp_noise_multiplier=1.0)  # batch: fine
+    # clients of different ranks
+    with pytest.raises(ValueError, match=r"server_streaming: .*client_lora_ranks"):
+        FedSRDConfig(algorithm="fedsrd", num_clients=4, lora_r=8, client_lora_ranks=[4, 8, 8, 8], server_streaming="on")
+    FedSRDConfig(algorithm="fedsrd", num_clients=4, lora_r=8, client_lora_ranks=[8, 8, 8, 8], server_streaming="on")
+
+
+@pytest.mark.parametrize("round", [1, 2])
+@pytest.mark.parametrize("algorithm", ["fedsrd_e", "fedsrd"])
+def test_streaming_folds_a_missing_factor_as_zero_with_train_one_factor(algorithm, round):
+    state = _adapter()
+    options = {"train_one_factor": True}
+    blobs = _blobs(algorithm, FedSRDConfig(algorithm=algorithm, num_clients=64, **options), state, 6, round=round)
+    sent = [wire.decode(b).tensors for b in blobs]
+    assert all(all(("lora_B" if round == 1 else "lora_A") in k for k in t) for t in sent)  # one factor each
+    batch, batch_result = _step(algorithm, blobs, state, round=round, **options)
+    stream, stream_result = _step(algorithm, blobs, state, round=round, server_streaming="on", **options)
+    assert stream_result.accepted == batch_result.accepted == list(range(6))
+    for k in state:  # 6 rank-4 clients: the sketch holds the cross term whole, so FedSRD streams exactly too
+        torch.testing.assert_close(stream.state[k], batch.state[k], rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 3. client state on disk
 # ---------------------------------------------------------------------------------------------------------------------

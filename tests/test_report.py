@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from fedsrd.report import comm_summary, final_scores, write_report
+from fedsrd.wire import MB
 
 REPO = Path(__file__).resolve().parents[1]
-MB = 1024 * 1024
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

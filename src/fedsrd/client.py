@@ -13,6 +13,7 @@ from fedsrd import wire
 from fedsrd.algorithms import Algorithm, BaseDelta, State
 from fedsrd.config import FedSRDConfig
 from fedsrd.ops import generator_for
+from fedsrd.ops.privacy import client_noise_std
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,16 @@ class FederatedClient:
         return new_state
 
     def start_state(self, client_id: int) -> State:
-        """The adapter client `client_id` trains from: the global state with that client's personal tensors on top."""
-        return {**self.state, **self.personal_states.get(client_id, {})}
+        """The adapter client `client_id` trains from: the global state (at that client's LoRA rank, with
+        `client_lora_ranks`) with that client's personal tensors on top."""
+        return {**self.rank_view(client_id), **self.personal_states.get(client_id, {})}
+
+    def rank_view(self, client_id: int) -> State:
+        """The global state as client `client_id` sees it: `Algorithm.client_start_state` at its configured rank
+        (`FedSRDConfig.client_lora_ranks`), or the global state itself when no per-client ranks are set."""
+        if self.config.client_lora_ranks is None:
+            return self.state
+        return self.algorithm.client_start_state(self.state, self.config.client_rank(client_id))
 
     def keep_personal(self, client_id: int, local_state: State) -> None:
         """Store client `client_id`'s personal tensors (`Algorithm.personal`) after its local training."""
@@ -80,14 +89,27 @@ class FederatedClient:
         """Encode what this client uploads after local training ended in `local_state`."""
         rng = generator_for(self.config.seed, "client_update", round, client_id)
         memory = self.memories.get(client_id, {})
-        payload, kept = self.algorithm.client_update_with_memory(self.state, local_state, memory, round, rng)
+        start = self.rank_view(client_id)  # the upload is at this client's own rank
+        payload, kept = self.algorithm.client_update_with_memory(start, local_state, memory, round, rng)
         if kept:
             self.memories[client_id] = {k: v.detach().to("cpu", torch.float32) for k, v in kept.items()}
         else:
             self.memories.pop(client_id, None)
+        if self.config.dp_mode == "local":
+            payload = self.privatize(payload, round=round, client_id=client_id)
         meta = {"client_id": int(client_id), "num_samples": int(num_samples), **(metrics or {})}
         msg = wire.Message(kind="update", algorithm=self.algorithm.name, round=round, tensors=payload, meta=meta)
         return wire.encode(msg, value_dtype=self.config.value_dtype, positions=self.config.positions)
+
+    def privatize(self, payload: dict, *, round: int, client_id: int) -> dict:
+        """dp_mode="local" (distributed DP, docs/privacy.md): clip the change `payload` proposes to dp_clip_norm, then
+        add this client's share ``N(0, (z C)^2 / m)`` of the noise to every coordinate of every upload tensor, drawn
+        from (seed, round, client): the m sampled clients' shares sum to the central mechanism's ``N(0, (z C)^2)``."""
+        cfg = self.config
+        clipped = self.algorithm.clip_update(self.state, payload, float(cfg.dp_clip_norm))
+        std = client_noise_std(cfg.resolved_dp_noise_multiplier, float(cfg.dp_clip_norm), cfg.sampled_per_round)
+        rng = generator_for(cfg.seed, "dp_noise", round, client_id)
+        return self.algorithm.add_dp_noise(self.state, clipped, std, rng)
 
 
 # Model cards published before `fedsrd.base_weights` existed import it from here.

@@ -5,23 +5,51 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# ---- algorithms' options: each algorithm declares its options dataclass in its own file (its knobs, help text and
+# validation); FedSRDConfig inherits them all, so they stay flat fields (YAML keys, --upload_sparsity_alpha,
+# FedSRDConfig(upload_sparsity_alpha=...)). A new algorithm with options adds one line to ALGORITHM_OPTIONS.
+from fedsrd.algorithms.base import validate_options
+from fedsrd.algorithms.fed_dare import FedDAREOptions
+from fedsrd.algorithms.fedkrso import FedKRSOOptions
+from fedsrd.algorithms.fedkseed import FedKSeedOptions
+from fedsrd.algorithms.fedprox import FedProxOptions
+from fedsrd.algorithms.fedsrd_ef import EF_DOWNLOAD_SELECTIONS as EF_DOWNLOAD_SELECTIONS  # re-exported
+from fedsrd.algorithms.fedsrd_ef import FedSRDEFOptions
+from fedsrd.algorithms.topk import TopKOptions
+
+ALGORITHM_OPTIONS = (
+    FedSRDEFOptions,  # fedsrd_ef; it extends FedSRDOptions (fedsrd, fedsrd_e)
+    FedProxOptions,  # fedprox
+    FedDAREOptions,  # fed_dare
+    TopKOptions,  # topk
+    FedKRSOOptions,  # fedkrso
+    FedKSeedOptions,  # fedkseed
+)
+# ---- end of algorithms' options --------------------------------------------------------------------------------
+
 AGGREGATIONS = ("uniform", "samples")
 VALUE_DTYPES = ("float32", "float16", "bfloat16")
 POSITION_ENCODINGS = ("auto", "bitmap", "varint")
-EF_DOWNLOAD_SELECTIONS = ("random", "magnitude")
 HUB_ROUND_REFS = ("branch", "tag")
 ROBUST_AGGREGATIONS = ("none", "median", "trimmed_mean")
 ADAPTIVE_CLIP_MODES = ("auto", "on", "off")
 SERVER_STREAMING_MODES = ("off", "on")  # many clients per round
+# ---- differential privacy (fedsrd.ops.privacy; docs/privacy.md) ----
+DP_MODES = ("off", "central", "local")
+DP_ACCOUNTANTS = ("rdp", "pld")
+UPLOAD_MASKS = ("importance", "random")
 
 
 @dataclass
-class FedSRDConfig:
+class FedSRDConfig(*ALGORITHM_OPTIONS):
     """Settings of a federated fine-tuning run.
 
     Local training itself (learning rate, batch size, precision, ...) is configured by `transformers.TrainingArguments`;
     this config says how many parties train, for how long each round, which algorithm combines their updates, and the
     LoRA adapter they share (mapped to a standard `peft.LoraConfig` by `to_lora_config`).
+
+    An algorithm's own knobs (e.g. FedSRD's ``upload_sparsity_alpha``) are declared by its options class
+    (`fedsrd.algorithms.fedsrd.FedSRDOptions`, named by `Algorithm.options`) and inherited here as flat fields.
     """
 
     algorithm: str = field(
@@ -55,95 +83,61 @@ class FedSRDConfig:
         default_factory=lambda: ["all-linear"],
         metadata={"help": "Module-name suffixes to adapt (e.g. q_proj v_proj), or 'all-linear' (all but the head)."},
     )
-    # ---- FedSRD / FedSRD-e (../docs/algorithms.md; Yan et al., WWW 2026) ----
-    upload_sparsity_alpha: float = field(
-        default=0.85,
-        metadata={"help": "FedSRD: base upload sparsity alpha; per matrix rho = alpha + min(cap, coeff*ln(kurtosis))."},
-    )
-    upload_sparsity_coeff: float = field(default=0.1, metadata={"help": "FedSRD: kurtosis coefficient of rho."})
-    upload_sparsity_cap: float = field(default=0.11, metadata={"help": "FedSRD: cap on the kurtosis increment of rho."})
-    upload_l1_rescale: bool = field(
-        default=True,
-        metadata={"help": "FedSRD: rescale kept entries to preserve the L1 mass (authors' code; off = paper text)."},
-    )
-    download_drop: float = field(
-        default=0.8, metadata={"help": "FedSRD: DARE drop probability on the broadcast delta (kept entries x 1/(1-p))."}
-    )
-    decompose_ridge: float = field(
-        default=0.0,
-        metadata={"help": "FedSRD family, not in the paper: damp the one-factor least-squares solves, e.g. dA = "
-                  "(B^T B + lambda I)^-1 B^T dW with lambda = decompose_ridge * mean squared singular value of B; "
-                  "0 = the paper's pinv."},
-    )
-    download_both_factors: bool = field(
-        default=False,
-        metadata={"help": "FedSRD/FedSRD-e, not in the paper: broadcast both factors' least-squares deltas every round "
-                  "(dB, then dA for the rest of the target), each DARE-dropped with download_drop; off = the paper's "
-                  "alternation (B in odd rounds, A in even ones)."},
-    )
-    # ---- fedsrd_ef: FedSRD with error feedback (this library's variant; docs/fedsrd.md) ----------------------------
-    ef_upload: bool = field(
-        default=True,
-        metadata={"help": "fedsrd_ef: each client keeps what importance pruning removed from its upload and adds it "
-                  "to its next upload's delta (no L1 rescale: the kept residual carries that mass)."},
-    )
-    ef_download: bool = field(
-        default=True,
-        metadata={"help": "fedsrd_ef: the server keeps what the random drop removed from the broadcast and adds it to "
-                  "that factor's next delta (survivors are not scaled by 1/(1-p))."},
-    )
-    ef_download_selection: str = field(
-        default="random",
-        metadata={"help": "fedsrd_ef: which 1 - download_drop of the broadcast delta (plus residual) is sent: 'random' "
-                  "(seeded mask, no position bytes, as FedSRD) or 'magnitude' (the largest entries; positions sent)."},
-    )
-    # ---- baselines (docs/algorithms.md): fedprox, fed_dare, topk -------------------------------------------------
-    fedprox_mu: float = field(
-        default=0.01,
-        metadata={"help": "FedProx: weight mu of the proximal term mu/2 * ||w - w_global||^2 over the trained LoRA."},
-    )
-    fed_dare_drop: float = field(
-        default=0.9,
-        metadata={"help": "Fed-DARE: drop probability p on the uploaded LoRA deltas (kept entries x 1/(1-p))."},
-    )
-    topk_density: float = field(
-        default=0.1,
-        metadata={"help": "Top-k: fraction of each uploaded LoRA delta's entries kept (the largest magnitudes)."},
-    )
-    # ---- end of baselines ------------------------------------------------------------------------------------------
-    # ---- full-parameter family (docs/full_parameter.md): fedkrso, fedkseed (fedfft has no settings) -------------
-    krso_rank: int = field(
-        default=4, metadata={"help": "FedKRSO: rank r of each random projection P (r x d_in, entries N(0, 1/r))."}
-    )
-    krso_num_seeds: int = field(
-        default=10,
-        metadata={"help": "FedKRSO: seeds K drawn fresh each round; each defines one projection per weight matrix."},
-    )
-    krso_tau: int = field(
-        default=10,
-        metadata={"help": "FedKRSO: local steps per subspace; then a new seed from the K and reset Adam moments."},
-    )
-    kseed_num_seeds: int = field(
-        default=4096, metadata={"help": "FedKSeed: size K of the seed pool, fixed for the whole run."}
-    )
-    kseed_eps: float = field(
-        default=5e-4, metadata={"help": "FedKSeed: perturbation scale eps of the two-point zeroth-order estimate."}
-    )
-    krso_head_bias_decay: bool = field(
-        default=False,
+    # ---- each algorithm's own options (fedsrd, fedsrd_ef, fedprox, fed_dare, topk, fedkrso, fedkseed) are inherited
+    # from the options classes in ALGORITHM_OPTIONS above, declared in the algorithm's file: still flat fields here.
+    # ---- per-client LoRA ranks (heterogeneous clients; docs/user_guide.md, "Clients of different ranks") ----------
+    client_lora_ranks: list[str] | None = field(
+        default=None,
         metadata={
-            "help": "FedKRSO: apply weight_decay to the head's biases too, as the authors' code does (default: only "
-            "to the head's matrices, Trainer's convention)."
+            "help": "One LoRA rank per client (e.g. 2 4 8 8: client k trains a rank-r_k adapter), or one rule "
+            "'cycle:4,8,16,32' (client k gets the (k mod 4)-th rank). Every rank must be at most lora_r, the global "
+            "adapter's rank. Each client's lora_alpha is lora_alpha * r_k / lora_r, so every adapter has the same "
+            "scaling. Only for the algorithms whose Algorithm.supports_unequal_ranks is true (fedsrd, fedsrd_e, "
+            "flexlora, flora, hetlora). Default: every client trains lora_r."
         },
     )
-    kseed_grad_clip: float = field(
+    hetlora_prune_lambda: float = field(
         default=0.0,
         metadata={
-            "help": "FedKSeed: skip a local step whose two losses differ by more than this, |L(w + eps z) - "
-            "L(w - eps z)| > kseed_grad_clip (the reference's optional grad_clip); 0: never skip."
+            "help": "HetLoRA rank self-pruning (Cho et al., EMNLP 2024): weight lambda of the local regulariser "
+            "lambda * sum_modules ||B[:, g r:]||_F ||A[g r:, :]||_F on the tail of each client's rank r; 0: off."
         },
     )
-    # ---- end of full-parameter family ------------------------------------------------------------------------------
+    hetlora_prune_gamma: float = field(
+        default=0.99,
+        metadata={
+            "help": "HetLoRA rank self-pruning: the decay gamma in (0, 1); the tail is the ranks from floor(gamma r) "
+            "on. A client whose tail norm falls below its previous round's prunes those ranks (uploads them as zero)."
+        },
+    )
+    # ---- end of per-client LoRA ranks ------------------------------------------------------------------------------
+    # ---- issue 19 (newalgos): fedsvd, fed_sb (docs/algorithms.md) --------------------------------------------------
+    fedsvd_every: int = field(
+        default=1,
+        metadata={"help": "FedSVD: re-orthogonalise A by the SVD of the aggregated B A every k rounds (the official "
+                  "code's --recalculate-svd-period, default 1); other rounds broadcast B only."},
+    )
+    fed_sb_init_samples: int = field(
+        default=170,
+        metadata={"help": "Fed-SB: examples (the first of client 0's data) whose summed gradient of the base weights "
+                  "gives LoRA-SB's initialisation (the Fed-SB code's num_samples, 170)."},
+    )
+    ferret_num_seeds: int = field(
+        default=200,
+        metadata={"help": "Ferret: K, the run's pool of shared random bases; a weight matrix's update is sent as its "
+                  "coordinates on n_g <= K of them, n_g proportional to its norm (the official script's K = 200)."},
+    )
+    ferret_server_lr: float = field(
+        default=1.0,
+        metadata={"help": "Ferret: server learning rate on the reconstructed update (1: unbiased; the official "
+                  "script's slr = 10 on its unnormalised bases is about 3.3 here)."},
+    )
+    fedrpca_beta: float = field(
+        default=2.0,
+        metadata={"help": "FedRPCA: scale beta of the averaged sparse (client-specific) parts of the Robust PCA of the "
+                  "clients' updates; 1 = FedAvg-LoRA."},
+    )
+    # ---- end of issue 19 (newalgos) --------------------------------------------------------------------------------
     value_dtype: str = field(
         default="float32",
         metadata={"help": "Dtype of tensor values on the wire: float32 (the papers' accounting), float16, bfloat16."},
@@ -205,6 +199,50 @@ class FedSRDConfig:
                   "coordinate (at most (m-1)/2)."},
     )
     # ---- end of robust aggregation -------------------------------------------------------------------------------
+    # ---- differential privacy (fedsrd.ops.privacy; docs/privacy.md) ---------------------------------------------
+    dp_mode: str = field(
+        default="off",
+        metadata={"help": "Client-level differential privacy (DP-FedAvg, McMahan et al., ICLR 2018): 'off'; 'central' "
+                  "(the server clips each client's change to dp_clip_norm and adds Gaussian noise to their sum: a "
+                  "trusted server); 'local' (each client clips and adds its 1/sqrt(m) share of the noise before "
+                  "encoding: distributed DP, the sum of m uploads carries the central noise). Which algorithms admit "
+                  "which: Algorithm.dp_support, docs/privacy.md."},
+    )
+    dp_clip_norm: float | None = field(
+        default=None,
+        metadata={"help": "DP: the L2 bound C on each client's change (the concatenated change of every uploaded "
+                  "tensor; FedSRD: of its LoRA products), the sensitivity the noise is calibrated to. Required with "
+                  "dp_mode central/local."},
+    )
+    dp_noise_multiplier: float | None = field(
+        default=None,
+        metadata={"help": "DP: noise multiplier z; the noise on the sum of the clipped changes is N(0, (z C)^2) per "
+                  "coordinate. Give this or dp_target_epsilon."},
+    )
+    dp_target_epsilon: float | None = field(
+        default=None,
+        metadata={"help": "DP: compute the smallest noise multiplier whose epsilon after num_rounds rounds, at "
+                  "sampling rate clients_per_round / num_clients, is at most this (instead of dp_noise_multiplier)."},
+    )
+    dp_delta: float = field(default=1e-5, metadata={"help": "DP: the delta epsilon is reported at."})
+    dp_accountant: str = field(
+        default="rdp",
+        metadata={"help": "DP: the dp-accounting accountant, 'rdp' (Renyi DP, fast) or 'pld' (privacy loss "
+                  "distributions, tighter, slower); rounds are Poisson-subsampled Gaussian mechanisms."},
+    )
+    dp_stop_at_epsilon: float | None = field(
+        default=None,
+        metadata={"help": "DP budget: end the federation before a round that would take epsilon above this "
+                  "(history.json's dp_budget_exhausted marks the last round run)."},
+    )
+    upload_mask: str = field(
+        default="importance",
+        metadata={"help": "FedSRD family: which upload entries are kept, 'importance' (the paper's Eq. 6-8: positions "
+                  "and counts depend on the data) or 'random' (a seeded DARE mask from (seed, round, client) with drop "
+                  "upload_sparsity_alpha, survivors x 1/(1-p): positions leak nothing and travel as a seed). DP needs "
+                  "'random'."},
+    )
+    # ---- end of differential privacy -----------------------------------------------------------------------------
     max_update_value: float = field(
         default=1e4,
         metadata={"help": "Updates holding any value of larger magnitude are rejected as broken or hostile."},
@@ -325,37 +363,13 @@ class FedSRDConfig:
         _require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
         _require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         _require(len(self.lora_target_modules) > 0, "lora_target_modules", "must name at least one module")
-        _require(
-            0.0 <= self.upload_sparsity_alpha < 1.0,
-            "upload_sparsity_alpha",
-            f"must be in [0, 1), got {self.upload_sparsity_alpha}",
-        )
-        _require(
-            self.upload_sparsity_coeff >= 0, "upload_sparsity_coeff", f"must be >= 0, got {self.upload_sparsity_coeff}"
-        )
-        _require(self.upload_sparsity_cap >= 0, "upload_sparsity_cap", f"must be >= 0, got {self.upload_sparsity_cap}")
-        _require(0.0 <= self.download_drop < 1.0, "download_drop", f"must be in [0, 1), got {self.download_drop}")
-        _require(self.decompose_ridge >= 0, "decompose_ridge", f"must be >= 0 (0: the paper's pinv), got "
-                 f"{self.decompose_ridge}")
-        _require(
-            not (self.download_both_factors and self.algorithm == "fedsrd_ef" and self.ef_download),
-            "download_both_factors",
-            "is not combined with fedsrd_ef's download error feedback; use fedsrd or fedsrd_e, or ef_download false",
-        )
-        _require(
-            self.ef_download_selection in EF_DOWNLOAD_SELECTIONS,
-            "ef_download_selection",
-            f"must be one of {EF_DOWNLOAD_SELECTIONS}, got {self.ef_download_selection!r}",
-        )
-        _require(self.fedprox_mu >= 0.0, "fedprox_mu", f"must be >= 0, got {self.fedprox_mu}")
-        _require(0.0 <= self.fed_dare_drop < 1.0, "fed_dare_drop", f"must be in [0, 1), got {self.fed_dare_drop}")
-        _require(0.0 < self.topk_density <= 1.0, "topk_density", f"must be in (0, 1], got {self.topk_density}")
-        _require(self.krso_rank >= 1, "krso_rank", f"must be >= 1, got {self.krso_rank}")
-        _require(self.krso_num_seeds >= 1, "krso_num_seeds", f"must be >= 1, got {self.krso_num_seeds}")
-        _require(self.krso_tau >= 1, "krso_tau", f"must be >= 1, got {self.krso_tau}")
-        _require(self.kseed_num_seeds >= 1, "kseed_num_seeds", f"must be >= 1, got {self.kseed_num_seeds}")
-        _require(self.kseed_eps > 0, "kseed_eps", f"must be > 0, got {self.kseed_eps}")
-        _require(self.kseed_grad_clip >= 0, "kseed_grad_clip", f"must be >= 0 (0: off), got {self.kseed_grad_clip}")
+        validate_options(self)  # every algorithm's options class checks its own fields
+        # issue 19 (newalgos)
+        _require(self.fedsvd_every >= 1, "fedsvd_every", f"must be >= 1, got {self.fedsvd_every}")
+        _require(self.fed_sb_init_samples >= 1, "fed_sb_init_samples", f"must be >= 1, got {self.fed_sb_init_samples}")
+        _require(self.ferret_num_seeds >= 2, "ferret_num_seeds", f"must be >= 2, got {self.ferret_num_seeds}")
+        _require(self.ferret_server_lr > 0, "ferret_server_lr", f"must be > 0, got {self.ferret_server_lr}")
+        _require(self.fedrpca_beta > 0, "fedrpca_beta", f"must be > 0, got {self.fedrpca_beta}")
         _require(
             self.value_dtype in VALUE_DTYPES, "value_dtype", f"must be one of {VALUE_DTYPES}, got {self.value_dtype!r}"
         )
@@ -385,6 +399,14 @@ class FedSRDConfig:
         )
         _require(self.max_update_value > 0, "max_update_value", f"must be > 0, got {self.max_update_value}")
         self._check_robust_aggregation()
+        self._check_privacy()
+        self._check_client_lora_ranks()  # per-client LoRA ranks
+        _require(
+            self.dp_mode == "off" or not self.has_unequal_ranks,
+            "client_lora_ranks",
+            "clients of different ranks are not combined with differential privacy (the noised product-space target "
+            "is derived for one rank); set dp_mode 'off' or give every client lora_r",
+        )
         self._check_many_clients()
         _require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         _require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
@@ -502,6 +524,192 @@ class FedSRDConfig:
             "update of the round at once (a coordinate-wise statistic); use server_streaming 'off' or "
             "robust_aggregation 'none' (norm clipping streams)",
         )
+        if self.server_streaming != "on":
+            return
+        # What the streaming step does not fold, refused before any training (train_one_factor folds: a factor a
+        # client did not send is a zero delta, as in the batch step).
+        _require(
+            self.dp_mode == "off",
+            "server_streaming",
+            f"'on' is not combined with differential privacy (dp_mode={self.dp_mode!r}): the noise is added to the "
+            "whole round's aggregate by the batch step (server_step_private); use server_streaming 'off' or "
+            "dp_mode 'off'",
+        )
+        _require(
+            not self.has_unequal_ranks,
+            "server_streaming",
+            "'on' folds updates of one shape (every client at lora_r), but client_lora_ranks gives clients different "
+            "ranks; use server_streaming 'off' or give every client lora_r",
+        )
+
+    # ---- differential privacy (docs/privacy.md) ----
+    def _check_privacy(self) -> None:
+        _require(self.dp_mode in DP_MODES, "dp_mode", f"must be one of {DP_MODES}, got {self.dp_mode!r}")
+        _require(
+            self.upload_mask in UPLOAD_MASKS, "upload_mask", f"must be one of {UPLOAD_MASKS}, got {self.upload_mask!r}"
+        )
+        _require(
+            self.dp_accountant in DP_ACCOUNTANTS,
+            "dp_accountant",
+            f"must be one of {DP_ACCOUNTANTS}, got {self.dp_accountant!r}",
+        )
+        _require(0.0 < self.dp_delta < 1.0, "dp_delta", f"must be in (0, 1), got {self.dp_delta}")
+        from fedsrd.algorithms import get_algorithm_class, list_algorithms
+
+        cls = get_algorithm_class(self.algorithm)
+        if self.upload_mask == "random" and not cls.random_upload_mask:
+            able = [a for a in list_algorithms() if get_algorithm_class(a).random_upload_mask]
+            raise ValueError(
+                f"FedSRDConfig.upload_mask: algorithm {self.algorithm!r} has no 'random' upload mask; the algorithms "
+                f"that do: {', '.join(able)}."
+            )
+        if self.dp_mode == "off":
+            return
+        from fedsrd.ops.privacy import require_accountant
+
+        require_accountant()
+        if self.dp_mode not in cls.dp_support:
+            able = [a for a in list_algorithms() if self.dp_mode in get_algorithm_class(a).dp_support]
+            why = cls.dp_refusal or "its server step is not a sum of per-client changes whose norm can be bounded"
+            raise ValueError(
+                f"FedSRDConfig.dp_mode: algorithm {self.algorithm!r} does not admit dp_mode={self.dp_mode!r}: {why}. "
+                f"The algorithms that do: {', '.join(able)} (docs/privacy.md)."
+            )
+        _require(
+            self.dp_clip_norm is not None and self.dp_clip_norm > 0,
+            "dp_clip_norm",
+            f"must be set to a bound > 0 with dp_mode={self.dp_mode!r} (the sensitivity the noise is calibrated to), "
+            f"got {self.dp_clip_norm}",
+        )
+        _require(
+            (self.dp_noise_multiplier is None) != (self.dp_target_epsilon is None),
+            "dp_noise_multiplier",
+            "give exactly one of dp_noise_multiplier and dp_target_epsilon with dp_mode "
+            f"{self.dp_mode!r}, got {self.dp_noise_multiplier} and {self.dp_target_epsilon}",
+        )
+        _require(
+            self.dp_noise_multiplier is None or self.dp_noise_multiplier >= 0,
+            "dp_noise_multiplier",
+            f"must be >= 0, got {self.dp_noise_multiplier}",
+        )
+        _require(
+            self.dp_target_epsilon is None or self.dp_target_epsilon > 0,
+            "dp_target_epsilon",
+            f"must be > 0, got {self.dp_target_epsilon}",
+        )
+        _require(
+            self.dp_stop_at_epsilon is None or self.dp_stop_at_epsilon > 0,
+            "dp_stop_at_epsilon",
+            f"must be > 0, got {self.dp_stop_at_epsilon}",
+        )
+        _require(
+            self.aggregation == "uniform",
+            "aggregation",
+            "must be 'uniform' with differential privacy: sample-count weights depend on the clients' data and let "
+            f"one client weigh more than clip/m; got {self.aggregation!r}",
+        )
+        _require(
+            self.robust_aggregation == "none",
+            "robust_aggregation",
+            f"must be 'none' with differential privacy: a coordinate-wise {self.robust_aggregation} is not a sum, so "
+            "no noise calibrated to the clip bound covers it",
+        )
+        _require(
+            self.adaptive_clip != "on",
+            "adaptive_clip",
+            "must be 'auto' or 'off' with differential privacy: the adaptive bound is the median of the clients' "
+            "norms, which depends on their data (private quantile estimation is not implemented); dp_clip_norm is "
+            "the bound ('auto' turns adaptive clipping off under DP)",
+        )
+        _require(
+            not cls.data_dependent_positions or self.upload_mask == "random",
+            "upload_mask",
+            f"must be 'random' with differential privacy for {self.algorithm!r}: importance pruning's positions and "
+            "counts depend on the client's data and are visible in every upload, a leak no noise covers; "
+            "upload_mask='random' keeps a seeded mask instead",
+        )
+
+    @property
+    def dp_sampling_rate(self) -> float:
+        """The share of clients sampled each round, q = clients_per_round / num_clients (the accountant's rate)."""
+        return self.sampled_per_round / self.num_clients
+
+    @property
+    def resolved_dp_noise_multiplier(self) -> float:
+        """dp_noise_multiplier, or the one dp_target_epsilon asks for over num_rounds (computed by the accountant)."""
+        if self.dp_noise_multiplier is not None:
+            return float(self.dp_noise_multiplier)
+        if self.dp_target_epsilon is None:
+            raise ValueError("FedSRDConfig: no noise multiplier: differential privacy is off (dp_mode='off').")
+        from fedsrd.ops.privacy import noise_multiplier_for
+
+        return noise_multiplier_for(
+            float(self.dp_target_epsilon), self.num_rounds, self.dp_sampling_rate, self.dp_delta, self.dp_accountant
+        )
+
+    def dp_epsilon_after(self, rounds: int) -> float | None:
+        """Epsilon (at dp_delta) after `rounds` rounds; None when differential privacy is off."""
+        if self.dp_mode == "off":
+            return None
+        from fedsrd.ops.privacy import epsilon_after
+
+        return epsilon_after(
+            rounds, self.resolved_dp_noise_multiplier, self.dp_sampling_rate, self.dp_delta, self.dp_accountant
+        )
+
+    # ---- end of differential privacy ----
+
+    # ---- per-client LoRA ranks ---------------------------------------------------------------------------------
+    def _check_client_lora_ranks(self) -> None:
+        _require(
+            self.hetlora_prune_lambda >= 0, "hetlora_prune_lambda", f"must be >= 0, got {self.hetlora_prune_lambda}"
+        )
+        _require(
+            0.0 < self.hetlora_prune_gamma < 1.0,
+            "hetlora_prune_gamma",
+            f"must be in (0, 1), got {self.hetlora_prune_gamma}",
+        )
+        if self.client_lora_ranks is None:
+            return
+        self.client_lora_ranks = parse_client_lora_ranks(self.client_lora_ranks, self.num_clients)
+        too_large = [(k, r) for k, r in enumerate(self.client_lora_ranks) if r > self.lora_r]
+        _require(
+            not too_large,
+            "client_lora_ranks",
+            f"client {too_large[0][0] if too_large else 0} has rank {too_large[0][1] if too_large else 0}, above "
+            f"lora_r={self.lora_r} (the global adapter's rank); set lora_r to at least "
+            f"{max(self.client_lora_ranks)}",
+        )
+        if not self.has_unequal_ranks:
+            return
+        from fedsrd.algorithms import get_algorithm_class, list_algorithms
+
+        if not get_algorithm_class(self.algorithm).supports_unequal_ranks:
+            able = [a for a in list_algorithms() if get_algorithm_class(a).supports_unequal_ranks]
+            raise ValueError(
+                f"FedSRDConfig.client_lora_ranks: algorithm {self.algorithm!r} needs every client at the same LoRA "
+                f"rank (lora_r={self.lora_r}), got ranks {sorted(set(self.client_lora_ranks))}; the algorithms that "
+                f"handle clients of different ranks: {', '.join(able)}."
+            )
+
+    @property
+    def has_unequal_ranks(self) -> bool:
+        """True when some client trains a LoRA rank other than lora_r (`client_lora_ranks`)."""
+        return self.client_lora_ranks is not None and any(r != self.lora_r for r in self.client_lora_ranks)
+
+    def client_rank(self, client_id: int) -> int:
+        """The LoRA rank client `client_id` trains (`client_lora_ranks`, or lora_r)."""
+        if self.client_lora_ranks is None:
+            return self.lora_r
+        if not 0 <= client_id < len(self.client_lora_ranks):
+            raise ValueError(f"client id {client_id} is outside 0..{len(self.client_lora_ranks) - 1}.")
+        return int(self.client_lora_ranks[client_id])
+
+    def client_lora_alpha(self, rank: int) -> float:
+        """lora_alpha of a rank-`rank` client's adapter: lora_alpha * rank / lora_r, so its scaling (alpha / r) is the
+        global adapter's and the products B A of every rank are summed on one scale."""
+        return self.lora_alpha * rank / self.lora_r
+    # ---- end of per-client LoRA ranks ----------------------------------------------------------------------------
 
     @property
     def seed(self) -> int:
@@ -534,6 +742,40 @@ class FedSRDConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# ---- per-client LoRA ranks ---------------------------------------------------------------------------------------
+def parse_client_lora_ranks(value: Any, num_clients: int) -> list[int]:
+    """`client_lora_ranks` as one positive int per client: a list (ints or digit strings, e.g. from the command line)
+    or the rule ``"cycle:r_0,r_1,..."`` (client k gets r_(k mod n)); ValueError naming what is wrong otherwise."""
+    what = "FedSRDConfig.client_lora_ranks"
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"{what}: expected one rank per client or a rule 'cycle:4,8,16,32', got {value!r}.")
+    if len(value) == 1 and isinstance(value[0], str) and ":" in value[0]:
+        rule, _, args = value[0].partition(":")
+        if rule.strip() != "cycle":
+            raise ValueError(f"{what}: unknown rule {rule.strip()!r} in {value[0]!r}; expected 'cycle:4,8,16,32'.")
+        cycle = [_positive_rank(v, what) for v in args.split(",")]
+        return [cycle[k % len(cycle)] for k in range(num_clients)]
+    ranks = [_positive_rank(v, what) for v in value]
+    if len(ranks) != num_clients:
+        raise ValueError(
+            f"{what}: got {len(ranks)} rank(s) for num_clients={num_clients}; expected one rank per client, or a rule "
+            "such as 'cycle:4,8,16,32'."
+        )
+    return ranks
+
+
+def _positive_rank(value: Any, what: str) -> int:
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, str) and text.isdigit():
+        text = int(text)
+    if isinstance(text, bool) or not isinstance(text, int) or text < 1:
+        raise ValueError(f"{what}: every rank must be a positive int, got {value!r}.")
+    return text
+# ---- end of per-client LoRA ranks ----------------------------------------------------------------------------------
 
 
 def _require(ok: bool, field_name: str, message: str) -> None:

@@ -7,7 +7,8 @@ process pushes; clients never do.
 
 `FederatedTrainer` attaches `HubPushCallback` when `TrainingArguments.push_to_hub` is set (repo: `hub_model_id`,
 token: `hub_token`, privacy: `hub_private_repo`; `FedSRDConfig.hub_round_refs` / `hub_revision_template` name the
-per-round refs) and keeps `transformers.Trainer` itself from creating a repo or pushing a client's weights.
+per-round refs) and keeps `transformers.Trainer` itself from creating a repo or pushing a client's weights. The card
+is `fedsrd.model_card`'s (the same every saved folder carries), with the repo's name and the round's revision.
 """
 
 from __future__ import annotations
@@ -18,39 +19,20 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsrd.base_weights import BASE_DELTA_FILE
 from fedsrd.federation.callbacks import FederatedCallback
-from fedsrd.report import (
-    comm_summary,
-    final_scores,
-    headline_score_keys,
-    public_name,
-    unavailable_benchmarks,
-    without_local_paths,
-)
+from fedsrd.model_card import build_model_card, write_model_card
+from fedsrd.report import comm_summary, without_local_paths
 
 logger = logging.getLogger(__name__)
 
 ROUND_REFS = ("branch", "tag")
 # Saved next to the global adapter for some algorithms (FedSA-LoRA): each client's own adapter. Never published.
 PRIVATE_PATTERNS = ["personal/*"]
-# Settings shown in the card for each algorithm, beyond the common ones (FedSRDConfig field names).
-ALGORITHM_SETTINGS: dict[str, tuple[str, ...]] = {
-    "fedsrd": ("upload_sparsity_alpha", "upload_sparsity_coeff", "upload_sparsity_cap", "upload_l1_rescale",
-               "download_drop"),
-    "fedsrd_e": ("upload_sparsity_alpha", "upload_sparsity_coeff", "upload_sparsity_cap", "upload_l1_rescale",
-                 "download_drop"),
-    "fedprox": ("fedprox_mu",),
-    "fed_dare": ("fed_dare_drop",),
-    "topk": ("topk_density",),
-}
-COMMON_SETTINGS = ("num_rounds", "num_clients", "clients_per_round", "local_steps", "aggregation", "lora_r",
-                   "lora_alpha", "lora_dropout", "lora_target_modules", "value_dtype", "positions")
 
 
 class HubPushCallback(FederatedCallback):
@@ -129,9 +111,7 @@ class HubPushCallback(FederatedCallback):
         history = without_local_paths(_history_before(folder.parent, round) + [record])
         fed_config = _as_dict(self.fed_config) or _read_json(folder.parent / "fed_config.json") or {}
         fed_config = without_local_paths(fed_config)
-        card = build_model_card(folder, fed_config, history, repo_id=self.repo_id, revision=ref,
-                                round_refs=self.round_refs)
-        card.save(folder / "README.md")
+        write_model_card(folder, fed_config, history, repo_id=self.repo_id, revision=ref, round_refs=self.round_refs)
         (folder / "history.json").write_text(json.dumps(history, indent=2))
         if fed_config:
             (folder / "fed_config.json").write_text(json.dumps(fed_config, indent=2))
@@ -204,126 +184,6 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-# ---- model card ------------------------------------------------------------------------------------------------------
-def build_model_card(
-    adapter_dir: str | Path,
-    fed_config: Mapping[str, Any] | Any,
-    history: Sequence[dict[str, Any]],
-    *,
-    repo_id: str | None = None,
-    revision: str | None = None,
-    round_refs: str = "branch",
-) -> Any:
-    """The `huggingface_hub.ModelCard` of a global adapter: base model, algorithm and settings, rounds, clients,
-    communication (MB per client per round, cumulative), the score table, and how to load it with plain PEFT."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    cfg = without_local_paths(_as_dict(fed_config) or {})
-    history = without_local_paths(list(history))
-    adapter_config = _read_json(Path(adapter_dir) / "adapter_config.json") or {}
-    base = public_name(adapter_config.get("base_model_name_or_path") or "BASE_MODEL")
-    algorithm = str(cfg.get("algorithm", "unknown"))
-    done = max((int(r["round"]) for r in history), default=0)
-    total = cfg.get("num_rounds", "?")
-    comm = comm_summary(history)
-    scores = final_scores(history)
-    name = repo_id or Path(adapter_dir).name
-    ref = revision or "main"
-    data = ModelCardData(
-        base_model=base,
-        library_name="peft",
-        pipeline_tag="text-generation",
-        tags=list(dict.fromkeys(["fedsrd", "federated-learning", "lora", "peft", algorithm])),
-    )
-    base_ref = f"[`{base}`](https://huggingface.co/{base})" if "/" in base else f"`{base}`"
-    lines = [
-        f"# {name}",
-        "",
-        f"A LoRA adapter for {base_ref} trained by **{cfg.get('num_clients', '?')} clients** with federated "
-        f"learning (algorithm **{algorithm}**, library fedsrd), none of them sharing its data. This revision is the "
-        f"global adapter after **round {done} of {total}**.",
-        "",
-        "## Communication budget",
-        "",
-        f"Per client per round: **{_mb(comm['upload_mb_per_client_per_round'])} MB up + "
-        f"{_mb(comm['download_mb_per_client_per_round'])} MB down** (mean over {comm['rounds']} rounds). "
-        f"Cumulative: **{_mb(comm['cumulative_mb'])} MB** over all clients "
-        f"({_mb(comm['per_client_cumulative_mb'])} MB per client). MB = 1024² bytes of the encoded messages.",
-        "",
-        "| | per client per round | cumulative (all clients) |",
-        "|---|---|---|",
-        f"| upload | {_mb(comm['upload_mb_per_client_per_round'])} MB | {_mb(comm['total_upload_mb'])} MB |",
-        f"| download | {_mb(comm['download_mb_per_client_per_round'])} MB | {_mb(comm['total_download_mb'])} MB |",
-        "",
-        "## Scores",
-        "",
-    ]
-    if scores:
-        lines += ["| metric | value | round |", "|---|---|---|"]
-        lines += [f"| {key} | {value:.4f} | {r} |" for key, (value, r) in scores.items()]
-    else:
-        lines.append("No evaluation was run (set `eval_dataset` or `lm_eval_tasks`).")
-    missing = unavailable_benchmarks(history)
-    if missing:
-        lines += ["", "Not evaluated:"] + [f"- {k}: {why}" for k, why in missing.items()]
-    lines += ["", "## Training", "", f"- Base model: `{base}`", f"- Algorithm: `{algorithm}`"]
-    lines += [f"- `{key}`: {'all' if cfg[key] is None and key == 'clients_per_round' else cfg[key]}"
-              for key in (*COMMON_SETTINGS, *ALGORITHM_SETTINGS.get(algorithm, ())) if key in cfg]
-    table = _history_table(history)
-    if len(table) > 22:  # long runs: fold the per-round table
-        table = ["<details><summary>Every round</summary>", "", *table, "", "</details>"]
-    lines += ["", *table, ""]
-    lines += [
-        "## Use it with plain PEFT",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'base = AutoModelForCausalLM.from_pretrained("{base}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
-        *_base_delta_lines(adapter_dir, name, ref),
-        f'model = PeftModel.from_pretrained(base, "{name}", revision="{ref}")',
-        "```",
-        "",
-        f"`main` holds the latest round; every pushed round also has its own {round_refs} (`{revision}` is this "
-        "one). Prompts use the Alpaca template (`### Instruction:` / `### Input:` / `### Response:`).",
-        "",
-        "<details><summary>Full FedSRDConfig</summary>",
-        "",
-        "```json",
-        json.dumps(cfg, indent=2, default=str),
-        "```",
-        "",
-        "</details>",
-        "",
-    ]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
-
-
-def _base_delta_lines(adapter_dir: str | Path, repo_id: str, ref: str) -> list[str]:
-    """FLoRA / FedEx-LoRA also change the base weights: the card shows how to apply that change first."""
-    if not (Path(adapter_dir) / BASE_DELTA_FILE).is_file():
-        return []
-    return [
-        "# this algorithm also changed the base weights: apply that change before loading the adapter",
-        "from huggingface_hub import hf_hub_download",
-        "from fedsrd.base_weights import add_base_delta",
-        f'base = add_base_delta(base, hf_hub_download("{repo_id}", "{BASE_DELTA_FILE}", revision="{ref}"))',
-    ]
-
-
-def _history_table(history: Sequence[dict[str, Any]]) -> list[str]:
-    score_keys = headline_score_keys(list(dict.fromkeys(k for r in history for k in r)))[:4]
-    head = ["round", "up MB / client", "down MB / client", "cumulative MB", "held-out loss", *score_keys]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in history:
-        cells = [str(r["round"]), _mb(r.get("upload_mb_per_client")), _mb(r.get("download_mb_per_client")),
-                 _mb(r.get("cumulative_mb")), _num(r.get("eval_loss")), *(_num(r.get(k)) for k in score_keys)]
-        rows.append("| " + " | ".join(cells) + " |")
-    return rows
-
-
 def _history_before(out_dir: Path, round: int) -> list[dict[str, Any]]:
     history = _read_json(out_dir / "history.json") or []
     return [r for r in history if isinstance(r, dict) and r.get("round", -1) < round]
@@ -341,9 +201,4 @@ def _as_dict(config: Any) -> dict[str, Any] | None:
     return dict(config)
 
 
-def _mb(value: Any) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
-def _num(value: Any) -> str:
-    return "-" if not isinstance(value, (int, float)) else f"{value:.4f}"
+__all__ = ["PRIVATE_PATTERNS", "ROUND_REFS", "HubPushCallback", "build_model_card"]

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedsrd.wire import MB
+
 SCORE_PREFIX = "lm_eval/"
 UNAVAILABLE_KEY = "lm_eval_unavailable"
 MAX_SCORE_PANELS = 12
@@ -75,12 +77,11 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
 def comm_summary(history: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Bytes moved, in MB: means per client per round, and totals over the rounds (all clients, and per client)."""
     rounds = [r for r in history if r.get("round", 0) >= 1 and "upload_bytes" in r]
-    mb = 1024 * 1024
     n = len(rounds)
     up = [r.get("upload_mb_per_client", math.nan) for r in rounds]
     down = [r.get("download_mb_per_client", math.nan) for r in rounds]
-    total_up = sum(r["upload_bytes"] for r in rounds) / mb
-    total_down = sum(r.get("download_bytes", 0) for r in rounds) / mb
+    total_up = sum(r["upload_bytes"] for r in rounds) / MB
+    total_down = sum(r.get("download_bytes", 0) for r in rounds) / MB
     return {
         "rounds": n,
         "upload_mb_per_client_per_round": sum(up) / n if n else math.nan,
@@ -89,6 +90,31 @@ def comm_summary(history: Sequence[dict[str, Any]]) -> dict[str, float]:
         "total_upload_mb": total_up,
         "total_download_mb": total_down,
         "cumulative_mb": rounds[-1].get("cumulative_mb", total_up + total_down) if n else 0.0,
+    }
+
+
+def privacy_summary(history: Sequence[dict[str, Any]], fed_config: dict[str, Any]) -> dict[str, Any] | None:
+    """What a run with differential privacy can claim (docs/privacy.md), None without: the placement, epsilon after
+    the last round at delta, the clip bound, the noise multiplier, the sampling rate, the accountant, and whether the
+    budget ended the run."""
+    mode = fed_config.get("dp_mode") or "off"
+    if mode == "off":
+        return None
+    spent = [r for r in history if isinstance(r.get("dp_epsilon"), (int, float))]
+    last = spent[-1] if spent else {}
+    clients = fed_config.get("num_clients") or 1
+    return {
+        "mode": mode,
+        "epsilon": last.get("dp_epsilon"),
+        "delta": fed_config.get("dp_delta"),
+        "rounds": last.get("round", 0),
+        "clip_norm": fed_config.get("dp_clip_norm"),
+        "noise_multiplier": (last.get("robust") or {}).get("dp_noise_multiplier")
+        or fed_config.get("dp_noise_multiplier"),
+        "target_epsilon": fed_config.get("dp_target_epsilon"),
+        "sampling_rate": (fed_config.get("clients_per_round") or clients) / clients,
+        "accountant": fed_config.get("dp_accountant", "rdp"),
+        "budget_exhausted": bool(last.get("dp_budget_exhausted")),
     }
 
 
@@ -167,14 +193,19 @@ def write_report(
 def _summary_table(runs: Sequence[Run]) -> list[str]:
     head = ("run", "algorithm", "rounds", "clients", "up MB / client / round", "down MB / client / round",
             "total up MB", "total down MB", "cumulative MB (all clients)", "final held-out loss")
+    privacy = [privacy_summary(run.history, run.fed_config) for run in runs]
+    if any(privacy):
+        head = (*head, "DP epsilon (delta)")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for run in runs:
+    for run, dp in zip(runs, privacy, strict=True):
         comm = comm_summary(run.history)
         loss = final_scores(run.history).get("eval_loss")
         cells = (run.name, run.algorithm, comm["rounds"], run.fed_config.get("num_clients", "?"),
                  _fmt_mb(comm["upload_mb_per_client_per_round"]), _fmt_mb(comm["download_mb_per_client_per_round"]),
                  _fmt_mb(comm["total_upload_mb"]), _fmt_mb(comm["total_download_mb"]), _fmt_mb(comm["cumulative_mb"]),
                  _fmt(loss[0]) if loss else "-")
+        if any(privacy):
+            cells = (*cells, f"{_fmt(dp['epsilon'])} ({dp['delta']:g}, {dp['mode']})" if dp else "no DP")
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     return rows
 

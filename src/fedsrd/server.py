@@ -13,9 +13,11 @@ import torch
 
 from fedsrd import wire
 from fedsrd.algorithms import Algorithm, State, get_algorithm
+from fedsrd.algorithms.ranks import rank_dim, state_rank
 from fedsrd.client import expected_specs
 from fedsrd.config import FedSRDConfig
-from fedsrd.ops import generator_for, normalized_weights
+from fedsrd.ops import generator_for, normalized_weights, round_to_dtype
+from fedsrd.ops.privacy import noise_std_on_mean
 from fedsrd.ops.robust import lower_median, trim_count, trimmed_mean
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,10 @@ class RoundResult:
     rejected: dict[str, str] = field(default_factory=dict)  # client id (or position) -> reason
     metrics: dict[str, float] = field(default_factory=dict)  # means of the clients' reported metrics
     robust: dict = field(default_factory=dict)  # what bounded the clients' influence (`bound_influence`)
+    # Clients of different LoRA ranks: per configured rank (str), the encoded size of the part of the broadcast a
+    # client of that rank needs (`Algorithm.client_download`) and its trainable parameter bytes (history's per_client).
+    download_bytes_by_rank: dict[str, int] = field(default_factory=dict)
+    trainable_bytes_by_rank: dict[str, int | None] = field(default_factory=dict)
 
 
 class FederatedServer:
@@ -52,7 +58,7 @@ class FederatedServer:
         update must carry that id). Raises WireError naming what is wrong."""
         msg = wire.decode(
             data,
-            expected=expected_specs(self.algorithm.update_shapes(self.state)),
+            expected=expected_specs(self.algorithm.update_shapes(self.update_view(data, sender))),
             kind="update",
             algorithm=self.algorithm.name,
             max_bytes=self.config.max_message_bytes,
@@ -70,6 +76,54 @@ class FederatedServer:
             )
         return msg
 
+    # ---- clients of different LoRA ranks (FedSRDConfig.client_lora_ranks) ----------------------------------------
+    def update_view(self, data: bytes, sender: int | None = None) -> State:
+        """The state an update is checked against: the global state, or with `client_lora_ranks` the start state of
+        the rank configured for the client the update claims to be (`sender` where the transport knows it).
+
+        WireError if that client has no configured rank, or if the update's LoRA tensors carry another rank (the
+        rank travels in the tensors' shapes and is checked before anything is decoded)."""
+        if self.config.client_lora_ranks is None:
+            return self.state
+        header = wire.read_header(data, max_bytes=self.config.max_message_bytes)
+        client_id = header["meta"].get("client_id") if sender is None else sender
+        if not _is_int(client_id) or not 0 <= client_id < self.config.num_clients:
+            raise wire.WireError(
+                f"update meta 'client_id' must be an int in 0..{self.config.num_clients - 1} (a client with a rank in "
+                f"client_lora_ranks), got {_short(client_id)}."
+            )
+        rank = self.config.client_rank(client_id)
+        for name, entry in header["tensors"].items():
+            dim = rank_dim(name)
+            shape = entry.get("shape") if isinstance(entry, dict) else None
+            if dim is not None and isinstance(shape, (list, tuple)) and len(shape) == 2 and shape[dim] != rank:
+                raise wire.WireError(
+                    f"update from client {client_id} has LoRA rank {shape[dim]} in {name!r}, but client {client_id} "
+                    f"is configured for rank {rank} (client_lora_ranks)."
+                )
+        return self.algorithm.client_start_state(self.state, rank)
+
+    def per_rank_costs(
+        self, broadcast: wire.Message, broadcast_bytes: int
+    ) -> tuple[dict[str, int], dict[str, int | None]]:
+        """For each configured rank (str): the encoded bytes of what a client of that rank needs of the broadcast, and
+        the float32 bytes of the parameters it trains. Without `client_lora_ranks`, one entry ``"global"``: the whole
+        broadcast and the global adapter's trainable bytes."""
+        if self.config.client_lora_ranks is None:
+            rank = state_rank(self.state)
+            trained = None if rank is None else self.algorithm.trainable_param_bytes(self.state, rank)
+            return {"global": broadcast_bytes}, {"global": trained}
+        ranks = sorted(set(self.config.client_lora_ranks))
+        download, trainable = {}, {}
+        for rank in ranks:
+            part = self.algorithm.client_download(broadcast.tensors, rank)  # with the broadcast's header
+            msg = wire.Message(kind="broadcast", algorithm=self.algorithm.name, round=broadcast.round, tensors=part,
+                               meta=broadcast.meta)
+            download[str(rank)] = len(wire.encode(msg, value_dtype=self.config.value_dtype,
+                                                  positions=self.config.positions))
+            trainable[str(rank)] = self.algorithm.trainable_param_bytes(self.state, rank)
+        return download, trainable
+
     def bound_influence(
         self, round: int, messages: list[wire.Message], rejected: dict[str, str]
     ) -> tuple[list[wire.Message], dict]:
@@ -79,7 +133,8 @@ class FederatedServer:
         Every clipped update is logged.
 
         The bound is the smaller of `clip_update_norm` and, where adaptive clipping is on,
-        ``adaptive_clip_multiplier x`` the lower median of the round's norms (`fedsrd.ops.robust`).
+        ``adaptive_clip_multiplier x`` the lower median of the round's norms (`fedsrd.ops.robust`). With dp_mode
+        "central" it is also at most `dp_clip_norm`, and adaptive clipping is off (its bound depends on the data).
         """
         record: dict = {"rule": self.robust_rule()}
         if not messages or not self._clipping():
@@ -105,21 +160,25 @@ class FederatedServer:
                 msg.tensors = self.algorithm.clip_update(self.state, msg.tensors, bound)
         return messages, record
 
+    def _adaptive(self) -> bool:
+        """Whether the bound follows the round's median norm (adaptive clipping); off under differential privacy, where
+        the median depends on the clients' data."""
+        cfg = self.config
+        return cfg.adaptive_clip == "on" or (
+            cfg.adaptive_clip == "auto" and "clip" in self.algorithm.robust_defences and cfg.dp_mode == "off"
+        )
+
     def _clipping(self) -> bool:
         """Whether this round's updates are norm-clipped (`bound_influence`)."""
         cfg = self.config
-        adaptive = cfg.adaptive_clip == "on" or (
-            cfg.adaptive_clip == "auto" and "clip" in self.algorithm.robust_defences
-        )
-        return adaptive or cfg.clip_update_norm is not None
+        return self._adaptive() or cfg.clip_update_norm is not None or cfg.dp_mode == "central"
 
     def _clip_bound(self, round: int, clients: list[int], norms: list[float], record: dict) -> float:
         """The round's clipping bound from the clients' change norms; fills `record` and logs every clipped client."""
         cfg = self.config
-        adaptive = cfg.adaptive_clip == "on" or (
-            cfg.adaptive_clip == "auto" and "clip" in self.algorithm.robust_defences
-        )
-        bounds = [cfg.clip_update_norm] if cfg.clip_update_norm is not None else []
+        adaptive = self._adaptive()
+        dp_clip = cfg.dp_clip_norm if cfg.dp_mode == "central" else None
+        bounds = [b for b in (cfg.clip_update_norm, dp_clip) if b is not None]
         if adaptive:
             record["median_norm"] = lower_median(norms)
             bounds.append(cfg.adaptive_clip_multiplier * record["median_norm"])
@@ -132,6 +191,8 @@ class FederatedServer:
                 record["clipped"][str(client)] = {"norm": norm, "scale": bound / norm if norm else 1.0}
                 logger.warning("round %d: clipped client %s's update: change norm %.4g > bound %.4g", round, client,
                                norm, bound)
+        if cfg.dp_mode != "off":  # each client's norm depends on its data: under DP the record keeps only the bound
+            del record["norms"], record["clipped"]
         return bound
 
     def robust_rule(self) -> str:
@@ -176,11 +237,20 @@ class FederatedServer:
         if self.robust_rule() != "mean":  # the algorithm's weighted sum of one consensus update, of weight one
             updates, stats = self._robust_combine(messages)
             weights = [1.0]
+        noise_std = None
+        if self.config.dp_mode != "off":
+            updates, weights, noise_std, stats = self._private_sum(updates)
         rng = generator_for(self.config.seed, "server_step", round)
         with torch.no_grad():
-            payload, memory = self.algorithm.server_step_with_memory(
-                self.state, updates, weights, round, rng, self.memory
-            )
+            if noise_std is None:
+                payload, memory = self.algorithm.server_step_with_memory(
+                    self.state, updates, weights, round, rng, self.memory
+                )
+            else:
+                payload, memory = self.algorithm.server_step_private(
+                    self.state, updates, weights, round, rng, self.memory, noise_std,
+                    generator_for(self.config.seed, "dp_noise", round),
+                )  # fmt: skip
         state, payload = self._next_state(round, payload)
         return state, payload, memory, stats
 
@@ -194,6 +264,25 @@ class FederatedServer:
             if not bool(torch.isfinite(value).all()):
                 raise ArithmeticError(f"the aggregated state has non-finite values in {name!r}")
         return state, payload
+
+    def _private_sum(self, updates: list) -> tuple[list, list[float], float | None, dict]:
+        """Differential privacy (docs/privacy.md): the mean over the *fixed* number m of sampled clients (a client
+        whose update is missing or was excluded counts as no change, `Algorithm.null_update`), so one client moves it
+        by at most dp_clip_norm / m whatever the others do; and the standard deviation of the noise the server adds
+        to that mean: ``z C / m`` under "central"; under "local", the noise shares of the m - k clients that did not
+        contribute (the k that did added theirs), None when all did."""
+        cfg = self.config
+        m, k = cfg.sampled_per_round, len(updates)
+        if k > m:
+            raise ValueError(f"differential privacy: {k} updates in a round that samples {m} clients.")
+        z, clip = cfg.resolved_dp_noise_multiplier, float(cfg.dp_clip_norm)
+        padded = [*updates, *[self.algorithm.null_update(self.state, updates[0]) for _ in range(m - k)]]
+        if cfg.dp_mode == "central":
+            std = noise_std_on_mean(z, clip, m)
+        else:
+            std = noise_std_on_mean(z, clip, m) * math.sqrt((m - k) / m) if k < m else None
+        stats = {"dp_noise_multiplier": z, "dp_clip_norm": clip, "dp_noise_std": std or 0.0, "dp_denominator": m}
+        return padded, [1.0 / m] * m, std, stats
 
     def _robust_combine(self, messages: list[wire.Message]) -> tuple[list[dict], dict]:
         """The coordinate-wise median or trimmed mean of the updates, and per client the share of its coordinates
@@ -335,6 +424,7 @@ class FederatedServer:
             meta={"digest": wire.state_digest(state)},
         )
         data = wire.encode(broadcast, value_dtype=self.config.value_dtype, positions=self.config.positions)
+        download_by_rank, trainable_by_rank = self.per_rank_costs(broadcast, len(data))
         result = RoundResult(
             round=round,
             broadcast=data,
@@ -342,6 +432,8 @@ class FederatedServer:
             rejected=rejected,
             metrics=_mean_metrics(accepted),
             robust=robust,
+            download_bytes_by_rank=download_by_rank,
+            trainable_bytes_by_rank=trainable_by_rank,
         )
         self.state, self.memory, self.round = state, memory, round  # the only place the step changes the server
         return result
@@ -427,14 +519,7 @@ def as_received(payload: dict, value_dtype: str) -> dict:
     dtype = wire.VALUE_DTYPES[value_dtype]
     if dtype == torch.float32:
         return payload
-    out = {}
-    for name, value in payload.items():
-        if isinstance(value, wire.SparseTensor):
-            values = value.values.to(dtype).to(torch.float32)
-            out[name] = wire.SparseTensor(shape=value.shape, indices=value.indices, values=values, mask=value.mask)
-        else:
-            out[name] = value.to(dtype).to(torch.float32)
-    return out
+    return {name: round_to_dtype(value, dtype) for name, value in payload.items()}
 
 
 def _max_abs(value) -> float:

@@ -256,12 +256,61 @@ class FederatedTrainer(Trainer):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.fed_config.seed)  # every party builds the same initial adapter
                 model = get_peft_model(model, lora_config)
+            # issue 19 (newalgos): e.g. Fed-SB's R between B and A, initialised from client 0's first examples
+            self.algorithm.prepare_adapter(model, self.client_datasets[0], args)
+        self._add_client_rank_adapters(model)
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.requires_grad_(self.algorithm.trainable(name))
+                if self.fed_config.client_lora_ranks is not None and f".{self.global_adapter}." not in name:
+                    param.requires_grad_(False)  # a client rank's adapter trains only in that client's phase
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
         return model
+
+    # ---- clients of different LoRA ranks (FedSRDConfig.client_lora_ranks) ----------------------------------------
+    def _add_client_rank_adapters(self, model: torch.nn.Module) -> None:
+        """One PEFT adapter per client rank other than the global one (`client_adapter_name`), each a LoraConfig like
+        the global adapter's with r = that rank and lora_alpha = lora_alpha * r / lora_r (the same scaling). The
+        global adapter stays active; a client's local phase activates its rank's (`use_client_rank`)."""
+        import dataclasses
+
+        cfg = self.fed_config
+        self.global_adapter = model.active_adapter
+        if cfg.client_lora_ranks is None:
+            return
+        peft_config = model.peft_config[self.global_adapter]
+        if getattr(peft_config, "r", None) != cfg.lora_r:
+            raise ValueError(
+                f"FedSRDConfig.client_lora_ranks: the model's adapter has rank {getattr(peft_config, 'r', None)}, but "
+                f"lora_r={cfg.lora_r}; with per-client ranks the global adapter must have rank lora_r."
+            )
+        if getattr(peft_config, "rank_pattern", None) or getattr(peft_config, "alpha_pattern", None):
+            raise ValueError(
+                "FedSRDConfig.client_lora_ranks: the model's LoraConfig sets rank_pattern/alpha_pattern; per-client "
+                "ranks need one rank per adapter (leave those patterns empty)."
+            )
+        for rank in sorted(set(cfg.client_lora_ranks) - {cfg.lora_r}):
+            # the global adapter's scaling: alpha / r (rsLoRA: alpha / sqrt(r))
+            ratio = rank / cfg.lora_r if not getattr(peft_config, "use_rslora", False) else (rank / cfg.lora_r) ** 0.5
+            client_config = dataclasses.replace(peft_config, r=rank, lora_alpha=peft_config.lora_alpha * ratio)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)  # overwritten by the start state before any training
+                model.add_adapter(client_adapter_name(rank), client_config)
+        model.set_adapter(self.global_adapter)
+
+    def use_client_rank(self, rank: int | None) -> None:
+        """Activate the adapter a client of LoRA rank `rank` trains (None or lora_r: the global adapter); only the
+        active adapter's factors train, as the algorithm's `trainable` says."""
+        if not self.algorithm.uses_lora:
+            return
+        name = self.global_adapter if rank is None or rank == self.fed_config.lora_r else client_adapter_name(rank)
+        if self.model.active_adapter == name:
+            return
+        self.model.set_adapter(name)
+        for param_name, param in self.model.named_parameters():
+            if "lora_" in param_name:
+                param.requires_grad_(f".{name}." in param_name and self.algorithm.trainable(param_name))
 
     def _prepare_full_model(self, model: torch.nn.Module, args: TrainingArguments) -> torch.nn.Module:
         """Full-parameter algorithms: no adapter. The trained weights get `requires_grad` where the algorithm's
@@ -306,6 +355,10 @@ class FederatedTrainer(Trainer):
         self.optimizer, self.lr_scheduler = None, None
         self.fed_optimizer, self._fed_round, self._fed_client = None, round, client_id
         set_seed(derive_seed(self.fed_config.seed, "local", round, client_id) % (2**32))
+        if self.algorithm.uses_lora:  # issue 19 (newalgos): what trains may change by round (RoLoRA)
+            for name, param in self.model.named_parameters():
+                if "lora_" in name:
+                    param.requires_grad_(self.algorithm.trains(name, round))
         self.callback_handler.local_phase = True
         try:
             return super().train()
@@ -367,7 +420,9 @@ class FederatedTrainer(Trainer):
         if self.algorithm.uses_lora:
             from peft import get_peft_model_state_dict
 
-            adapter = get_peft_model_state_dict(self.model, save_embedding_layers=False)
+            adapter = get_peft_model_state_dict(
+                self.model, adapter_name=self.model.active_adapter, save_embedding_layers=False
+            )  # the adapter this client trained (its own rank's, with client_lora_ranks)
             return {k: v.detach().to("cpu").float().clone() for k, v in adapter.items()}
         params = dict(self.model.named_parameters())
         state = {
@@ -384,7 +439,10 @@ class FederatedTrainer(Trainer):
         """Write the model as loaded now (after a round: the global one): a PEFT adapter folder, or for
         full-parameter algorithms a complete model folder (`save_pretrained` of the model and its tokenizer)."""
         if self.algorithm.uses_lora:
-            self.model.save_pretrained(str(directory), save_embedding_layers=False)
+            # the global adapter only (not the per-rank client adapters of client_lora_ranks)
+            self.model.save_pretrained(
+                str(directory), save_embedding_layers=False, selected_adapters=[self.global_adapter]
+            )
             return
         self.model.save_pretrained(str(directory))
         if self.processing_class is not None:
@@ -469,8 +527,10 @@ class FederatedTrainer(Trainer):
             return
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(self.model, state)
-        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        active = self.model.active_adapter
+        result = set_peft_model_state_dict(self.model, state, adapter_name=active)
+        # the other adapters (clients of other ranks, client_lora_ranks) are not loaded here
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k and f".{active}." in k]
         if missing:
             raise RuntimeError(f"global state is missing adapter weights, e.g. {missing[:3]}")
         unexpected = getattr(result, "unexpected_keys", [])
@@ -496,6 +556,11 @@ class FederatedTrainer(Trainer):
             lambda: self.callback_handler.callbacks, self.args, state=lambda: self.state, model=lambda: self.model,
             agree=agree,
         )
+
+
+def client_adapter_name(rank: int) -> str:
+    """The PEFT adapter name of the clients of LoRA rank `rank` (no name is a substring of another's)."""
+    return f"fedsrd_rank_{rank}_clients"
 
 
 def is_sequence_classifier(model: torch.nn.Module) -> bool:

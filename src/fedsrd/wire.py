@@ -53,6 +53,7 @@ WIRE_FORMAT = "fedsrd-wire"
 WIRE_VERSION = 1
 METADATA_KEY = "fedsrd"
 KINDS = ("update", "broadcast")
+MB = 1024 * 1024  # the MB of every communication figure (history.json, reports, model cards): 1024^2 encoded bytes
 # The names are the config's (`FedSRDConfig.value_dtype` / `positions` accept exactly these); here, their torch dtypes.
 VALUE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in VALUE_DTYPE_NAMES}
 

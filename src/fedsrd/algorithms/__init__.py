@@ -29,6 +29,14 @@ _BUILTIN: dict[str, str] = {
     "fedfft": "fedsrd.algorithms.fedfft",
     "fedkrso": "fedsrd.algorithms.fedkrso",
     "fedkseed": "fedsrd.algorithms.fedkseed",
+    # ---- clients of different LoRA ranks ----
+    "hetlora": "fedsrd.algorithms.hetlora",
+    # issue 19 (newalgos): the 2025 exact-aggregation methods and FedRPCA, Ferret
+    "rolora": "fedsrd.algorithms.rolora",
+    "fedsvd": "fedsrd.algorithms.fedsvd",
+    "fed_sb": "fedsrd.algorithms.fed_sb",
+    "ferret": "fedsrd.algorithms.ferret",
+    "fedrpca": "fedsrd.algorithms.fedrpca",
 }
 
 

@@ -10,23 +10,71 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from fedsrd.algorithms.ranks import lora_param_bytes, truncate_payload, truncate_state
 from fedsrd.ops.aggregate import normalized_weights
+from fedsrd.ops.privacy import gaussian_like
 from fedsrd.ops.robust import change_norm, scale_change
+from fedsrd.ops.sparse import SparseTensor
 
 if TYPE_CHECKING:
     from fedsrd.config import FedSRDConfig
 
 State = dict[str, torch.Tensor]
 ROBUST_DEFENCES = ("clip", "median", "trimmed_mean")  # what `Algorithm.robust_defences` may list
+DP_PLACEMENTS = ("central", "local")  # what `Algorithm.dp_support` may list (FedSRDConfig.dp_mode)
+SUM_DP = frozenset(DP_PLACEMENTS)  # a server step that is a weighted sum of the uploads: noise on the sum, anywhere
 SUM_DEFENCES = frozenset(ROBUST_DEFENCES)  # a server step that is a weighted sum of dense client tensors
 # What travels: a dense tensor, or a sparse one (fedsrd.wire.SparseTensor) for compressed payloads.
 Payload = dict[str, Any]
 # A change to fold into frozen base weights: module name -> factor pairs (left d_out x k, right k x d_in).
 BaseDelta = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+# ---- an algorithm's own options ------------------------------------------------------------------------------------
+@dataclass
+class AlgorithmOptions:
+    """Base of an algorithm's options: a dataclass of the knobs only that algorithm reads, declared in its own file
+    (as PEFT gives each tuner its config), each field with ``metadata={"help": ...}``.
+
+    `fedsrd.FedSRDConfig` is composed from these classes (it inherits every algorithm's options class), so the options
+    stay flat fields of the config: the same YAML keys, ``--upload_sparsity_alpha`` on the command line and
+    ``FedSRDConfig(upload_sparsity_alpha=...)``. An algorithm names its class in `Algorithm.options`; the model card
+    and the docs list exactly those fields. On its own (``FedSRDOptions(download_drop=0.5)``) an options class is
+    validated when it is made.
+    """
+
+    def __post_init__(self) -> None:
+        validate_options(self)
+
+    @staticmethod
+    def validate(config: Any) -> None:
+        """Raise ValueError naming the option if one of *this class's own* fields (read from `config`, the options
+        object or a `FedSRDConfig`) is invalid. Subclasses override it; fields of a parent class are checked by the
+        parent's `validate`."""
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The names of the fields of this options class (its parents' included), in declaration order."""
+        return tuple(f.name for f in fields(cls))
+
+
+def validate_options(config: Any) -> None:
+    """Run the own `validate` of every `AlgorithmOptions` class that `config`'s class is made of, parents first."""
+    for klass in reversed(type(config).__mro__):
+        check = klass.__dict__.get("validate")
+        if check is not None and issubclass(klass, AlgorithmOptions):
+            check.__func__(config)
+
+
+def require_option(config: Any, ok: bool, option: str, message: str) -> None:
+    """Raise ``ValueError("<ConfigClass>.<option>: <message>.")`` unless `ok` (the style of `FedSRDConfig`'s errors)."""
+    if not ok:
+        raise ValueError(f"{type(config).__name__}.{option}: {message}.")
 
 
 class Algorithm(ABC):
@@ -41,9 +89,22 @@ class Algorithm(ABC):
     # replacing the weighted mean: only for steps that are a weighted sum of dense client tensors). The config refuses
     # the others; the default adaptive clipping (adaptive_clip="auto") is on where "clip" is listed.
     robust_defences: ClassVar[frozenset[str]] = frozenset()
+    # ---- differential privacy (FedSRDConfig.dp_mode; docs/privacy.md) ----
+    # Where the Gaussian noise of client-level DP can go, a subset of `DP_PLACEMENTS`: "central" (the server clips
+    # each change with `clip_update` and noises the aggregate, `server_step_private`), "local" (each client clips and
+    # adds its share of the noise to its upload, `add_dp_noise`). The config refuses the others, with `dp_refusal`.
+    dp_support: ClassVar[frozenset[str]] = frozenset()
+    dp_refusal: ClassVar[str] = ""  # why not, for the config's error message
+    # True if the upload's kept positions and their count depend on the client's data under upload_mask="importance"
+    # (FedSRD's pruning): differential privacy then needs upload_mask="random".
+    data_dependent_positions: ClassVar[bool] = False
+    random_upload_mask: ClassVar[bool] = False  # honours upload_mask="random" (FedSRD, FedSRD-e)
     paper: ClassVar[str] = ""
     uploads: ClassVar[str] = ""
     downloads: ClassVar[str] = ""
+    # The dataclass of the options this algorithm reads beyond the common ones (None: it has none). FedSRDConfig
+    # inherits it, so they are flat config fields; the model card lists exactly these.
+    options: ClassVar[type[AlgorithmOptions] | None] = None
 
     def __init__(self, config: FedSRDConfig) -> None:
         self.config = config
@@ -52,6 +113,22 @@ class Algorithm(ABC):
     def trainable(self, name: str) -> bool:
         """Whether local training updates the adapter parameter `name` (default: every LoRA A and B)."""
         return "lora_A" in name or "lora_B" in name
+
+    # ---- issue 19 (newalgos): round-dependent training (RoLoRA) and adapters PEFT has no layer for (Fed-SB) -------
+    def trains(self, name: str, round: int) -> bool:
+        """Whether local training in `round` updates adapter parameter `name`. Default: `trainable(name)` every round;
+        RoLoRA alternates (B in odd rounds, A in even ones). The trainer sets ``requires_grad`` from it each round."""
+        return self.trainable(name)
+
+    def prepare_adapter(self, model: torch.nn.Module, init_data: Any = None, args: Any = None) -> None:
+        """Change a freshly built PEFT model before its adapter becomes the global state (every party runs it).
+
+        Fed-SB inserts its r x r matrix R between each LoRA B and A and sets B, A, R from LoRA-SB's initialisation,
+        computed on `init_data` (a tokenised dataset) with `args` (TrainingArguments). Default: nothing.
+        """
+        return None
+
+    # ---- end of issue 19 (newalgos) ----------------------------------------------------------------------------
 
     def extra_loss(self, model: torch.nn.Module, global_state: State) -> torch.Tensor | None:
         """An extra term added to the local loss (e.g. FedProx's proximal term); None for plain SFT."""
@@ -128,6 +205,46 @@ class Algorithm(ABC):
             return update
         return scale_change(update, global_state, max_norm / norm, self.uploads_deltas)
 
+    # ---- differential privacy (docs/privacy.md) ------------------------------------------------------------------
+    def add_dp_noise(self, global_state: State, payload: Payload, std: float, rng: torch.Generator) -> Payload:
+        """`payload` with ``N(0, std^2)`` added to every coordinate of every upload tensor (`update_shapes`, in sorted
+        name order), dense: a sparse tensor becomes dense, since noise only on its positions would reveal them, and a
+        tensor a partial payload lacks counts as a zero change. For sum algorithms this is the noise on the sum (the
+        server's aggregate, `server_step_private`) or one client's share of it (dp_mode="local")."""
+        out = dict(payload)
+        for name, (shape, _) in sorted(self.update_shapes(global_state).items()):
+            value = payload.get(name)
+            if value is None:
+                if not (self.update_is_partial() or self.broadcast_is_partial()):
+                    raise KeyError(f"{self.name}.add_dp_noise: the payload lacks {name!r}.")
+                value = torch.zeros(shape, dtype=torch.float32)
+            elif isinstance(value, SparseTensor):
+                value = value.to_dense(torch.float32)
+            out[name] = value.to(torch.float32) + gaussian_like(tuple(shape), std, rng)
+        return out
+
+    def server_step_private(
+        self,
+        global_state: State,
+        updates: list[Payload],
+        weights: list[float],
+        round: int,
+        rng: torch.Generator,
+        memory: State,
+        noise_std: float,
+        noise_rng: torch.Generator,
+    ) -> tuple[Payload, State]:
+        """`server_step_with_memory` with Gaussian noise of `noise_std` on the aggregate (dp_mode="central", and the
+        shares of missing clients under "local"). Default, for steps that are a weighted sum of the uploads: the noise
+        goes on that sum (`add_dp_noise` on the broadcast). Algorithms whose step is not a sum override this."""
+        payload, memory = self.server_step_with_memory(global_state, updates, weights, round, rng, memory)
+        return self.add_dp_noise(global_state, payload, noise_std, noise_rng), memory
+
+    def null_update(self, global_state: State, like: Payload) -> Payload:
+        """An update that proposes no change, shaped as `like` (DP divides by the fixed number of sampled clients:
+        a missing client counts as this)."""
+        return scale_change(like, global_state, 0.0, self.uploads_deltas)
+
     # ---- what the receiver checks ----------------------------------------------------------------------------------
     def update_shapes(self, global_state: State) -> dict[str, tuple[tuple[int, ...], bool]]:
         """Expected upload: name -> (shape, may it be sparse). Default: every trainable tensor, dense."""
@@ -186,6 +303,30 @@ class Algorithm(ABC):
         Default: the state unchanged.
         """
         return state
+
+    # ---- clients of different LoRA ranks (FedSRDConfig.client_lora_ranks; fedsrd.algorithms.ranks) -------------
+    # True if the algorithm defines its server step for clients of different LoRA ranks. The global state keeps rank
+    # lora_r; a rank-r client trains from `client_start_state` and uploads tensors of its own rank (`update_shapes` of
+    # that start state), and the server infers each update's rank from its shapes after checking them against the
+    # rank configured for its sender. The config refuses unequal ranks for the others.
+    supports_unequal_ranks: ClassVar[bool] = False
+
+    def client_start_state(self, global_state: State, rank: int) -> State:
+        """The adapter a client of LoRA rank `rank` trains from, and computes its upload against. Default: the
+        global state truncated to its first `rank` components (the global state itself at the global rank)."""
+        return truncate_state(global_state, rank)
+
+    def client_download(self, broadcast: Payload, rank: int) -> Payload:
+        """The part of a broadcast a rank-`rank` client needs to move its start state to the next round's (its own
+        rank's update). Default: every LoRA tensor of the broadcast truncated to `rank`."""
+        return truncate_payload(broadcast, rank)
+
+    def trainable_param_bytes(self, global_state: State, rank: int) -> int | None:
+        """Float32 bytes of the parameters a rank-`rank` client trains (its adapter's memory, without optimizer
+        state); None for full-parameter algorithms."""
+        if not self.uses_lora:
+            return None
+        return lora_param_bytes(global_state, rank, self.trainable)
 
     # ---- full-parameter algorithms (FedKRSO, FedFFT, FedKSeed; docs/full_parameter.md) ------------------------------
     # With uses_lora False the model is trained without PEFT. Every party holds the shared initial values of the

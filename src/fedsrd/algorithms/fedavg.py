@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fedsrd.algorithms import register_algorithm
-from fedsrd.algorithms.base import SUM_DEFENCES, Aggregation, Algorithm, Payload, RunningWeightedSum, State
+from fedsrd.algorithms.base import SUM_DEFENCES, SUM_DP, Aggregation, Algorithm, Payload, RunningWeightedSum, State
 from fedsrd.ops import weighted_sum
 
 
@@ -20,6 +20,7 @@ class FedAvg(Algorithm):
     uploads = "LoRA A and B, dense"
     downloads = "averaged LoRA A and B, dense"
     robust_defences = SUM_DEFENCES  # a weighted sum of dense client tensors (and so FedProx, FFA-LoRA, FedSA-LoRA)
+    dp_support = SUM_DP  # noise on the sum of the clipped factor changes (docs/privacy.md)
 
     def client_update(self, global_state: State, local_state: State, round: int, rng: torch.Generator) -> Payload:
         return {k: local_state[k].detach().to("cpu", torch.float32) for k in global_state if self.trainable(k)}

@@ -22,9 +22,8 @@ import torch
 
 from fedsrd.algorithms import register_algorithm
 from fedsrd.algorithms.base import BaseDelta, Payload, State
+from fedsrd.algorithms.families import base_delta_from_slots, lora_modules, merge_slot_keys, merge_slot_shapes
 from fedsrd.algorithms.fedavg import FedAvg
-from fedsrd.algorithms.fedsrd import lora_modules
-from fedsrd.algorithms.flora import base_delta_from_slots, merge_slot_keys, merge_slot_shapes
 from fedsrd.ops import weighted_sum
 
 
@@ -35,6 +34,9 @@ class FedExLoRA(FedAvg):
     uploads = "LoRA A and B, dense"
     downloads = "averaged A and B + the exact residual as m-1 rank-r factor pairs, dense; residual merged into base"
     robust_defences = frozenset()  # not a weighted sum of client tensors (a residual makes products exact)
+    dp_support = frozenset()
+    dp_refusal = ("its server step writes a residual of the clients' individual products into the base weights, which "
+                  "is not a sum of clipped changes (docs/privacy.md)")
     writes_base_weights = True
 
     def server_step(

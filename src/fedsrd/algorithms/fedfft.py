@@ -9,6 +9,9 @@ feeds only the classifier), trained normally and sent dense. A causal LM's ``lm_
 The global state holds each trained weight's change from the initial weights every party shares (zero at round 0,
 so nothing travels before the first round and the server needs no model weights). FedFFT's clients upload their
 weights' change, the server averages it and broadcasts the mean: dense, D + H floats each way.
+
+The family's trained set and base class (`full_parameter_weights`, `FullParameterAlgorithm`) live in
+`fedsrd.algorithms.families` and are still importable from here.
 """
 
 from __future__ import annotations
@@ -16,52 +19,15 @@ from __future__ import annotations
 import torch
 
 from fedsrd.algorithms import register_algorithm
-from fedsrd.algorithms.base import SUM_DEFENCES, Algorithm, Payload, State
+from fedsrd.algorithms.base import SUM_DEFENCES, SUM_DP, Payload, State
+from fedsrd.algorithms.families import (
+    HEAD_MODULES,
+    FullParameterAlgorithm,
+    full_parameter_weights,
+    in_block,
+    is_head,
+)
 from fedsrd.ops import weighted_sum
-
-HEAD_MODULES = ("score", "pooler")  # besides any module whose name contains "classifier"
-
-
-def is_head(name: str) -> bool:
-    """Whether parameter `name` belongs to a classification head (trained normally, sent dense)."""
-    return any("classifier" in part or part in HEAD_MODULES for part in name.split(".")[:-1])
-
-
-def in_block(name: str) -> bool:
-    """Whether parameter `name` sits inside a numbered transformer block (e.g. ``model.layers.3.mlp.up_proj``)."""
-    return any(part.isdigit() for part in name.split(".")[:-1])
-
-
-def full_parameter_weights(model: torch.nn.Module) -> list[str]:
-    """The family's trained set: block Linear weights, then the head's parameters, in `named_parameters` order."""
-    params = dict(model.named_parameters())
-    linear_weights = [f"{m}.weight" for m, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-    body = {name for name in linear_weights if in_block(name) and not is_head(name)}
-    names = [n for n in params if n in body] + [n for n in params if is_head(n)]
-    if not any(n in body for n in names):
-        linear = sorted({m.rsplit(".", 1)[-1] for m, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
-        raise ValueError(
-            f"{type(model).__name__}: no torch.nn.Linear weight inside numbered transformer blocks to train "
-            f"(Linear modules present: {', '.join(linear) or 'none'}; GPT-2 style Conv1D layers are not supported)."
-        )
-    return names
-
-
-class FullParameterAlgorithm(Algorithm):
-    """Base of the full-parameter family: no LoRA; the state is each trained weight's change from its initial value."""
-
-    uses_lora = False
-
-    def trainable_weights(self, model: torch.nn.Module) -> list[str]:
-        return full_parameter_weights(model)
-
-    def trainable(self, name: str) -> bool:
-        """Whether autograd differentiates trained weight `name` (FedFFT: all of them)."""
-        return True
-
-    def init_global_state(self, adapter_state: State) -> State:
-        # `adapter_state` holds the initial trained weights; every change starts at zero.
-        return {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in adapter_state.items()}
 
 
 @register_algorithm
@@ -71,6 +37,7 @@ class FedFFT(FullParameterAlgorithm):
     uploads = "every trained weight's change, dense"
     downloads = "the averaged change, dense"
     robust_defences = SUM_DEFENCES  # a weighted sum of dense client tensors
+    dp_support = SUM_DP  # noise on the sum of the clipped weight changes
 
     def client_update(self, global_state: State, local_state: State, round: int, rng: torch.Generator) -> Payload:
         return {k: local_state[k].detach().to("cpu", torch.float32) for k in global_state}
@@ -82,3 +49,6 @@ class FedFFT(FullParameterAlgorithm):
 
     def apply(self, state: State, broadcast: Payload) -> State:
         return {name: broadcast[name].to(torch.float32).clone() for name in state}
+
+
+__all__ = ["HEAD_MODULES", "FedFFT", "FullParameterAlgorithm", "full_parameter_weights", "in_block", "is_head"]

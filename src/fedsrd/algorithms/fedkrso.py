@@ -28,14 +28,15 @@ than from one CUDA stream in parameter order.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fedsrd.algorithms import register_algorithm
-from fedsrd.algorithms.base import Payload, State
-from fedsrd.algorithms.fedfft import FullParameterAlgorithm, is_head
+from fedsrd.algorithms.base import SUM_DP, AlgorithmOptions, Payload, State, require_option
+from fedsrd.algorithms.families import FullParameterAlgorithm, is_head
 from fedsrd.ops import generator_for, weighted_sum
 from fedsrd.ops.projection import projection, reconstruct, seed_pool
 
@@ -206,12 +207,44 @@ class KRSOAdamW(torch.optim.Optimizer):
         self._hooks = []
 
 
+@dataclass
+class FedKRSOOptions(AlgorithmOptions):
+    """FedKRSO: the random subspaces (rank, seeds per round, steps per subspace) and the head's weight decay."""
+
+    krso_rank: int = field(
+        default=4, metadata={"help": "FedKRSO: rank r of each random projection P (r x d_in, entries N(0, 1/r))."}
+    )
+    krso_num_seeds: int = field(
+        default=10,
+        metadata={"help": "FedKRSO: seeds K drawn fresh each round; each defines one projection per weight matrix."},
+    )
+    krso_tau: int = field(
+        default=10,
+        metadata={"help": "FedKRSO: local steps per subspace; then a new seed from the K and reset Adam moments."},
+    )
+    krso_head_bias_decay: bool = field(
+        default=False,
+        metadata={
+            "help": "FedKRSO: apply weight_decay to the head's biases too, as the authors' code does (default: only "
+            "to the head's matrices, Trainer's convention)."
+        },
+    )
+
+    @staticmethod
+    def validate(config) -> None:
+        for option in ("krso_rank", "krso_num_seeds", "krso_tau"):
+            value = getattr(config, option)
+            require_option(config, value >= 1, option, f"must be >= 1, got {value}")
+
+
 @register_algorithm
 class FedKRSO(FullParameterAlgorithm):
     name = "fedkrso"
     paper = "FedKRSO (Yang et al., INFOCOM 2026; arXiv 2602.03019)"
     uploads = "per seed used, an out x r accumulator per weight matrix; the head's change, dense"
     downloads = "per-seed averaged accumulators (seeds some client used); the averaged head change"
+    dp_support = SUM_DP  # noise on every seed's summed accumulator (all K, used or not) and on the summed head
+    options = FedKRSOOptions
 
     def trainable(self, name: str) -> bool:
         # Projected weights change through KRSOAdamW's coordinates; autograd differentiates only the head.

@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fedsrd.algorithms import register_algorithm
-from fedsrd.algorithms.base import Payload, State
-from fedsrd.algorithms.fedfft import FullParameterAlgorithm
-from fedsrd.ops import SparseTensor, generator_for, weighted_sum
+from fedsrd.algorithms.base import SUM_DP, AlgorithmOptions, Payload, State, require_option
+from fedsrd.algorithms.families import FullParameterAlgorithm
+from fedsrd.ops import SparseTensor, densify, generator_for, weighted_sum
 from fedsrd.ops.projection import direction, seed_pool
 
 COEFF = "fedkseed.coeff"  # the global state, the upload and the broadcast: one scalar per seed of the pool
@@ -107,6 +108,32 @@ class KSeedZerothOrder(torch.optim.Optimizer):
         return {LOCAL_INCREMENT: self.increments.clone()}
 
 
+@dataclass
+class FedKSeedOptions(AlgorithmOptions):
+    """FedKSeed: the seed pool, the perturbation scale and the optional skip of outlier steps."""
+
+    kseed_num_seeds: int = field(
+        default=4096, metadata={"help": "FedKSeed: size K of the seed pool, fixed for the whole run."}
+    )
+    kseed_eps: float = field(
+        default=5e-4, metadata={"help": "FedKSeed: perturbation scale eps of the two-point zeroth-order estimate."}
+    )
+    kseed_grad_clip: float = field(
+        default=0.0,
+        metadata={
+            "help": "FedKSeed: skip a local step whose two losses differ by more than this, |L(w + eps z) - "
+            "L(w - eps z)| > kseed_grad_clip (the reference's optional grad_clip); 0: never skip."
+        },
+    )
+
+    @staticmethod
+    def validate(config) -> None:
+        seeds, eps, clip = config.kseed_num_seeds, config.kseed_eps, config.kseed_grad_clip
+        require_option(config, seeds >= 1, "kseed_num_seeds", f"must be >= 1, got {seeds}")
+        require_option(config, eps > 0, "kseed_eps", f"must be > 0, got {eps}")
+        require_option(config, clip >= 0, "kseed_grad_clip", f"must be >= 0 (0: off), got {clip}")
+
+
 @register_algorithm
 class FedKSeed(FullParameterAlgorithm):
     name = "fedkseed"
@@ -114,6 +141,8 @@ class FedKSeed(FullParameterAlgorithm):
     paper = "FedKSeed (Qin et al., ICML 2024; arXiv 2312.06353)"
     uploads = "(seed index, scalar) pairs for the seeds used"
     downloads = "the K cumulative scalars (sparse while smaller)"
+    dp_support = SUM_DP  # noise on all K summed scalars (the broadcast becomes dense)
+    options = FedKSeedOptions
 
     def trainable(self, name: str) -> bool:
         return False  # no backward pass: the weights move along seeded directions only
@@ -186,15 +215,11 @@ class FedKSeed(FullParameterAlgorithm):
     def server_step(
         self, global_state: State, updates: list[Payload], weights: list[float], round: int, rng: torch.Generator
     ) -> Payload:
-        increments = [_dense(u[COEFF]) for u in updates]
+        increments = [densify(u[COEFF]) for u in updates]
         cumulative = global_state[COEFF] + weighted_sum(increments, weights)  # G[s] += sum_n w_n pool_n[s]
         sparse = SparseTensor.from_dense(cumulative)
         smaller = 4 * sparse.nnz + (sparse.numel + 7) // 8 < 4 * sparse.numel
         return {COEFF: sparse if smaller else cumulative}
 
     def apply(self, state: State, broadcast: Payload) -> State:
-        return {COEFF: _dense(broadcast[COEFF]).clone()}
-
-
-def _dense(value: torch.Tensor | SparseTensor) -> torch.Tensor:
-    return value.to_dense(torch.float32) if isinstance(value, SparseTensor) else value.to(torch.float32)
+        return {COEFF: densify(broadcast[COEFF]).clone()}

@@ -12,11 +12,12 @@ term's gradient ``mu (w - w_global)`` pulls local training back toward the globa
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 import torch
 
 from fedsrd.algorithms import register_algorithm
-from fedsrd.algorithms.base import State
+from fedsrd.algorithms.base import AlgorithmOptions, State, require_option
 from fedsrd.algorithms.fedavg import FedAvg
 
 # A PEFT parameter name carries the adapter name (``...lora_A.default.weight``); the state key does not.
@@ -30,12 +31,27 @@ def state_key(param_name: str) -> str:
     return _ADAPTER_SEGMENT.sub(r".\1.weight", param_name)
 
 
+@dataclass
+class FedProxOptions(AlgorithmOptions):
+    """FedProx: the weight of the proximal term."""
+
+    fedprox_mu: float = field(
+        default=0.01,
+        metadata={"help": "FedProx: weight mu of the proximal term mu/2 * ||w - w_global||^2 over the trained LoRA."},
+    )
+
+    @staticmethod
+    def validate(config) -> None:
+        require_option(config, config.fedprox_mu >= 0.0, "fedprox_mu", f"must be >= 0, got {config.fedprox_mu}")
+
+
 @register_algorithm
 class FedProx(FedAvg):
     name = "fedprox"
     paper = "FedProx (Li et al., MLSys 2020)"
     uploads = "LoRA A and B, dense"
     downloads = "averaged LoRA A and B, dense"
+    options = FedProxOptions
 
     def __init__(self, config) -> None:
         super().__init__(config)

@@ -29,12 +29,15 @@ FedSRD's.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from fedsrd.algorithms import register_algorithm
-from fedsrd.algorithms.base import Payload, State
-from fedsrd.algorithms.fedsrd import FedSRD, LoraModule, ModuleTarget, lora_modules
+from fedsrd.algorithms.base import Payload, State, require_option
+from fedsrd.algorithms.families import LoraModule, lora_modules
+from fedsrd.algorithms.fedsrd import FedSRD, FedSRDOptions, ModuleTarget
+from fedsrd.ops import SparseTensor, round_to_dtype
 from fedsrd.ops.sparsify import (
     dare_drop,
     importance_prune,
@@ -42,6 +45,50 @@ from fedsrd.ops.sparsify import (
     importance_scores_b,
     magnitude_keep,
 )
+
+EF_DOWNLOAD_SELECTIONS = ("random", "magnitude")
+
+
+@dataclass
+class FedSRDEFOptions(FedSRDOptions):
+    """fedsrd_ef: FedSRD's options plus the two error-feedback switches and how the download's survivors are chosen."""
+
+    ef_upload: bool = field(
+        default=True,
+        metadata={
+            "help": "fedsrd_ef: each client keeps what importance pruning removed from its upload and adds it "
+            "to its next upload's delta (no L1 rescale: the kept residual carries that mass)."
+        },
+    )
+    ef_download: bool = field(
+        default=True,
+        metadata={
+            "help": "fedsrd_ef: the server keeps what the random drop removed from the broadcast and adds it to "
+            "that factor's next delta (survivors are not scaled by 1/(1-p))."
+        },
+    )
+    ef_download_selection: str = field(
+        default="random",
+        metadata={
+            "help": "fedsrd_ef: which 1 - download_drop of the broadcast delta (plus residual) is sent: 'random' "
+            "(seeded mask, no position bytes, as FedSRD) or 'magnitude' (the largest entries; positions sent)."
+        },
+    )
+
+    @staticmethod
+    def validate(config) -> None:
+        selection = config.ef_download_selection
+        require_option(
+            config, selection in EF_DOWNLOAD_SELECTIONS, "ef_download_selection",
+            f"must be one of {EF_DOWNLOAD_SELECTIONS}, got {selection!r}",
+        )  # fmt: skip
+        require_option(
+            config,
+            not (config.download_both_factors and getattr(config, "algorithm", "fedsrd_ef") == "fedsrd_ef"
+                 and config.ef_download),
+            "download_both_factors",
+            "is not combined with fedsrd_ef's download error feedback; use fedsrd or fedsrd_e, or ef_download false",
+        )  # fmt: skip
 
 
 @register_algorithm
@@ -52,6 +99,12 @@ class FedSRDEF(FedSRD):
     paper = "FedSRD (Yan et al., WWW 2026) + error feedback on both links (this library; Karimireddy et al., ICML 2019)"
     uploads = "LoRA deltas plus the client's kept residual, importance-pruned (no L1 rescale)"
     downloads = "one factor's least-squares delta plus the server's kept residual, random-dropped (seeded, unscaled)"
+    dp_support = frozenset()
+    random_upload_mask = False  # error feedback's own importance-pruned upload
+    dp_refusal = ("error feedback's uploads carry residuals of earlier rounds and its server step keeps its own "
+                  "residual; this library has not derived or implemented DP for it (use fedsrd or fedsrd_e)")
+    options = FedSRDEFOptions
+    supports_unequal_ranks = False  # the kept residuals have the global rank's shapes
 
     # ---- client ------------------------------------------------------------------------------------------------
     def client_update(self, global_state: State, local_state: State, round: int, rng: torch.Generator) -> Payload:
@@ -76,7 +129,7 @@ class FedSRDEF(FedSRD):
                 (module.b_key, delta_b, importance_scores_b(delta_b, a)),  # Eq. 6, on the corrected delta
                 (module.a_key, delta_a, importance_scores_a(delta_a, b_new)),
             ):
-                sent = self._on_wire(importance_prune(delta, score, **prune, l1_rescale=False))  # Eq. 7-8
+                sent = self._as_decoded(importance_prune(delta, score, **prune, l1_rescale=False))  # Eq. 7-8
                 upload[key] = sent
                 kept[key] = delta - sent.to_dense(torch.float32)
         return upload, kept
@@ -132,12 +185,17 @@ class FedSRDEF(FedSRD):
                 continue
             corrected = delta + _residual(memory, key, global_state[key])
             if self.config.ef_download_selection == "magnitude":
-                sent = self._on_wire(magnitude_keep(corrected, 1.0 - self.config.download_drop))
+                sent = self._as_decoded(magnitude_keep(corrected, 1.0 - self.config.download_drop))
             else:
-                sent = self._on_wire(dare_drop(corrected, self.config.download_drop, rng, rescale=False))
+                sent = self._as_decoded(dare_drop(corrected, self.config.download_drop, rng, rescale=False))
             payload[key] = sent
             kept[key] = corrected - sent.to_dense(torch.float32)
         return payload, kept
+
+    def _as_decoded(self, sent: SparseTensor) -> SparseTensor:
+        """`sent` as its receiver decodes it (values rounded to the wire's value dtype): a residual is what the
+        receiver did not get, so it must be taken against the decoded values."""
+        return round_to_dtype(sent, getattr(torch, self.config.value_dtype))
 
 
 def _residual(memory: State, key: str, like: torch.Tensor) -> torch.Tensor:

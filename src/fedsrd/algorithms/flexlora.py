@@ -10,8 +10,9 @@ SVD of the small m r x m r core), never of a d_out x d_in matrix.
 Heterogeneous ranks. The factors are ordered by singular value, so a client of rank r_j < r takes the first r_j
 columns of B and rows of A (`truncate_to_rank`): ``U_{r_j} S_{r_j} V_{r_j}^T``, the best rank-r_j approximation of
 ``W``, rescaled to that client's LoRA scaling. `aggregate_heterogeneous` is the server math for clients of different
-ranks and scalings. The runtimes build one adapter shape for every client (one `lora_r`), so there all ranks and
-scalings are equal and ``s`` cancels; mixed ranks are supported at the level of this module's functions.
+ranks and scalings. In the runtimes (`FedSRDConfig.client_lora_ranks`) every client's adapter has the global scaling
+(its lora_alpha is lora_alpha * r_j / R), so ``s`` cancels: the server stacks the uploads of every rank, keeps the
+rank-R SVD (R = lora_r) as the global adapter, and client j trains from, and downloads, its first r_j components.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import torch
 
 from fedsrd.algorithms import register_algorithm
 from fedsrd.algorithms.base import Payload, State
+from fedsrd.algorithms.families import lora_modules
 from fedsrd.algorithms.fedavg import FedAvg
-from fedsrd.algorithms.fedsrd import lora_modules
 from fedsrd.ops.lowrank import Factored, stack_factors, truncated_svd
 
 
@@ -83,6 +84,10 @@ class FlexLoRA(FedAvg):
     uploads = "LoRA A and B, dense"
     downloads = "rank-r truncated SVD of the averaged product, both factors dense"
     robust_defences = frozenset()  # not a weighted sum of client tensors (an SVD of the summed products)
+    dp_support = frozenset()
+    dp_refusal = ("its server step is an SVD of the clients' products, for which this library has not implemented the "
+                  "product-space noise (FedSRD has it; docs/privacy.md)")
+    supports_unequal_ranks = True  # stacked products of any ranks; truncation on the way down
 
     def server_step(
         self, global_state: State, updates: list[Payload], weights: list[float], round: int, rng: torch.Generator

@@ -9,6 +9,12 @@ into its frozen base weights, and LoRA is re-initialised for the next round: B =
 (Kaiming-uniform, ``U(-1/sqrt(d_in), 1/sqrt(d_in))``) from ``generator_for(seed, "flora_reinit", round, module)``,
 so every party draws the same A and nothing is sent for it. The server never needs the base weights.
 
+Clients of different ranks (`FedSRDConfig.client_lora_ranks`, the setting FLoRA was designed for): slot i carries
+client i's own rank r_i (``B_i`` d_out x r_i, ``p_i A_i`` r_i x d_in), so the stacked product is still exactly
+``sum_i p_i B_i A_i``; each client restarts from the first r_i rows of the fresh A (rows drawn i.i.d., so that is a
+fresh rank-r_i A) and B = 0. Every adapter has the same scaling (lora_alpha * r_i / R over r_i), as in the authors'
+code, where lora_alpha is a fixed multiple of each client's rank.
+
 The download is m times FedAvg's A+B (the rank grows with the clients). What a user needs afterwards: the base
 weights as merged (the runtime saves their accumulated change, ``base_delta.safetensors``, next to each adapter) and
 the adapter, which right after a round is the fresh one (B = 0). Refused on quantized bases.
@@ -22,44 +28,15 @@ import torch
 
 from fedsrd.algorithms import register_algorithm
 from fedsrd.algorithms.base import BaseDelta, Payload, State
+from fedsrd.algorithms.families import (
+    LoraModule,
+    base_delta_from_slots,
+    lora_modules,
+    merge_slot_keys,
+    merge_slot_shapes,
+)
 from fedsrd.algorithms.fedavg import FedAvg
-from fedsrd.algorithms.fedsrd import LoraModule, lora_modules
 from fedsrd.ops import generator_for
-
-
-# ---- base-weight factors on the wire (shared with FedEx-LoRA) -----------------------------------------------------
-def merge_slot_keys(module: str, slot: int) -> tuple[str, str]:
-    """Broadcast names of the ``slot``-th factor pair merged into ``module``'s base weight (left, right)."""
-    return f"{module}.base_merge_{slot}.left", f"{module}.base_merge_{slot}.right"
-
-
-def merge_slot_shapes(state: State, num_slots: int) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """Expected shapes of up to ``num_slots`` factor pairs per module: left d_out x r, right r x d_in (dense)."""
-    shapes: dict[str, tuple[tuple[int, ...], bool]] = {}
-    for module in lora_modules(state):
-        (r, d_in), (d_out, _) = state[module.a_key].shape, state[module.b_key].shape
-        for slot in range(num_slots):
-            left, right = merge_slot_keys(module.name, slot)
-            shapes[left], shapes[right] = ((d_out, r), False), ((r, d_in), False)
-    return shapes
-
-
-def base_delta_from_slots(broadcast: Payload) -> BaseDelta:
-    """Group the broadcast's factor-pair slots by module, in slot order."""
-    slots: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    for key, value in broadcast.items():
-        head, dot, side = key.rpartition(".")
-        module, sep, slot = head.rpartition(".base_merge_")
-        if not sep or side not in ("left", "right") or not slot.isdigit():
-            continue
-        slots.setdefault(module, {}).setdefault(int(slot), {})[side] = value.to(torch.float32)
-    delta: BaseDelta = {}
-    for module, by_slot in sorted(slots.items()):
-        for slot, pair in sorted(by_slot.items()):
-            if set(pair) != {"left", "right"}:
-                raise ValueError(f"base-weight factors of {module!r}: slot {slot} has only its {sorted(pair)[0]}.")
-            delta.setdefault(module, []).append((pair["left"], pair["right"]))
-    return delta
 
 
 def peft_lora_a_init(rank: int, d_in: int, generator: torch.Generator) -> torch.Tensor:
@@ -75,6 +52,10 @@ class FLoRA(FedAvg):  # FedAvg's upload: every trained factor, dense
     uploads = "LoRA A and B, dense"
     downloads = "every client's B and p_i A (stacked, rank m r), dense; merged into the base, LoRA re-initialised"
     robust_defences = frozenset()  # not a weighted sum of client tensors (stacked products re-initialised every round)
+    dp_support = frozenset()
+    dp_refusal = ("its server stacks the clients' individual adapters into the base weights, so every client's update "
+                  "is released as it is, not a noised sum (docs/privacy.md)")
+    supports_unequal_ranks = True  # slots of any rank stack exactly; the fresh A is cut to each client's rank
     writes_base_weights = True
 
     def server_step(
@@ -87,7 +68,8 @@ class FLoRA(FedAvg):  # FedAvg's upload: every trained factor, dense
         payload: Payload = {}
         for module in lora_modules(global_state):
             for slot, (update, weight) in enumerate(zip(updates, weights, strict=True)):
-                left, right = merge_slot_keys(module.name, slot)
+                rank = update[module.a_key].shape[0] if self.config.has_unequal_ranks else None
+                left, right = merge_slot_keys(module.name, slot, rank)  # B_i: d_out x r_i, p_i A_i: r_i x d_in
                 payload[left] = update[module.b_key].to(torch.float32).clone()  # P = [B_1 .. B_m]
                 payload[right] = update[module.a_key].to(torch.float32) * weight  # Q = [p_1 A_1; ..; p_m A_m]
         return payload
@@ -114,7 +96,16 @@ class FLoRA(FedAvg):  # FedAvg's upload: every trained factor, dense
         return peft_lora_a_init(rank, d_in, generator_for(self.config.seed, "flora_reinit", round, module.name))
 
     def broadcast_shapes(self, global_state: State) -> dict[str, tuple[tuple[int, ...], bool]]:
-        return merge_slot_shapes(global_state, self.config.num_clients)
+        ranks = self.config.client_lora_ranks if self.config.has_unequal_ranks else None
+        return merge_slot_shapes(global_state, self.config.num_clients, ranks)
+
+    def client_download(self, broadcast: Payload, rank: int) -> Payload:
+        """Every client merges the whole stacked product into its base weights: it needs all of the broadcast."""
+        return broadcast
 
     def broadcast_is_partial(self) -> bool:
         return True  # one slot per aggregated client, however many that was
+
+
+# merge_slot_* and base_delta_from_slots (shared with FedEx-LoRA) live in fedsrd.algorithms.families
+__all__ = ["FLoRA", "base_delta_from_slots", "merge_slot_keys", "merge_slot_shapes", "peft_lora_a_init"]

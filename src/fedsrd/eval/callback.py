@@ -9,6 +9,7 @@ from typing import Any
 
 from fedsrd.eval.harness import INSTALL_HINT, evaluate_adapter
 from fedsrd.federation.callbacks import FederatedCallback
+from fedsrd.wire import MB
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,7 @@ class LmEvalCallback(FederatedCallback):
 def format_round_scores(record: dict[str, Any]) -> str:
     """One line: the round's lm-eval scores next to its upload/download and cumulative MB."""
     scores = "  ".join(f"{k[len(SCORE_PREFIX):]}={v:.4f}" for k, v in record.items() if k.startswith(SCORE_PREFIX))
-    mb = 1024 * 1024
     return (
-        f"round {record.get('round')}: lm-eval {scores or '(none)'} | up {record.get('upload_bytes', 0) / mb:.3f} MB"
-        f"  down {record.get('download_bytes', 0) / mb:.3f} MB  cumulative {record.get('cumulative_mb', 0.0):.3f} MB"
+        f"round {record.get('round')}: lm-eval {scores or '(none)'} | up {record.get('upload_bytes', 0) / MB:.3f} MB"
+        f"  down {record.get('download_bytes', 0) / MB:.3f} MB  cumulative {record.get('cumulative_mb', 0.0):.3f} MB"
     )

@@ -21,9 +21,14 @@ def client_phase(
     """One client's local phase from `client`'s global copy; (encoded update, metrics). Personal tensors are kept in
     `client.personal_states` only once the update is encoded (a failing phase leaves them as they were)."""
     trainer.global_state = client.state
-    trainer.load_global_state(client.start_state(client_id))  # + this client's own tensors (FedSA-LoRA)
-    output = trainer.local_train(client_id, round)
-    local_state = trainer.local_state()  # the adapter; full-parameter algorithms: weight changes + optimizer state
+    cfg = client.config
+    trainer.use_client_rank(cfg.client_rank(client_id) if cfg.client_lora_ranks is not None else None)
+    try:  # this client's own LoRA rank (client_lora_ranks): its adapter is active for the local phase only
+        trainer.load_global_state(client.start_state(client_id))  # + this client's own tensors (FedSA-LoRA)
+        output = trainer.local_train(client_id, round)
+        local_state = trainer.local_state()  # the adapter; full-parameter algorithms: weight changes + optimizer state
+    finally:
+        trainer.use_client_rank(None)
     num_samples = len(trainer.client_datasets[client_id])
     metrics = {"train_loss": float(output.training_loss)}
     update = client.make_update(local_state, round=round, client_id=client_id, num_samples=num_samples, metrics=metrics)

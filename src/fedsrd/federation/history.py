@@ -28,8 +28,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-MB = 1024 * 1024  # bytes in the MB that every communication figure reports
-SCHEMA_VERSION = 2  # 1: before fedsrd.federation (keys differed per runtime)
+from fedsrd.wire import MB  # bytes in the MB that every communication figure reports
+
+SCHEMA_VERSION = 3  # 1: before fedsrd.federation (keys differed per runtime); 2: before per_client
 
 HISTORY_KEYS = frozenset(
     {
@@ -51,6 +52,11 @@ HISTORY_KEYS = frozenset(
         "should_training_stop",  # a round callback asked to end the federation after this round
         "seconds",
         "transport",  # what only this runtime's transport knows (Flower: catch-up plans, final sync)
+        # differential privacy (docs/privacy.md); null when dp_mode is "off" (and in round 0)
+        "dp_epsilon",  # epsilon spent after this round, at dp_delta (the accountant's, over rounds 1..this)
+        "dp_delta",
+        "dp_budget_exhausted",  # true on the last round run when dp_stop_at_epsilon ended the federation
+        "per_client",  # {client id: rank, upload_bytes, download_bytes, trainable_param_bytes}: `per_client_costs`
     }
 )
 
@@ -71,6 +77,9 @@ def round_record(
     cumulative_mb: float,
     transport: Mapping[str, Any] | None = None,
     robust: Mapping[str, Any] | None = None,
+    dp_epsilon: float | None = None,
+    dp_delta: float | None = None,
+    per_client: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A round's record with every key of `HISTORY_KEYS` (``seconds`` and ``should_training_stop`` are filled in when
     the round ends)."""
@@ -95,7 +104,35 @@ def round_record(
         "should_training_stop": False,
         "seconds": 0.0,
         "transport": dict(transport or {}),
+        "dp_epsilon": dp_epsilon,
+        "dp_delta": dp_delta,
+        "dp_budget_exhausted": None if dp_delta is None else False,
+        "per_client": dict(per_client or {}),
     }
+
+
+def per_client_costs(
+    senders: Sequence[int],
+    updates: Sequence[bytes],
+    ranks: Mapping[int, int | None],
+    download_bytes_by_rank: Mapping[str, int],
+    trainable_bytes_by_rank: Mapping[str, int | None],
+) -> dict[str, dict[str, Any]]:
+    """The record's ``per_client``: for every client whose update reached the server step, its LoRA rank (null when
+    every client trains the global adapter's), the bytes of its encoded upload, the encoded bytes of what it needs of
+    the round's broadcast (its rank's part, `Algorithm.client_download`; the whole broadcast at the global rank), and
+    the float32 bytes of the parameters it trains (null for full-parameter algorithms)."""
+    out: dict[str, dict[str, Any]] = {}
+    for cid, update in zip(senders, updates, strict=True):
+        rank = ranks.get(cid)
+        key = "global" if rank is None else str(rank)
+        out[str(cid)] = {
+            "rank": rank,
+            "upload_bytes": len(update),
+            "download_bytes": download_bytes_by_rank.get(key),
+            "trainable_param_bytes": trainable_bytes_by_rank.get(key),
+        }
+    return out
 
 
 def start_record(*, upload_bytes: int = 0, transport: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -132,11 +169,12 @@ def round_mb(record: Mapping[str, Any]) -> float:
 
 
 class RoundTable:
-    """Prints one row per round: train loss, held-out loss per domain, upload and download MB ('-' where a value is
-    missing, e.g. round 0's train loss)."""
+    """Prints one row per round: train loss, held-out loss per domain, upload and download MB, and with differential
+    privacy the epsilon spent so far ('-' where a value is missing, e.g. round 0's train loss)."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, epsilon: bool = False) -> None:
         self.enabled = enabled
+        self.epsilon = epsilon  # a column with each round's dp_epsilon (differential privacy on)
         self.columns: list[str] | None = None
 
     def add(self, record: Mapping[str, Any]) -> None:
@@ -145,8 +183,11 @@ class RoundTable:
         evals = [k for k in record if k.startswith("eval_") and k.endswith("_loss") and k != "eval_loss"]
         if self.columns is None:
             self.columns = ["round", "train_loss", *evals, "eval_loss", "up_MB", "down_MB"]
+            if self.epsilon:
+                self.columns.append("epsilon")
             tqdm.write(" | ".join(f"{c:>12}" for c in self.columns))
-        values = {**record, "up_MB": record["upload_bytes"] / MB, "down_MB": record["download_bytes"] / MB}
+        values = {**record, "up_MB": record["upload_bytes"] / MB, "down_MB": record["download_bytes"] / MB,
+                  "epsilon": record.get("dp_epsilon")}
         tqdm.write(" | ".join(_cell(values.get(c)) for c in self.columns))
 
 

@@ -6,11 +6,11 @@ One round:
     sample clients (fedsrd.federation.sampling) -> on_round_begin -> Transport.deliver (the clients' local phases,
     their encoded updates) -> Transport.server_step (retried with a fresh sample while fewer than min_clients usable
     updates arrive) -> Transport.distribute (the broadcast) -> the round's record (fedsrd.federation.history) ->
-    evaluation and round_NNNN/ when due -> on_round_end (control honoured) -> Transport.commit (history.json,
-    checkpoint)
+    evaluation and round_NNNN/ when due -> on_round_end (control honoured) -> the saved folder's model card
+    (fedsrd.model_card) -> Transport.commit (history.json, checkpoint)
 
 and after the last round (or the round a callback stopped the federation): Transport.finish (final/, Flower's final
-sync), then ``on_train_end``.
+sync), final/'s model card, then ``on_train_end``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from tqdm.auto import tqdm
 
 from fedsrd.config import FedSRDConfig
 from fedsrd.federation.callbacks import RoundEvents
-from fedsrd.federation.history import MB, RoundTable, round_mb, round_record, total_mb
+from fedsrd.federation.history import MB, RoundTable, per_client_costs, round_mb, round_record, total_mb
 from fedsrd.federation.sampling import sample_clients
+from fedsrd.model_card import write_model_card
 from fedsrd.schedule import round_learning_rate
 
 if TYPE_CHECKING:
@@ -103,13 +104,14 @@ class Federation:
         self.out_dir = Path(out_dir)
         self.base_learning_rate = base_learning_rate
         self.progress = progress
-        self.table = RoundTable(enabled=transport.is_main)
+        self.table = RoundTable(enabled=transport.is_main, epsilon=config.dp_mode != "off")
         for record in history:
             self.table.add(record)
 
     def run(self, first_round: int) -> list[dict[str, Any]]:
         """Rounds `first_round`..num_rounds (fewer if a callback stops the federation); the history."""
         cfg = self.config
+        self.check_privacy_budget(first_round)
         self.events.train_begin()
         bar = tqdm(
             range(first_round, cfg.num_rounds + 1), desc="rounds", initial=first_round - 1, total=cfg.num_rounds,
@@ -119,11 +121,14 @@ class Federation:
             record = self.run_round(round)
             bar.set_postfix(loss=record["train_loss"], eval=record.get("eval_loss"), mb=round_mb(record))
             if record["should_training_stop"]:
-                if round < cfg.num_rounds and self.transport.is_main:
+                if round < cfg.num_rounds and self.transport.is_main and not record.get("dp_budget_exhausted"):
                     logger.warning("a callback stopped the federation after round %d of %d", round, cfg.num_rounds)
                 break
         bar.close()
         self.transport.finish(self.history)
+        final = self.out_dir / "final"
+        if self.transport.is_main and final.is_dir():
+            write_model_card(final, self.config, self.history)
         self.events.train_end()
         return self.history
 
@@ -163,7 +168,14 @@ class Federation:
             train_loss=result.metrics.get("train_loss"), learning_rate=lr, upload_bytes=upload,
             download_bytes=download, broadcast_bytes=len(result.broadcast), num_uploads=uploads,
             cumulative_mb=total_mb(self.history) + (upload + download) / MB, robust=result.robust,
-            transport=delivery.transport,
+            transport=delivery.transport, dp_epsilon=cfg.dp_epsilon_after(round),
+            dp_delta=None if cfg.dp_mode == "off" else cfg.dp_delta,
+            per_client=per_client_costs(
+                delivery.senders, delivery.updates,
+                {cid: cfg.client_rank(cid) for cid in delivery.senders
+                 if cfg.client_lora_ranks is not None and 0 <= cid < cfg.num_clients},
+                result.download_bytes_by_rank, result.trainable_bytes_by_rank,
+            ),
         )  # fmt: skip
         last = round == cfg.num_rounds
         if self.transport.can_evaluate and ((cfg.eval_every and round % cfg.eval_every == 0) or last):
@@ -174,7 +186,17 @@ class Federation:
             self.transport.save(saved_dir)
         # Callbacks may add to the record (e.g. benchmark scores) before it is written to history.json.
         self.events.call("on_round_end", round=round, record=record, saved_dir=saved_dir, is_last=last)
+        if saved_dir is not None and "hub_commit" not in record:  # a Hub push already wrote the card it published
+            write_model_card(saved_dir, cfg, [*self.history, record])
         record["should_training_stop"] = self.events.should_stop()
+        if self.budget_spent_before(round + 1) and not last:
+            record["dp_budget_exhausted"] = record["should_training_stop"] = True
+            if self.transport.is_main:
+                logger.warning(
+                    "round %d: privacy budget: epsilon %.4g now, round %d would take it to %.4g > dp_stop_at_epsilon "
+                    "%g; the federation ends here", round, record["dp_epsilon"], round + 1,
+                    cfg.dp_epsilon_after(round + 1), cfg.dp_stop_at_epsilon,
+                )  # fmt: skip
         record["seconds"] = time.time() - t0
         self.history.append(record)
         self.transport.commit(round, self.history)
@@ -183,9 +205,38 @@ class Federation:
         return record
 
 
+    # ---- differential privacy (docs/privacy.md) -----------------------------------------------------------------
+    def budget_spent_before(self, round: int) -> bool:
+        """Whether running `round` would take epsilon above dp_stop_at_epsilon."""
+        cfg = self.config
+        if cfg.dp_mode == "off" or cfg.dp_stop_at_epsilon is None:
+            return False
+        return cfg.dp_epsilon_after(round) > cfg.dp_stop_at_epsilon
+
+    def check_privacy_budget(self, first_round: int) -> None:
+        """Before any training: the noise multiplier resolves (dp_target_epsilon reachable) and the budget allows the
+        first round to run."""
+        cfg = self.config
+        if cfg.dp_mode == "off":
+            return
+        z = cfg.resolved_dp_noise_multiplier  # raises ValueError if dp_target_epsilon cannot be met
+        if self.budget_spent_before(first_round):
+            raise ValueError(
+                f"FedSRDConfig.dp_stop_at_epsilon: round {first_round} would take epsilon to "
+                f"{cfg.dp_epsilon_after(first_round):.4g} > {cfg.dp_stop_at_epsilon:g} (noise multiplier {z:.4g}, "
+                f"sampling rate {cfg.dp_sampling_rate:.4g}); no round can run within the budget."
+            )
+        if self.transport.is_main:
+            logger.info(
+                "differential privacy (%s): noise multiplier %.4g, clip %g, sampling rate %.4g; epsilon after %d "
+                "rounds: %.4g at delta %g", cfg.dp_mode, z, cfg.dp_clip_norm, cfg.dp_sampling_rate, cfg.num_rounds,
+                cfg.dp_epsilon_after(cfg.num_rounds), cfg.dp_delta,
+            )  # fmt: skip
+
+
 def log_entry(record: dict[str, Any]) -> dict[str, float]:
     """A round's metrics as ``fed/*`` numbers for `on_log` (experiment trackers)."""
-    keys = ("round", "train_loss", "eval_loss", "upload_bytes", "download_bytes", "cumulative_mb")
+    keys = ("round", "train_loss", "eval_loss", "upload_bytes", "download_bytes", "cumulative_mb", "dp_epsilon")
     entry = {f"fed/{k}": float(record[k]) for k in keys if isinstance(record.get(k), int | float)}
     entry.update({f"fed/{k}": float(v) for k, v in record.items() if k.startswith("eval_") and k != "eval_loss"})
     entry.update(

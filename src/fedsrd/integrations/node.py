@@ -244,6 +244,11 @@ class FederationNode:
 
         config_text = self.store.adapter_config()
         adapter_config = json.loads(config_text) if config_text else None
+        cfg = self.client.config
+        if adapter_config is not None and cfg.client_lora_ranks is not None:  # this client's own rank's adapter
+            rank = cfg.client_rank(self.client_id)
+            alpha = adapter_config["lora_alpha"] * rank / cfg.lora_r  # the global adapter's scaling
+            adapter_config = {**adapter_config, "r": rank, "lora_alpha": alpha}
         return save_adapter(self.client.start_state(self.client_id), self.store.root / "adapter", adapter_config)
 
     @property

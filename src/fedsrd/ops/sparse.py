@@ -102,3 +102,19 @@ class SparseTensor:
         flat = dense.detach().reshape(-1)
         indices = mask.positions(tuple(dense.shape)).to(flat.device)
         return cls(shape=tuple(dense.shape), indices=indices, values=flat[indices].clone(), mask=mask)
+
+
+def densify(value: torch.Tensor | SparseTensor) -> torch.Tensor:
+    """A payload value (dense or sparse) as a dense float32 tensor."""
+    if isinstance(value, SparseTensor):
+        return value.to_dense(torch.float32)
+    return value.to(torch.float32)
+
+
+def round_to_dtype(value: torch.Tensor | SparseTensor, dtype: torch.dtype) -> torch.Tensor | SparseTensor:
+    """`value` with its values rounded to `dtype` and back to float32 (what a receiver decodes from a message whose
+    values travel in `dtype`); positions and seeded masks are kept."""
+    if isinstance(value, SparseTensor):
+        values = value.values.to(dtype).to(torch.float32)
+        return SparseTensor(shape=value.shape, indices=value.indices, values=values, mask=value.mask)
+    return value.to(dtype).to(torch.float32)

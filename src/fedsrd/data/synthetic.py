@@ -1,71 +1,24 @@
-"""Instruction data for federated LoRA fine-tuning.
+"""Synthetic instruction domains with short, verifiable answers, deterministic by seed in any process.
 
-Three concerns live here:
-
-* **Sources** - synthetic domains with short, verifiable answers (:func:`synthetic_domain`,
-  :func:`load_synthetic`) and local/Hub instruction datasets (:func:`load_instruction_data`).
-* **SFT tokenisation** - prompt templates (:func:`build_prompt`) and completion-only labels
-  (:func:`tokenize_for_sft`). Padding is left to the collator, e.g.
-  ``transformers.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)``.
-* **Partitioning across clients** - IID shards, Dirichlet label skew and one-source-per-client
-  (:func:`partition_iid`, :func:`partition_dirichlet`, :func:`partition_by_source`).
-
-Every synthetic example has the columns ``instruction``, ``input``, ``output`` and ``domain``.
+:func:`synthetic_domain` draws one domain's split, :func:`load_synthetic` train/test splits of several. Every example
+has the string columns ``instruction``, ``input``, ``output`` and ``domain``; the splits never share a question.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
-from typing import Any
 
 import datasets
-import numpy as np
-
-__all__ = [
-    "ALPACA_PROMPT",
-    "ALPACA_PROMPT_NO_INPUT",
-    "SYNTHETIC_DOMAINS",
-    "build_prompt",
-    "load_instruction_data",
-    "load_synthetic",
-    "partition_by_source",
-    "partition_dirichlet",
-    "partition_iid",
-    "synthetic_domain",
-    "tokenize_for_classification",
-    "tokenize_for_sft",
-]
 
 SYNTHETIC_DOMAINS: tuple[str, ...] = ("arithmetic", "code_output", "percent", "units")
 
-IGNORE_INDEX = -100  # label value ignored by the cross-entropy loss
-
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes "
-    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
-PROMPT_TEMPLATES: tuple[str, ...] = ("alpaca", "chat")
-
 _SYNTHETIC_COLUMNS = ("instruction", "input", "output", "domain")
 _SYNTHETIC_SPLITS = ("train", "validation", "test")
-_BUILDER_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-_DIRICHLET_MAX_TRIES = 100
 
-
-# --------------------------------------------------------------------------------------------
-# Synthetic domains
-# --------------------------------------------------------------------------------------------
 
 _Question = tuple[str, str]  # (question text, answer)
 _Template = Callable[[random.Random], _Question]
@@ -116,6 +69,7 @@ _VAR_NAMES = ("x", "y", "n", "a", "b", "val", "count", "k", "m", "total_a")
 
 
 # --- arithmetic word problems ---------------------------------------------------------------
+
 
 def _arith_add(rng: random.Random) -> _Question:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
@@ -270,6 +224,7 @@ def _code_count(rng: random.Random) -> _Question:
 
 # --- percentages and interest -----------------------------------------------------------------
 
+
 def _pct_of(rng: random.Random) -> _Question:
     pct = rng.choice((5, 10, 12, 15, 20, 25, 30, 35, 40, 45, 50, 60, 75, 80, 120, 150))
     base = 10 * rng.randint(1, 100)
@@ -411,6 +366,8 @@ def _unit_speed(rng: random.Random) -> _Question:
 
 
 @dataclass(frozen=True)
+
+
 class _DomainSpec:
     """How a domain draws questions and phrases them as (instruction, input)."""
 
@@ -528,324 +485,3 @@ def load_synthetic(domains: Iterable[str] = SYNTHETIC_DOMAINS, *, train_size: in
         })
         for domain in domains
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Loading instruction data
-# --------------------------------------------------------------------------------------------
-
-def _looks_like_path(source: str) -> bool:
-    """True for text that can only mean a local path (so a missing one is an error, not a Hub id)."""
-    return (source.startswith(("/", "./", "../", "~", "\\")) or Path(source).suffix.lower()
-            in _BUILDER_BY_SUFFIX)
-
-
-def _find_split_file(directory: Path, split: str) -> Path:
-    for suffix in (".jsonl", ".json", ".csv", ".parquet"):
-        candidate = directory / f"{split}{suffix}"
-        if candidate.is_file():
-            return candidate
-    present = sorted(p.name for p in directory.iterdir())
-    raise FileNotFoundError(
-        f"load_instruction_data: directory {str(directory)!r} has no {split}.jsonl, {split}.json, "
-        f"{split}.csv or {split}.parquet; it contains {present}")
-
-
-def load_instruction_data(source: str, *, split: str = "train", **kwargs: Any) -> datasets.Dataset:
-    """Load an instruction dataset from a local file or directory, or from the Hugging Face Hub.
-
-    Args:
-        source: A ``.json``/``.jsonl``/``.csv``/``.parquet`` file; a directory holding
-            ``{split}.jsonl|json|csv|parquet`` (first match in that order); otherwise a Hub
-            dataset name.
-        split: Split to load (names the file inside a directory, or the Hub split).
-        **kwargs: Passed on to :func:`datasets.load_dataset` (e.g. ``cache_dir``, ``name``).
-
-    Raises:
-        FileNotFoundError: ``source`` is a path that does not exist, or a directory without
-            the split's file.
-        ValueError: a local file whose extension is not supported.
-    """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = _find_split_file(path, split)
-    elif not path.exists():
-        if _looks_like_path(source):
-            raise FileNotFoundError(f"load_instruction_data: no such file or directory: {source!r}")
-        return datasets.load_dataset(source, split=split, **kwargs)
-    builder = _BUILDER_BY_SUFFIX.get(path.suffix.lower())
-    if builder is None:
-        raise ValueError(f"load_instruction_data: unsupported file type {path.suffix!r} for "
-                         f"{str(path)!r}; expected one of {sorted(_BUILDER_BY_SUFFIX)}")
-    if path.stat().st_size == 0:
-        raise ValueError(f"load_instruction_data: {str(path)!r} is empty; expected {split} rows "
-                         f"(instruction, output[, input]) as {path.suffix.lstrip('.').upper()}")
-    # datasets' JSON reader logs its own parse error before raising; the ValueError below says it once
-    json_logger = logging.getLogger("datasets.packaged_modules.json.json")
-    level, json_logger.level = json_logger.level, logging.CRITICAL
-    try:
-        return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **kwargs)
-    except datasets.exceptions.DatasetGenerationError as error:
-        cause = error.__cause__ or error.__context__ or error
-        raise ValueError(f"load_instruction_data: cannot read {str(path)!r} as {path.suffix.lstrip('.').upper()}: "
-                         f"{type(cause).__name__}: {cause}") from error
-    finally:
-        json_logger.setLevel(level)
-
-
-# --------------------------------------------------------------------------------------------
-# Prompts and SFT tokenisation
-# --------------------------------------------------------------------------------------------
-
-def build_prompt(instruction: str, input: str = "", *, template: str = "alpaca",
-                 tokenizer: Any = None) -> str:
-    """The prompt text that precedes the response.
-
-    ``"alpaca"`` is the Stanford Alpaca template (the no-input variant when ``input`` is empty),
-    ending in ``"### Response:\\n"``. ``"chat"`` renders one user turn (instruction, then a blank
-    line and the input if any) with ``tokenizer.apply_chat_template(..., add_generation_prompt=True)``.
-    """
-    if template == "alpaca":
-        if input:
-            return ALPACA_PROMPT.format(instruction=instruction, input=input)
-        return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
-    if template == "chat":
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("build_prompt: template='chat' needs a tokenizer with a chat_template; "
-                             "use template='alpaca' for base models")
-        content = f"{instruction}\n\n{input}" if input else instruction
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                             add_generation_prompt=True, tokenize=False)
-    raise ValueError(f"build_prompt: unknown template {template!r}; expected one of "
-                     f"{list(PROMPT_TEMPLATES)}")
-
-
-def _truncate(prompt_ids: list[int], completion_ids: list[int], max_length: int,
-              bos_token_id: int | None) -> tuple[list[int], list[int]]:
-    """Fit prompt + completion into ``max_length`` tokens (see :func:`tokenize_for_sft`)."""
-    if len(prompt_ids) + len(completion_ids) <= max_length:
-        return prompt_ids, completion_ids
-    reserved = min(len(completion_ids), max(1, max_length // 4))
-    if len(prompt_ids) <= max_length - reserved:
-        return prompt_ids, completion_ids[: max_length - len(prompt_ids)]
-    # The prompt alone is too long: keep its end (the "### Response:" cue) and a leading BOS.
-    prompt_budget = max_length - reserved
-    keep_bos = bos_token_id is not None and prompt_ids[0] == bos_token_id and prompt_budget > 1
-    head = prompt_ids[:1] if keep_bos else []
-    tail = prompt_ids[len(prompt_ids) - (prompt_budget - len(head)):]
-    return head + tail, completion_ids[:reserved]
-
-
-def tokenize_for_sft(dataset: datasets.Dataset, tokenizer: Any, *, template: str = "alpaca",
-                     max_length: int = 512, instruction_column: str = "instruction",
-                     input_column: str = "input",
-                     output_column: str = "output") -> datasets.Dataset:
-    """Tokenise instruction data for supervised fine-tuning with a completion-only loss.
-
-    The prompt (:func:`build_prompt`) and the completion are tokenised separately: the prompt
-    with the tokenizer's special tokens (e.g. a BOS; for ``template="chat"`` without, since the
-    chat template writes its own), the completion without them and followed by
-    ``tokenizer.eos_token_id``. ``labels`` are ``-100`` on every prompt token and equal the ids on
-    the completion, so the loss covers only the response (and EOS).
-
-    Truncation to ``max_length`` (rows are never dropped):
-
-    * prompt + completion fits: nothing is cut;
-    * otherwise, if the whole prompt fits beside ``r = min(len(completion), max(1, max_length // 4))``
-      completion tokens, the prompt is kept whole (its start included) and the completion's
-      tail is cut;
-    * otherwise the prompt is cut from the left (a leading BOS is kept) to make room for exactly
-      ``r`` completion tokens, so every row keeps its response cue and at least one label.
-
-    Columns of the result are ``input_ids``, ``attention_mask`` and ``labels`` (unpadded; pad with
-    ``transformers.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)``).
-
-    Raises:
-        ValueError: the dataset is empty, lacks ``instruction_column`` or ``output_column``
-            (``input_column`` is optional and read as ``""`` when absent), ``max_length < 2``, or the
-            tokenizer has no ``eos_token_id``.
-    """
-    present = list(dataset.column_names)
-    missing = [column for column in (instruction_column, output_column) if column not in present]
-    if missing:
-        raise ValueError(f"tokenize_for_sft: dataset is missing column(s) {missing}; "
-                         f"present columns are {present}")
-    if len(dataset) == 0:
-        raise ValueError("tokenize_for_sft: dataset is empty; expected at least one row")
-    if max_length < 2:
-        raise ValueError(f"tokenize_for_sft: max_length must be >= 2, got {max_length}")
-    eos_token_id = tokenizer.eos_token_id
-    if eos_token_id is None:
-        raise ValueError("tokenize_for_sft: tokenizer.eos_token_id is None; set an eos_token")
-    if template not in PROMPT_TEMPLATES:
-        raise ValueError(f"tokenize_for_sft: unknown template {template!r}; expected one of "
-                         f"{list(PROMPT_TEMPLATES)}")
-    has_input = input_column in present
-    bos_token_id = getattr(tokenizer, "bos_token_id", None)
-
-    def tokenize_batch(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
-        instructions = batch[instruction_column]
-        inputs = batch[input_column] if has_input else [""] * len(instructions)
-        prompts = [build_prompt(str(instruction or ""), str(input_text or ""), template=template,
-                                tokenizer=tokenizer)
-                   for instruction, input_text in zip(instructions, inputs)]
-        outputs = batch[output_column]
-        if any(output is None for output in outputs):
-            raise ValueError(f"tokenize_for_sft: column {output_column!r} has a missing (None) "
-                             "value; every row needs a response")
-        prompt_ids = tokenizer(prompts, add_special_tokens=template != "chat")["input_ids"]
-        completion_ids = tokenizer([str(o) for o in outputs], add_special_tokens=False)["input_ids"]
-        result: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
-        for prompt, completion in zip(prompt_ids, completion_ids):
-            prompt, completion = _truncate(list(prompt), list(completion) + [eos_token_id],
-                                           max_length, bos_token_id)
-            result["input_ids"].append(prompt + completion)
-            result["attention_mask"].append([1] * (len(prompt) + len(completion)))
-            result["labels"].append([IGNORE_INDEX] * len(prompt) + completion)
-        return result
-
-    return dataset.map(tokenize_batch, batched=True, remove_columns=present,
-                       desc="Tokenizing for SFT")
-
-
-# --------------------------------------------------------------------------------------------
-# Sequence classification (GLUE style: a sentence or a pair, and a label)
-# --------------------------------------------------------------------------------------------
-
-# Text columns tried in order when none are given: GLUE/SuperGLUE pair tasks, then single sentences.
-CLASSIFICATION_TEXT_COLUMNS: tuple[tuple[str, ...], ...] = (
-    ("sentence1", "sentence2"), ("question", "sentence"), ("question1", "question2"),
-    ("premise", "hypothesis"), ("question", "passage"), ("sentence",), ("text",))
-
-
-def tokenize_for_classification(dataset: datasets.Dataset, tokenizer: Any, *,
-                                text_columns: Sequence[str] | None = None,
-                                label_column: str = "label",
-                                max_length: int = 128) -> datasets.Dataset:
-    """Tokenise a GLUE-style dataset for ``AutoModelForSequenceClassification``.
-
-    ``text_columns`` names one text column or a pair (default: the first of
-    :data:`CLASSIFICATION_TEXT_COLUMNS` the dataset has, e.g. ``sentence`` for SST-2 or
-    ``question``/``sentence`` for QNLI). Texts are truncated to ``max_length`` tokens and left
-    unpadded (pad with ``transformers.DataCollatorWithPadding``). The result has the tokenizer's
-    model inputs (``input_ids``, ``attention_mask``, ``token_type_ids`` where it makes them) and
-    ``labels``: the label column's values (class ids; floats for a regression task).
-
-    Raises:
-        ValueError: the dataset is empty, lacks a text or the label column (the message lists the
-            columns present), has a missing label, or ``text_columns`` is not one or two names.
-    """
-    present = list(dataset.column_names)
-    if len(dataset) == 0:
-        raise ValueError("tokenize_for_classification: dataset is empty; expected at least one row")
-    if text_columns is None:
-        text_columns = next((cols for cols in CLASSIFICATION_TEXT_COLUMNS
-                             if all(c in present for c in cols)), None)
-        if text_columns is None:
-            raise ValueError("tokenize_for_classification: no text column found; expected one of "
-                             f"{[list(c) for c in CLASSIFICATION_TEXT_COLUMNS]} (or pass "
-                             f"text_columns); present columns are {present}")
-    text_columns = list(text_columns)
-    if len(text_columns) not in (1, 2):
-        raise ValueError(f"tokenize_for_classification: text_columns must name one column or a "
-                         f"pair, got {text_columns}")
-    missing = [c for c in (*text_columns, label_column) if c not in present]
-    if missing:
-        raise ValueError(f"tokenize_for_classification: dataset is missing column(s) {missing}; "
-                         f"present columns are {present}")
-
-    def tokenize_batch(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        labels = batch[label_column]
-        if any(label is None for label in labels):
-            raise ValueError(f"tokenize_for_classification: column {label_column!r} has a missing "
-                             "(None) value; every row needs a label")
-        texts = [[str(t) if t is not None else "" for t in batch[c]] for c in text_columns]
-        encoded = tokenizer(*texts, truncation=True, max_length=max_length)
-        return {**encoded, "labels": labels}
-
-    return dataset.map(tokenize_batch, batched=True, remove_columns=present,
-                       desc="Tokenizing for classification")
-
-
-# --------------------------------------------------------------------------------------------
-# Partitioning across clients
-# --------------------------------------------------------------------------------------------
-
-def _check_num_clients(dataset: datasets.Dataset, num_clients: int, caller: str) -> None:
-    if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
-        raise ValueError(f"{caller}: num_clients must be an integer >= 1, got {num_clients!r}")
-    if num_clients > len(dataset):
-        raise ValueError(f"{caller}: num_clients ({num_clients}) exceeds the number of rows "
-                         f"({len(dataset)}); every client needs at least one row")
-
-
-def partition_iid(dataset: datasets.Dataset, num_clients: int, *,
-                  seed: int = 0) -> list[datasets.Dataset]:
-    """Shuffle the rows (``numpy.random.default_rng(seed)``) and cut them into ``num_clients``
-    contiguous shards whose sizes differ by at most one."""
-    _check_num_clients(dataset, num_clients, "partition_iid")
-    order = np.random.default_rng(seed).permutation(len(dataset))
-    return [dataset.select(shard.tolist()) for shard in np.array_split(order, num_clients)]
-
-
-def _dirichlet_split(labels: Sequence[Any], num_clients: int, alpha: float,
-                     rng: np.random.Generator) -> list[list[int]]:
-    """One draw of per-class client proportions ~ Dir(alpha); returns row indices per client."""
-    by_class: dict[Any, list[int]] = {}
-    for row, label in enumerate(labels):
-        by_class.setdefault(label, []).append(row)
-    clients: list[list[int]] = [[] for _ in range(num_clients)]
-    for rows in by_class.values():  # classes in first-appearance order: deterministic
-        rows_arr = np.asarray(rows)
-        rng.shuffle(rows_arr)
-        proportions = rng.dirichlet(np.full(num_clients, alpha))
-        cuts = (np.cumsum(proportions)[:-1] * len(rows_arr)).astype(int)
-        for client, part in zip(clients, np.split(rows_arr, cuts)):
-            client.extend(part.tolist())
-    return clients
-
-
-def partition_dirichlet(dataset: datasets.Dataset, num_clients: int, *, column: str,
-                        alpha: float = 0.5, seed: int = 0,
-                        min_size: int = 1) -> list[datasets.Dataset]:
-    """Label-skewed split: for each value of ``column``, its rows are divided among the clients
-    in proportions drawn from ``Dirichlet(alpha)`` (smaller ``alpha`` - more skew).
-
-    Draws are repeated (same generator, ``numpy.random.default_rng(seed)``) until every client
-    has at least ``min_size`` rows, at most 100 times. Each client's rows keep dataset order.
-
-    Raises:
-        ValueError: ``column`` is missing, ``alpha <= 0``, ``num_clients`` is out of range,
-            ``num_clients * min_size`` exceeds the rows, or 100 draws all left a client short.
-    """
-    _check_num_clients(dataset, num_clients, "partition_dirichlet")
-    if column not in dataset.column_names:
-        raise ValueError(f"partition_dirichlet: column {column!r} not in dataset; present columns "
-                         f"are {list(dataset.column_names)}")
-    if not alpha > 0:
-        raise ValueError(f"partition_dirichlet: alpha must be > 0, got {alpha}")
-    if min_size < 0 or num_clients * min_size > len(dataset):
-        raise ValueError(f"partition_dirichlet: min_size={min_size} is impossible for "
-                         f"{num_clients} clients over {len(dataset)} rows")
-    labels = dataset[column]
-    rng = np.random.default_rng(seed)
-    for _ in range(_DIRICHLET_MAX_TRIES):
-        clients = _dirichlet_split(labels, num_clients, alpha, rng)
-        if min(len(rows) for rows in clients) >= min_size:
-            return [dataset.select(sorted(rows)) for rows in clients]
-    raise ValueError(f"partition_dirichlet: no draw in {_DIRICHLET_MAX_TRIES} gave every client "
-                     f">= {min_size} rows (alpha={alpha}, num_clients={num_clients}, "
-                     f"rows={len(dataset)}); raise alpha or lower min_size")
-
-
-def partition_by_source(sources: dict[str, datasets.Dataset]) -> list[datasets.Dataset]:
-    """One client per source (e.g. per domain), in the dict's order."""
-    if not sources:
-        raise ValueError("partition_by_source: sources is empty; expected at least one dataset")
-    for name, dataset in sources.items():
-        if not isinstance(dataset, datasets.Dataset):
-            raise TypeError(f"partition_by_source: source {name!r} is a {type(dataset).__name__}; "
-                            "expected datasets.Dataset (pick a split of a DatasetDict)")
-        if len(dataset) == 0:
-            raise ValueError(f"partition_by_source: source {name!r} is empty; every client needs rows")
-    return list(sources.values())
