@@ -38,6 +38,7 @@ SERVER_STREAMING_MODES = ("off", "on")  # many clients per round
 DP_MODES = ("off", "central", "local")
 DP_ACCOUNTANTS = ("rdp", "pld")
 UPLOAD_MASKS = ("importance", "random")
+SECURE_AGGREGATIONS = ("off", "secaggplus")  # secure aggregation on Flower
 
 
 @dataclass
@@ -337,6 +338,44 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
         default=256, metadata={"help": "client_state_store 'auto': keep client states on disk from this many clients."}
     )
     # ---- end of many clients per round -----------------------------------------------------------------------------
+    # ---- secure aggregation on Flower (fedsrd.integrations.secagg; docs/flower.md, "Secure aggregation") --------
+    # Names follow flwr.server.workflow.SecAggPlusWorkflow's arguments.
+    secure_aggregation: str = field(
+        default="off",
+        metadata={"help": "'secaggplus': on the Flower deployment, the server learns only the (weighted) sum of the "
+                  "round's uploads, through Flower's SecAgg+ protocol and its client mod (Bell et al., CCS 2020); only "
+                  "for the algorithms whose server step is a weighted sum of equal-shape dense uploads. 'off'."},
+    )
+    secagg_num_shares: float = field(
+        default=1.0,
+        metadata={"help": "SecAgg+: shares each client's secrets are split into (its neighbours + itself); a value "
+                  "<= 1 is a fraction of the round's sampled clients (1: all of them), above 1 a count (>= 3)."},
+    )
+    secagg_reconstruction_threshold: float = field(
+        default=0.67,
+        metadata={"help": "SecAgg+: shares needed to rebuild a secret; a value <= 1 is a fraction of num_shares "
+                  "(at least 2), above 1 a count (< num_shares). A round with fewer surviving neighbours fails."},
+    )
+    secagg_clipping_range: float = field(
+        default=8.0,
+        metadata={"help": "SecAgg+: every uploaded value is clipped to [-r, r] before quantization."},
+    )
+    secagg_quantization_range: int = field(
+        default=4194304,
+        metadata={"help": "SecAgg+: values are quantized to integers in [0, q); the aggregate's error per value is "
+                  "below 2 * clipping_range / q (4194304 = 2**22: 3.8e-6 with the default range)."},
+    )
+    secagg_modulus_range: int = field(
+        default=4294967296,
+        metadata={"help": "SecAgg+: masks and sums are taken modulo this power of two (> quantization_range, "
+                  "<= 2**32)."},
+    )
+    secagg_max_weight: float = field(
+        default=1000.0,
+        metadata={"help": "SecAgg+: the largest client weight (aggregation='samples': a client's sample count, capped "
+                  "here by the client); uniform weighting uses it for every client, so the full precision is kept."},
+    )
+    # ---- end of secure aggregation -------------------------------------------------------------------------------
 
     def __post_init__(self) -> None:
         # Imported here: the registry imports the algorithms, which import this module.
@@ -408,6 +447,14 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
             "is derived for one rank); set dp_mode 'off' or give every client lora_r",
         )
         self._check_many_clients()
+        self._check_secure_aggregation()  # secure aggregation on Flower
+        _require(
+            self.secure_aggregation == "off" or self.dp_mode == "off",
+            "secure_aggregation",
+            "is not combined with differential privacy yet: central DP clips each client's update, which secure "
+            "aggregation hides from the server, and local DP's noise shares for dropped clients are added on the "
+            "plain path only; set dp_mode 'off' or secure_aggregation 'off'",
+        )
         _require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         _require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
         # learning rate across rounds
@@ -710,6 +757,61 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
         global adapter's and the products B A of every rank are summed on one scale."""
         return self.lora_alpha * rank / self.lora_r
     # ---- end of per-client LoRA ranks ----------------------------------------------------------------------------
+
+    # ---- secure aggregation on Flower ------------------------------------------------------------------------------
+    def _check_secure_aggregation(self) -> None:
+        _require(
+            self.secure_aggregation in SECURE_AGGREGATIONS,
+            "secure_aggregation",
+            f"must be one of {SECURE_AGGREGATIONS}, got {self.secure_aggregation!r}",
+        )
+        if self.secure_aggregation == "off":
+            return
+        from fedsrd.algorithms import get_algorithm_class, list_algorithms
+
+        if not get_algorithm_class(self.algorithm).secure_sum:
+            able = [a for a in list_algorithms() if get_algorithm_class(a).secure_sum]
+            raise ValueError(
+                f"FedSRDConfig.secure_aggregation: {self.secure_aggregation!r} hides each upload inside a masked sum "
+                f"of equal-shape dense vectors, so it needs a server step that is a weighted sum of the uploads; "
+                f"algorithm {self.algorithm!r} is not one (its uploads are sparse with client-specific positions, "
+                f"partial, or its step needs each client's upload). The algorithms that support it: {', '.join(able)}."
+            )
+        for name, why in (
+            ("clip_update_norm", self.clip_update_norm is not None),
+            ("adaptive_clip", self.adaptive_clip == "on"),
+            ("robust_aggregation", self.robust_aggregation != "none"),
+        ):
+            _require(
+                not why,
+                name,
+                f"cannot be combined with secure_aggregation={self.secure_aggregation!r}: the server never sees an "
+                f"individual update to clip or rank (leave it at its default; adaptive_clip 'auto' is off under secure "
+                f"aggregation)",
+            )
+        sampled = self.sampled_per_round
+        _require(sampled >= 3, "secure_aggregation",
+                 f"{self.secure_aggregation!r} needs at least 3 clients per round (with 2, each learns the other's "
+                 f"update from the sum), got {sampled}")
+        shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        _require(shares > 0 and (shares <= 1 or (float(shares).is_integer() and 3 <= shares <= sampled)),
+                 "secagg_num_shares", f"must be a fraction in (0, 1] or a count in 3..{sampled} (clients per round), "
+                 f"got {shares}")
+        _require(threshold > 0 and (threshold <= 1 or float(threshold).is_integer()),
+                 "secagg_reconstruction_threshold", f"must be a fraction in (0, 1] or a count >= 2, got {threshold}")
+        if threshold > 1 and shares > 1:
+            _require(threshold < shares, "secagg_reconstruction_threshold",
+                     f"must be below secagg_num_shares={shares:g}, got {threshold:g}")
+        _require(self.secagg_clipping_range > 0, "secagg_clipping_range",
+                 f"must be > 0, got {self.secagg_clipping_range}")
+        q, mod = self.secagg_quantization_range, self.secagg_modulus_range
+        _require(q >= 2, "secagg_quantization_range", f"must be an integer >= 2, got {q}")
+        _require(q < mod <= 2**32 and mod & (mod - 1) == 0, "secagg_modulus_range",
+                 f"must be a power of two above secagg_quantization_range={q} and at most 2**32, got {mod}")
+        _require(sampled * q < mod, "secagg_quantization_range",
+                 f"x clients per round ({sampled} x {q}) must stay below secagg_modulus_range={mod}, or the sum "
+                 "overflows")
+        _require(self.secagg_max_weight > 0, "secagg_max_weight", f"must be > 0, got {self.secagg_max_weight}")
 
     @property
     def seed(self) -> int:

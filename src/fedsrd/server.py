@@ -416,6 +416,45 @@ class FederatedServer:
                 raise RuntimeError(f"round {round}: no update could be aggregated; rejected: {rejected}")
             state, payload, memory, stats, accepted = self._aggregate(round, accepted, rejected)
             robust.update(stats)
+        return self._commit(round, state, payload, memory, [m.meta["client_id"] for m in accepted], rejected,
+                            _mean_metrics(accepted), robust)
+
+    def step_sum(
+        self, round: int, mean: State, senders: list[int], metrics: dict[str, float], min_updates: int = 1
+    ) -> RoundResult:
+        """The server step on the weighted mean of the round's uploads, as secure aggregation delivers it
+        (`fedsrd.integrations.secagg`): the server never holds an individual update.
+
+        Only for algorithms whose step is linear in equal-shape dense uploads (`Algorithm.secure_sum`): the step on
+        the one mean, of weight one, is the step on the updates. The mean is checked as an update is (names, shapes,
+        finiteness, `max_update_value`); no per-client clipping or robust rule can apply to a sum.
+        """
+        if not self.algorithm.secure_sum:
+            raise ValueError(f"algorithm {self.algorithm.name!r}'s server step is not a sum of its uploads.")
+        if len(senders) < min_updates:
+            raise RuntimeError(f"round {round}: only {len(senders)} upload(s) in the secure sum, at least "
+                               f"{min_updates} needed")
+        expected = self.algorithm.update_shapes(self.state)
+        if sorted(mean) != sorted(expected):
+            raise wire.WireError(f"the secure sum holds {sorted(mean)}, expected {sorted(expected)}.")
+        for name, (shape, _) in expected.items():
+            if tuple(mean[name].shape) != tuple(shape):
+                raise wire.WireError(
+                    f"the secure sum's {name!r} has shape {tuple(mean[name].shape)}, expected {tuple(shape)}."
+                )
+            if not bool(torch.isfinite(mean[name]).all()) or _max_abs(mean[name]) > self.config.max_update_value:
+                raise wire.WireError(f"the secure sum's {name!r} is not finite or above max_update_value.")
+        aggregate = wire.Message("update", self.algorithm.name, round, dict(mean), {"client_id": 0, "num_samples": 1})
+        rejected: dict[str, str] = {}
+        state, payload, memory, stats, _ = self._aggregate(round, [aggregate], rejected)
+        return self._commit(round, state, payload, memory, sorted(senders), rejected, dict(metrics),
+                            {"rule": "secure_sum", **stats})
+
+    def _commit(
+        self, round: int, state: State, payload: dict, memory: State, accepted: list[int], rejected: dict[str, str],
+        metrics: dict[str, float], robust: dict,
+    ) -> RoundResult:
+        """Encode the broadcast and make the round's state the server's."""
         broadcast = wire.Message(
             kind="broadcast",
             algorithm=self.algorithm.name,
@@ -426,14 +465,8 @@ class FederatedServer:
         data = wire.encode(broadcast, value_dtype=self.config.value_dtype, positions=self.config.positions)
         download_by_rank, trainable_by_rank = self.per_rank_costs(broadcast, len(data))
         result = RoundResult(
-            round=round,
-            broadcast=data,
-            accepted=[m.meta["client_id"] for m in accepted],
-            rejected=rejected,
-            metrics=_mean_metrics(accepted),
-            robust=robust,
-            download_bytes_by_rank=download_by_rank,
-            trainable_bytes_by_rank=trainable_by_rank,
+            round=round, broadcast=data, accepted=accepted, rejected=rejected, metrics=metrics, robust=robust,
+            download_bytes_by_rank=download_by_rank, trainable_bytes_by_rank=trainable_by_rank,
         )
         self.state, self.memory, self.round = state, memory, round  # the only place the step changes the server
         return result

@@ -99,6 +99,10 @@ class Algorithm(ABC):
     # (FedSRD's pruning): differential privacy then needs upload_mask="random".
     data_dependent_positions: ClassVar[bool] = False
     random_upload_mask: ClassVar[bool] = False  # honours upload_mask="random" (FedSRD, FedSRD-e)
+    # True if the server step is linear in equal-shape dense uploads: server_step(updates, weights) equals
+    # server_step([sum_i weights[i] * updates[i]], [1.0]). Secure aggregation (FedSRDConfig.secure_aggregation) then
+    # hands the server only that sum; the config refuses it for the others.
+    secure_sum: ClassVar[bool] = False
     paper: ClassVar[str] = ""
     uploads: ClassVar[str] = ""
     downloads: ClassVar[str] = ""

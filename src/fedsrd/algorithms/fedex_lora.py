@@ -37,6 +37,7 @@ class FedExLoRA(FedAvg):
     dp_support = frozenset()
     dp_refusal = ("its server step writes a residual of the clients' individual products into the base weights, which "
                   "is not a sum of clipped changes (docs/privacy.md)")
+    secure_sum = False  # needs each client's upload (see robust_defences)
     writes_base_weights = True
 
     def server_step(

@@ -38,6 +38,7 @@ class FedFFT(FullParameterAlgorithm):
     downloads = "the averaged change, dense"
     robust_defences = SUM_DEFENCES  # a weighted sum of dense client tensors
     dp_support = SUM_DP  # noise on the sum of the clipped weight changes
+    secure_sum = True  # secure aggregation may hand the step only the weighted sum of the uploads
 
     def client_update(self, global_state: State, local_state: State, round: int, rng: torch.Generator) -> Payload:
         return {k: local_state[k].detach().to("cpu", torch.float32) for k in global_state}

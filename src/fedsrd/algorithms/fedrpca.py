@@ -47,6 +47,7 @@ class FedRPCA(FedAvg):
     paper = "FedRPCA (Jhunjhunwala et al., arXiv 2506.01194, 2025)"
     uploads = "LoRA A and B, dense"
     downloads = "A and B from Robust PCA of the stacked updates: low-rank part averaged, sparse part x beta, dense"
+    secure_sum = False  # not linear: Robust PCA of the stacked individual updates
     # Clipping only: a coordinate-wise median would hand the RPCA one consensus column, nothing to decompose.
     robust_defences = frozenset({"clip"})
 

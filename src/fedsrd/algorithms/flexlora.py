@@ -88,6 +88,7 @@ class FlexLoRA(FedAvg):
     dp_refusal = ("its server step is an SVD of the clients' products, for which this library has not implemented the "
                   "product-space noise (FedSRD has it; docs/privacy.md)")
     supports_unequal_ranks = True  # stacked products of any ranks; truncation on the way down
+    secure_sum = False  # needs each client's upload (see robust_defences)
 
     def server_step(
         self, global_state: State, updates: list[Payload], weights: list[float], round: int, rng: torch.Generator

@@ -56,6 +56,7 @@ class FLoRA(FedAvg):  # FedAvg's upload: every trained factor, dense
     dp_refusal = ("its server stacks the clients' individual adapters into the base weights, so every client's update "
                   "is released as it is, not a noised sum (docs/privacy.md)")
     supports_unequal_ranks = True  # slots of any rank stack exactly; the fresh A is cut to each client's rank
+    secure_sum = False  # needs each client's upload (see robust_defences)
     writes_base_weights = True
 
     def server_step(

@@ -64,6 +64,7 @@ class HetLoRA(FedAvg):
     paper = "HetLoRA (Cho et al., EMNLP 2024)"
     uploads = "the client's LoRA A and B at its own rank, dense"
     downloads = "sparsity-weighted mean of the zero-padded factors (rank R), dense; each client needs its rank's slice"
+    secure_sum = False  # not linear: weights from each client's own product norm
     supports_unequal_ranks = True
     robust_defences = frozenset()  # weights from the clients' own norms: not a plain weighted sum to clip or trim
 

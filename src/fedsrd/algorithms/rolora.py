@@ -36,6 +36,7 @@ class RoLoRA(FedAvg):
     paper = "RoLoRA (Chen et al., NeurIPS 2025; arXiv 2502.01755)"
     uploads = "one LoRA factor per round, dense: B in odd rounds (A frozen), A in even rounds (B frozen)"
     downloads = "the averaged factor of that round, dense"
+    secure_sum = False  # linear, but not yet tested with secure aggregation
     # robust_defences: FedAvg's (a weighted sum of dense client tensors of one factor)
 
     def trains(self, name: str, round: int) -> bool:

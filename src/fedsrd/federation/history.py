@@ -113,22 +113,23 @@ def round_record(
 
 def per_client_costs(
     senders: Sequence[int],
-    updates: Sequence[bytes],
+    updates: Sequence[bytes | None],
     ranks: Mapping[int, int | None],
     download_bytes_by_rank: Mapping[str, int],
     trainable_bytes_by_rank: Mapping[str, int | None],
 ) -> dict[str, dict[str, Any]]:
     """The record's ``per_client``: for every client whose update reached the server step, its LoRA rank (null when
-    every client trains the global adapter's), the bytes of its encoded upload, the encoded bytes of what it needs of
-    the round's broadcast (its rank's part, `Algorithm.client_download`; the whole broadcast at the global rank), and
-    the float32 bytes of the parameters it trains (null for full-parameter algorithms)."""
+    every client trains the global adapter's), the bytes of its encoded upload (null under secure aggregation, where
+    the server holds no single upload), the encoded bytes of what it needs of the round's broadcast (its rank's part,
+    `Algorithm.client_download`; the whole broadcast at the global rank), and the float32 bytes of the parameters it
+    trains (null for full-parameter algorithms)."""
     out: dict[str, dict[str, Any]] = {}
     for cid, update in zip(senders, updates, strict=True):
         rank = ranks.get(cid)
         key = "global" if rank is None else str(rank)
         out[str(cid)] = {
             "rank": rank,
-            "upload_bytes": len(update),
+            "upload_bytes": None if update is None else len(update),  # None: secure aggregation hides it
             "download_bytes": download_bytes_by_rank.get(key),
             "trainable_param_bytes": trainable_bytes_by_rank.get(key),
         }

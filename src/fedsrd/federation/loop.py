@@ -47,6 +47,9 @@ class Delivery:
     rejected: dict[str, str] = field(default_factory=dict)  # replies that arrived but were refused: why
     download_bytes: int = 0  # bytes sent to the clients before they trained (Flower's catch-up)
     transport: dict[str, Any] = field(default_factory=dict)  # what only this transport knows, for the record
+    # Where the uploads are not `updates` (secure aggregation: masked vectors and protocol messages): their bytes/count.
+    upload_bytes: int | None = None
+    num_uploads: int | None = None
 
 
 class Transport(ABC):
@@ -140,9 +143,9 @@ class Federation:
             clients = sample_clients(cfg.seed, round, cfg.num_clients, cfg.sampled_per_round, attempt)
             self.events.call("on_round_begin", round=round, clients=clients)
             delivery = self.transport.deliver(round, clients)
-            upload += sum(len(u) for u in delivery.updates)
+            upload += sum(len(u) for u in delivery.updates) if delivery.upload_bytes is None else delivery.upload_bytes
             download += delivery.download_bytes
-            uploads += len(delivery.updates)
+            uploads += len(delivery.updates) if delivery.num_uploads is None else delivery.num_uploads
             try:
                 result = self.transport.server_step(round, delivery, cfg.min_clients)
                 break
@@ -171,7 +174,8 @@ class Federation:
             transport=delivery.transport, dp_epsilon=cfg.dp_epsilon_after(round),
             dp_delta=None if cfg.dp_mode == "off" else cfg.dp_delta,
             per_client=per_client_costs(
-                delivery.senders, delivery.updates,
+                delivery.senders,
+                delivery.updates if len(delivery.updates) == len(delivery.senders) else [None] * len(delivery.senders),
                 {cid: cfg.client_rank(cid) for cid in delivery.senders
                  if cfg.client_lora_ranks is not None and 0 <= cid < cfg.num_clients},
                 result.download_bytes_by_rank, result.trainable_bytes_by_rank,

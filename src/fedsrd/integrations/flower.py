@@ -35,6 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 try:
@@ -56,6 +57,7 @@ from fedsrd.integrations.catchup import CatchUp, CatchUpError, OutOfSync, SyncLe
 from fedsrd.integrations.catchup import encode_full_state as _encode_full_state
 from fedsrd.integrations.checkpoint import ServerCheckpoint, load_checkpoint, save_checkpoint
 from fedsrd.integrations.node import FederationNode
+from fedsrd.integrations.secagg import SecAggPlusServer, SecureSum, is_secagg_message, secure_aggregation_mod
 from fedsrd.integrations.settings import RunSettings, parse_run_config
 from fedsrd.server import FederatedServer, RoundResult, save_adapter
 
@@ -171,7 +173,33 @@ def _train(msg: Message, context: Context) -> Message:
     if problem is not None:
         return _reply(msg, {**node.held(), "status": "out-of-sync", "reason": problem})
     update, metrics = node.train(int(config["round"]))
+    if is_secagg_message(msg):  # secure aggregation: the update goes to Flower's secaggplus_mod, never in clear
+        return _secagg_train_reply(msg, node, update, metrics)
     return _reply(msg, {**node.held(), "status": "ok"}, {"update": update}, metrics)
+
+
+def _secagg_train_reply(msg: Message, node: FederationNode, update: bytes, metrics: Mapping[str, float]) -> Message:
+    """The train reply as `secaggplus_mod` reads it (a legacy FitRes: the update's tensors in name order and the
+    client's weight); the mod replaces the tensors by the masked vector before anything leaves the node."""
+    import numpy as np
+
+    cfg = node.settings.fed
+    decoded = wire.decode(update, kind="update", algorithm=node.algorithm.name)
+    expected = sorted(node.algorithm.update_shapes(node.client.state))
+    if sorted(decoded.tensors) != expected or any(isinstance(t, wire.SparseTensor) for t in decoded.tensors.values()):
+        raise ValueError("secure aggregation needs a dense upload of every expected tensor; "
+                         f"{node.algorithm.name} sent {sorted(decoded.tensors)}")
+    arrays = [decoded.tensors[name].to(torch.float32).numpy() for name in expected]
+    if cfg.aggregation == "samples":  # the sample count, capped by the client itself (the server cannot see it)
+        weight = float(min(int(decoded.meta.get("num_samples", 0)), cfg.secagg_max_weight))
+    else:  # uniform: every client the largest weight, so the quantization keeps its full precision
+        weight = float(cfg.secagg_max_weight)
+    content = _reply(msg, {**node.held(), "status": "ok"}, None, metrics).content
+    content["fitres.parameters"] = ArrayRecord([np.ascontiguousarray(a) for a in arrays])
+    content["fitres.num_examples"] = MetricRecord({"num_examples": weight})
+    content["fitres.metrics"] = ConfigRecord({})
+    content["fitres.status"] = ConfigRecord({"code": 0, "message": ""})
+    return Message(content, reply_to=msg)
 
 
 def _sync(msg: Message, context: Context) -> Message:
@@ -186,7 +214,7 @@ def _sync(msg: Message, context: Context) -> Message:
 
 def make_client_app() -> ClientApp:
     """The ClientApp of every data owner's SuperNode."""
-    app = ClientApp()
+    app = ClientApp(mods=[secure_aggregation_mod])  # passes every message but SecAgg+'s straight through
     app.query("hello")(_hello)
     app.train()(_train)
     app.query("sync")(_sync)
@@ -246,6 +274,7 @@ class FlowerCoordinator(Transport):
         self.callbacks = list(callbacks)
         self._full_state: tuple[int, bytes] | None = None
         self._hello_errors: dict[int, str] = {}  # SuperNode id -> why its last hello failed
+        self._secure_sum: SecureSum | None = None  # the last secure-aggregation round's outcome
 
     # ---- the run --------------------------------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
@@ -366,6 +395,8 @@ class FlowerCoordinator(Transport):
     # ---- the Transport the round loop calls -------------------------------------------------------------------
     def deliver(self, round: int, clients: list[int]) -> Delivery:
         """A train message to each sampled client's SuperNode (with what it missed); their updates."""
+        if self.cfg.secure_aggregation != "off":
+            return self._deliver_secure(round, clients)
         self._refresh(clients)
         rejected: dict[str, str] = {}
         dropped: dict[str, str] = {}
@@ -401,6 +432,8 @@ class FlowerCoordinator(Transport):
         )
 
     def server_step(self, round: int, delivery: Delivery, min_updates: int) -> RoundResult:
+        if self.cfg.secure_aggregation != "off":
+            return self._secure_step(round, min_updates)
         result = self.server.step(round, delivery.updates, min_updates=min_updates, senders=delivery.senders)
         for key, reason in result.rejected.items():
             _say(f"round {round}: client {key.removeprefix('client ')} excluded: {reason}")
@@ -422,6 +455,58 @@ class FlowerCoordinator(Transport):
         if self.settings.final_sync:
             self._final_sync()
         self._save_adapter(self.out_dir / "final")
+
+    # ---- secure aggregation (fedsrd.integrations.secagg): the server holds only the sum -----------------------
+    def _deliver_secure(self, round: int, clients: list[int]) -> Delivery:
+        """One SecAgg+ round with the sampled clients: they train inside its collect stage; the server gets the
+        weighted mean of the survivors' uploads (kept for `_secure_step`) and never an individual update."""
+        self._refresh(clients)
+        dropped: dict[str, str] = {}
+        rejected: dict[str, str] = {}
+        plans = self._plans(clients, dropped)
+        specs = [(name, shape) for name, (shape, _) in sorted(self.algorithm.update_shapes(self.server.state).items())]
+        protocol = SecAggPlusServer(self.grid, self.cfg, specs, self.settings.round_timeout)
+        secure = protocol.run(round, {cid: self.nodes[cid] for cid in plans},
+                              lambda cid: self._message(TRAIN, cid, round, plans[cid]).content)
+        for cid in plans:
+            reply = secure.replies.get(cid)
+            info, _, error = _parse_reply(reply)
+            if error is None:
+                try:
+                    claimed, held_round, digest = _held_fields(info, self.cfg.num_clients, self.ledger.round)
+                    if claimed != cid:
+                        raise ReplyError(f"the SuperNode of client {cid} answers as client {claimed}")
+                    self.ledger.set_held(cid, held_round, digest)
+                    continue
+                except ReplyError as err:
+                    rejected[str(cid)] = f"malformed train reply: {err} (its masked vector is in the sum)"
+            self.ledger.held[cid] = None  # it may or may not have applied the catch-up: ask before it trains again
+        if secure.mean is None:
+            for cid in secure.senders:
+                self.ledger.held[cid] = None
+        dropped.update({c: why for c, why in secure.dropped.items() if c not in dropped})
+        for cid, why in dropped.items():
+            _say(f"round {round}: client {cid} not in the secure sum: {why}")
+        self._secure_sum = secure
+        return Delivery(
+            updates=[],
+            senders=list(secure.senders),
+            dropped=dropped,
+            rejected=rejected,
+            download_bytes=sum(plan.num_bytes for plan in plans.values()) + secure.protocol_down,
+            upload_bytes=secure.masked_bytes + secure.protocol_up,
+            num_uploads=len(secure.senders),
+            transport={"catch_up": {str(c): _describe_plan(p) for c, p in plans.items()},
+                       "secure_aggregation": secure.record()},
+        )
+
+    def _secure_step(self, round: int, min_updates: int) -> RoundResult:
+        secure: SecureSum = self._secure_sum
+        if secure.mean is None:
+            _say(f"round {round}: {secure.failure}; the global state is unchanged")
+            raise RuntimeError(f"{secure.failure} (dropped: {secure.dropped})")
+        metrics = _mean_reply_metrics([secure.replies[c] for c in secure.senders if c in secure.replies])
+        return self.server.step_sum(round, secure.mean, secure.senders, metrics, min_updates=min_updates)
 
     def _train_reply_error(self, cid: int, info: Mapping[str, Any], blobs: Mapping[str, bytes]) -> str | None:
         """Why a train reply from client `cid`'s SuperNode is unusable, or None."""
@@ -568,6 +653,21 @@ def server_adapter_config(state: Mapping[str, Any], settings: RunSettings) -> di
     lora.base_model_name_or_path = settings.model_data.model_name_or_path
     config = lora.to_dict()
     return json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set | frozenset) else str(v)))
+
+
+def _mean_reply_metrics(replies: list[Message]) -> dict[str, float]:
+    """The mean of each metric the clients reported beside their masked vectors (e.g. train_loss)."""
+    values: dict[str, list[float]] = {}
+    for reply in replies:
+        try:
+            record = reply.content[METRICS] if METRICS in reply.content else {}
+            for key, value in record.items():
+                if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) <= 1e30:
+                    values.setdefault(key.replace("-", "_"), []).append(float(value))
+        except (AttributeError, KeyError, TypeError):
+            continue
+    values.pop("num_examples", None)
+    return {k: sum(v) / len(v) for k, v in sorted(values.items())}
 
 
 def _delivered_nothing(reply: Message | None) -> bool:

@@ -101,6 +101,12 @@ class SimulationTransport(Transport):
 def run_federation(trainer: FederatedTrainer) -> TrainOutput:
     """Run (or resume) the federation of `trainer` in this process, or as one process of an Accelerate team."""
     cfg = trainer.fed_config
+    if cfg.secure_aggregation != "off":  # secure aggregation on Flower
+        raise ValueError(
+            f"FedSRDConfig.secure_aggregation={cfg.secure_aggregation!r} runs only on the Flower deployment runtime "
+            "(fedsrd.integrations.flower, docs/flower.md): in the simulation one process trains every client and holds "
+            "every update, so there is no one to hide an update from. Use secure_aggregation='off' here."
+        )
     args = trainer.args
     out_dir = Path(args.output_dir)
     server = FederatedServer(trainer.algorithm, trainer.global_state, cfg)

@@ -1,0 +1,465 @@
+"""Secure aggregation on Flower (SecAgg+): the protocol's sum against known vectors, dropouts and the threshold,
+refused configurations, and whole FedAvg-LoRA runs (in one process, and on a real SuperLink with three SuperNodes on
+loopback) that end on the plain run's aggregate up to the protocol's quantization while the server never holds an
+individual update.
+
+Tolerance: every client sends q(x) with values clipped to [-c, c] and quantized to integers in [0, Q) by stochastic
+rounding, so each of its values is off by less than one step 2c/Q; with uniform weights the mean of the clients' errors
+is below 2c/Q per value as well (c = 8, Q = 2**22: 3.8e-6).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from fedsrd import FedSRDConfig, wire
+
+HAS_FLWR = importlib.util.find_spec("flwr") is not None
+needs_flwr = pytest.mark.skipif(not HAS_FLWR, reason="flwr is not installed (pip install -e '.[flower]')")
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "examples" / "flower-app"
+
+CLIP, QRANGE = 8.0, 2**22
+STEP = 2 * CLIP / QRANGE  # one quantization step: the aggregate's tolerance per value
+
+RUN_CONFIG = {
+    "model-name-or-path": "tiny-llama",
+    "data": "synthetic",
+    "domains": "arithmetic percent units",
+    "train-size": 48,
+    "max-length": 96,
+    "algorithm": "fedavg",
+    "num-rounds": 1,
+    "num-clients": 3,
+    "local-steps": 2,
+    "lora-r": 4,
+    "lora-alpha": 8,
+    "lora-dropout": 0.0,
+    "save-every": 0,
+    "seed": 0,
+    "learning-rate": 0.003,
+    "per-device-train-batch-size": 8,
+    "lr-scheduler-type": "constant",
+    "report-to": "none",
+    "use-cpu": True,
+    "disable-tqdm": True,
+    "node-timeout": 60.0,
+}
+SECAGG = "--secure_aggregation secaggplus"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# refused configurations
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["fedsrd", "topk", "fed_dare", "flexlora", "fedkrso"])
+def test_algorithms_whose_step_is_not_a_sum_are_refused(algorithm):
+    with pytest.raises(ValueError, match="secure_aggregation") as err:
+        FedSRDConfig(algorithm=algorithm, num_clients=3, secure_aggregation="secaggplus")
+    assert "weighted sum" in str(err.value)
+    assert "support it: fedavg, fedfft, fedprox, fedsa_lora, ffa_lora." in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"clip_update_norm": 1.0}, "clip_update_norm"),
+        ({"adaptive_clip": "on"}, "adaptive_clip"),
+        ({"robust_aggregation": "median"}, "robust_aggregation"),
+        ({"clients_per_round": 2}, "secure_aggregation"),
+        ({"secagg_num_shares": 2.0}, "secagg_num_shares"),
+        ({"secagg_num_shares": 3.0, "secagg_reconstruction_threshold": 3.0}, "secagg_reconstruction_threshold"),
+        ({"secagg_modulus_range": 3 * 2**22}, "secagg_modulus_range"),
+        ({"secagg_quantization_range": 2**31}, "secagg_quantization_range"),
+        ({"secure_aggregation": "secagg"}, "secure_aggregation"),
+    ],
+)
+def test_bad_secure_aggregation_settings_are_refused(overrides, field):
+    settings = {"algorithm": "fedavg", "num_clients": 4, "secure_aggregation": "secaggplus", **overrides}
+    with pytest.raises(ValueError, match=f"FedSRDConfig.{field}"):
+        FedSRDConfig(**settings)
+
+
+def test_supported_algorithms_are_accepted():
+    for algorithm in ("fedavg", "fedprox", "ffa_lora", "fedsa_lora", "fedfft"):
+        FedSRDConfig(algorithm=algorithm, num_clients=3, secure_aggregation="secaggplus")
+
+
+def test_the_simulation_refuses_secure_aggregation():
+    from fedsrd.runtime.local import run_federation
+
+    cfg = FedSRDConfig(algorithm="fedavg", num_clients=3, secure_aggregation="secaggplus")
+    with pytest.raises(ValueError, match="only on the Flower deployment runtime"):
+        run_federation(SimpleNamespace(fed_config=cfg))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the protocol against known vectors: our server stages + Flower's secaggplus_mod on each client
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+class ModGrid:
+    """A Grid whose nodes run Flower's `secaggplus_mod` around a fixed upload (FitRes-shaped, as our ClientApp's);
+    `fail`: (node id, stage) pairs where that node's ClientApp raises, `garble`: nodes whose masked vector is cut."""
+
+    def __init__(self, uploads: dict[int, list[np.ndarray]], weights: dict[int, float], fail=(), garble=()):
+        from flwr.app import Context, RecordDict
+
+        self.uploads, self.weights, self.fail, self.garble = uploads, weights, set(fail), set(garble)
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in uploads
+        }
+        self.replies = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def _train(self, msg, context):
+        from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+        nid = msg.metadata.dst_node_id
+        return Message(
+            RecordDict(
+                {
+                    "fitres.parameters": ArrayRecord([a.copy() for a in self.uploads[nid]]),
+                    "fitres.num_examples": MetricRecord({"num_examples": self.weights[nid]}),
+                    "fitres.metrics": ConfigRecord({}),
+                    "fitres.status": ConfigRecord({"code": 0, "message": ""}),
+                }
+            ),
+            reply_to=msg,
+        )
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Error, Message
+        from flwr.client.mod import secaggplus_mod
+
+        out = []
+        for msg in messages:
+            nid = msg.metadata.dst_node_id
+            stage = msg.content["secaggplus_configs"]["stage"]
+            try:
+                if (nid, stage) in self.fail:
+                    raise ConnectionError("node went away")
+                reply = secaggplus_mod(msg, self.contexts[nid], self._train)
+                if nid in self.garble and stage == "collect_masked_vectors":
+                    reply.content["secaggplus_configs"]["masked_params"] = [b"\x93NUMPY"]
+            except Exception as err:
+                reply = Message(Error(code=1, reason=repr(err)), reply_to=msg)
+            self.replies.append((stage, reply))
+            out.append(reply)
+        return out
+
+
+def _protocol(num_nodes=4, weights=None, seed=0, **cfg):
+    from fedsrd.integrations.secagg import SecAggPlusServer
+
+    g = torch.Generator().manual_seed(seed)
+    specs = [("a", (3, 5)), ("b", (7,))]
+    uploads = {
+        100 + i: [torch.randn(s, generator=g).numpy().astype(np.float32) for _, s in specs] for i in range(num_nodes)
+    }
+    weights = weights or {n: 1000.0 for n in uploads}
+    config = FedSRDConfig(algorithm="fedavg", num_clients=num_nodes, secure_aggregation="secaggplus", **cfg)
+    return SecAggPlusServer, config, specs, uploads, weights
+
+
+def _weighted_mean(uploads, weights, nodes):
+    total = sum(weights[n] for n in nodes)
+    return [sum(weights[n] * uploads[n][i].astype(np.float64) for n in nodes) / total for i in range(2)]
+
+
+def _run(server_cls, config, specs, grid, nodes):
+    from flwr.app import ConfigRecord, RecordDict
+
+    server = server_cls(grid, config, specs, timeout=10)
+    return server.run(1, {n - 100: n for n in nodes}, lambda cid: RecordDict({"fedsrd": ConfigRecord({"round": 1})}))
+
+
+@needs_flwr
+def test_the_server_learns_the_weighted_mean_up_to_one_quantization_step(task_identity):
+    server_cls, config, specs, uploads, weights = _protocol(weights={100: 1000.0, 101: 500.0, 102: 250.0, 103: 1000.0})
+    grid = ModGrid(uploads, weights)
+    out = _run(server_cls, config, specs, grid, list(uploads))
+    assert out.failure is None and out.senders == [0, 1, 2, 3] and out.dropped == {}
+    expected = _weighted_mean(uploads, weights, list(uploads))
+    # weights w / max_weight <= 1 are quantized too (to 1/Q): the error is below a step divided by sum_i w_i / max_w
+    tolerance = STEP * len(uploads) / (sum(weights.values()) / 1000.0) + 1e-6
+    for (name, shape), want in zip(specs, expected, strict=True):
+        assert out.mean[name].shape == torch.Size(shape)
+        assert np.max(np.abs(out.mean[name].numpy() - want)) <= tolerance
+    assert out.weight_sum == pytest.approx(2750.0, rel=1e-5)
+    # what reached the server from each client: keys, encrypted shares, a masked vector, shares; never the upload
+    for stage, reply in grid.replies:
+        assert all(len(r) == 0 for r in reply.content.array_records.values())
+        if stage == "collect_masked_vectors":
+            masked = reply.content["secaggplus_configs"]["masked_params"]
+            from flwr.compat.common.parameter import bytes_to_ndarray
+
+            values = bytes_to_ndarray(masked[1]).astype(np.float64) / QRANGE * 2 * CLIP - CLIP
+            nid = reply.metadata.src_node_id
+            assert np.max(np.abs(values.reshape(3, 5) - uploads[nid][0])) > 1.0  # masked: nowhere near the upload
+    assert out.masked_bytes > 0 and out.protocol_up > 0 and out.protocol_down > 0
+
+
+@needs_flwr
+def test_a_client_dropping_after_sharing_its_keys_is_unmasked_from_its_neighbours_shares(task_identity):
+    server_cls, config, specs, uploads, weights = _protocol(num_nodes=5)  # threshold round(0.67 * 5) = 3
+    grid = ModGrid(uploads, weights, fail={(102, "collect_masked_vectors")}, garble={103})
+    out = _run(server_cls, config, specs, grid, list(uploads))
+    assert out.failure is None and out.senders == [0, 1, 4]
+    assert "ClientApp failed" in out.dropped["2"] and "masked vector" in out.dropped["3"]
+    for (name, _), want in zip(specs, _weighted_mean(uploads, weights, [100, 101, 104]), strict=True):
+        assert np.max(np.abs(out.mean[name].numpy() - want)) <= STEP + 1e-6
+
+
+@needs_flwr
+def test_a_client_dropping_before_sharing_its_keys_is_left_out(task_identity):
+    server_cls, config, specs, uploads, weights = _protocol()
+    grid = ModGrid(uploads, weights, fail={(101, "share_keys")})
+    out = _run(server_cls, config, specs, grid, list(uploads))
+    assert out.failure is None and out.senders == [0, 2, 3] and "share_keys" in out.dropped["1"]
+    for (name, _), want in zip(specs, _weighted_mean(uploads, weights, [100, 102, 103]), strict=True):
+        assert np.max(np.abs(out.mean[name].numpy() - want)) <= STEP + 1e-6
+
+
+@needs_flwr
+def test_fewer_survivors_than_the_threshold_fail_the_round(task_identity):
+    server_cls, config, specs, uploads, weights = _protocol(secagg_reconstruction_threshold=1.0)  # all 4 needed
+    grid = ModGrid(uploads, weights, fail={(101, "collect_masked_vectors")})
+    out = _run(server_cls, config, specs, grid, list(uploads))
+    assert out.mean is None and "collect masked vectors" in out.failure and "threshold is 4" in out.failure
+
+
+@needs_flwr
+def test_fewer_than_three_reachable_clients_are_refused(task_identity):
+    server_cls, config, specs, uploads, weights = _protocol(num_nodes=3)
+    grid = ModGrid(uploads, weights)
+    out = _run(server_cls, config, specs, grid, [100, 101])
+    assert out.mean is None and "needs at least 3" in out.failure and grid.replies == []
+
+
+@needs_flwr
+def test_protocol_sizes_follow_flowers_workflow():
+    from fedsrd.integrations.secagg import protocol_sizes
+
+    def sizes(shares, threshold, n):
+        cfg = FedSRDConfig(
+            algorithm="fedavg",
+            num_clients=n,
+            secure_aggregation="secaggplus",
+            secagg_num_shares=shares,
+            secagg_reconstruction_threshold=threshold,
+        )
+        return protocol_sizes(cfg, n)
+
+    assert sizes(1.0, 0.67, 3) == (3, 2)
+    assert sizes(0.5, 0.5, 10) == (5, 2)  # round(0.5 * 10) = 5 (odd); round(0.5 * 5) = 2
+    assert sizes(0.4, 1.0, 10) == (5, 5)  # 4 is even and below the sample: 5
+    assert sizes(5.0, 3.0, 10) == (5, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# whole runs in one process: our ServerApp loop and ClientApp (with Flower's mod) on a loopback Grid
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class LoopbackGrid:
+    """A Flower Grid that hands each message to the ClientApp in this process, one Context per SuperNode; it keeps
+    every reply, and `fail` holds (node, stage) pairs where that node's ClientApp is made to fail."""
+
+    def __init__(self, run_config: dict, node_configs: list[dict], fail=()) -> None:
+        from flwr.app import Context, RecordDict
+
+        from fedsrd.integrations.flower import make_client_app
+
+        self.app = make_client_app()
+        self.contexts = {
+            100 + i: Context(run_id=1, node_id=100 + i, node_config=c, state=RecordDict(), run_config=run_config)
+            for i, c in enumerate(node_configs)
+        }
+        self.fail = set(fail)
+        self.replies = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Error, Message
+
+        out = []
+        for msg in messages:
+            nid = msg.metadata.dst_node_id
+            stage = msg.content["secaggplus_configs"]["stage"] if "secaggplus_configs" in msg.content else None
+            try:
+                if (nid, stage) in self.fail:
+                    raise ConnectionError("node went away")
+                reply = self.app(msg, self.contexts[nid])
+            except Exception as err:
+                reply = Message(Error(code=1, reason=repr(err)), reply_to=msg)
+            self.replies.append((stage, reply))
+            out.append(reply)
+        return out
+
+
+def _in_process(root: Path, fail=(), **overrides):
+    from fedsrd.integrations.flower import run_server
+
+    rc = {**RUN_CONFIG, "output-dir": str(root / "server"), **overrides}
+    nodes = [{"partition-id": i, "num-partitions": 3, "state-dir": str(root / f"node{i}")} for i in range(3)]
+    grid = LoopbackGrid(rc, nodes, fail)
+    return run_server(grid, rc), grid
+
+
+def _final_state(server_dir: Path) -> dict[str, torch.Tensor]:
+    from fedsrd.server import load_adapter_state
+
+    return load_adapter_state(server_dir / "final")
+
+
+@needs_flwr
+def test_secure_round_equals_the_plain_round_and_the_server_never_decodes_an_update(
+    tmp_path, task_identity, monkeypatch
+):
+    from fedsrd.server import FederatedServer
+
+    plain_history, _ = _in_process(tmp_path / "plain")
+    decoded = []
+    original = FederatedServer.decode_update
+    monkeypatch.setattr(
+        FederatedServer, "decode_update", lambda self, *a, **k: decoded.append(a) or original(self, *a, **k)
+    )
+    history, grid = _in_process(tmp_path / "secure", args=SECAGG)
+    assert decoded == []  # the server decoded no client's update: it only ever held the sum
+    for stage, reply in grid.replies:  # and no train reply carried one: no payload, no arrays, only masked vectors
+        assert not reply.has_error(), reply.error
+        if stage is None:  # hello (client 0 sends the seeded initial adapter) and the final sync: no update
+            assert reply.metadata.message_type != "train"
+            continue
+        assert "payload" not in reply.content and all(len(r) == 0 for r in reply.content.array_records.values())
+        assert not any(k.startswith("fitres.") for k in reply.content)
+    stages = [s for s, _ in grid.replies if s]
+    assert stages == ["setup"] * 3 + ["share_keys"] * 3 + ["collect_masked_vectors"] * 3 + ["unmask"] * 3
+    plain, secure = _final_state(tmp_path / "plain" / "server"), _final_state(tmp_path / "secure" / "server")
+    assert sorted(plain) == sorted(secure)
+    worst = max(float((plain[k] - secure[k]).abs().max()) for k in plain)
+    assert 0 < worst <= STEP * 1.001 + 1e-7  # quantized, and within one step of the plain mean
+    record, plain_record = history[1], plain_history[1]
+    assert record["accepted"] == [0, 1, 2] and record["rejected"] == {} and record["dropped"] == {}
+    assert record["train_loss"] == pytest.approx(plain_record["train_loss"])
+    sa = record["transport"]["secure_aggregation"]
+    assert record["upload_bytes"] == sa["masked_vector_bytes"] + sa["protocol_upload_bytes"]
+    assert sa["masked_vector_bytes"] > plain_record["upload_bytes"]  # int64 masked values vs float32 updates
+    assert record["robust"]["rule"] == "secure_sum"
+    # the same config and seed give the same bits (the stochastic rounding is seeded per client and round)
+    _in_process(tmp_path / "again", args=SECAGG)
+    again = _final_state(tmp_path / "again" / "server")
+    assert wire.state_digest(again) == wire.state_digest(secure)
+
+
+@needs_flwr
+def test_a_dropout_below_the_threshold_fails_the_round_and_keeps_the_state(tmp_path, task_identity):
+    from fedsrd.integrations.checkpoint import load_checkpoint
+
+    with pytest.raises(RuntimeError, match="secure aggregation stopped at collect masked vectors"):
+        _in_process(
+            tmp_path, fail={(101, "collect_masked_vectors")}, args=f"{SECAGG} --secagg_reconstruction_threshold 1.0"
+        )
+    ckpt = load_checkpoint(tmp_path / "server" / "checkpoints")
+    assert ckpt.round == 0 and len(ckpt.history) == 1  # round 1 never committed; the global state is round 0's
+
+
+@needs_flwr
+def test_a_dropout_within_the_threshold_completes_with_the_survivors(tmp_path, task_identity):
+    history, _ = _in_process(tmp_path, fail={(101, "collect_masked_vectors")}, args=SECAGG)
+    record = history[1]
+    assert record["accepted"] == [0, 2] and "ClientApp failed" in record["dropped"]["1"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a real deployment: SuperLink + 3 SuperNodes on loopback, the plain run then the secure one
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.flower
+@needs_flwr
+def test_deployment_on_loopback_secure_equals_plain(tmp_path):
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_flower import _free_ports, _isolated_network
+
+    for exe in ("flower-superlink", "flower-supernode", "flwr"):
+        if not (Path(sys.executable).parent / exe).exists():
+            pytest.skip(f"{exe} is not next to {sys.executable}")
+    app_config = {
+        "num-clients": 3,
+        "clients-per-round": 3,
+        "algorithm": "fedavg",
+        "num-rounds": 1,
+        "domains": "arithmetic percent units",
+    }
+    node_configs = [{"partition-id": i, "num-partitions": 3, "state-dir": str(tmp_path / f"node{i}")} for i in range(3)]
+    runs = [
+        {**app_config, "output-dir": str(tmp_path / "plain")},
+        {**app_config, "output-dir": str(tmp_path / "secure"), "args": SECAGG},
+    ]
+    isolated = _isolated_network()
+    link_port, node_port = (9092, 9094) if isolated else _free_ports(2)
+    driver = [
+        sys.executable,
+        "-m",
+        "fedsrd.integrations.flower_loopback",
+        str(APP),
+        "--workdir",
+        str(tmp_path / "flwr"),
+        "--nodes",
+        "3",
+        "--link-port",
+        str(link_port),
+        "--node-port",
+        str(node_port),
+        "--timeout",
+        "600",
+        *[arg for c in node_configs for arg in ("--node-config", json.dumps(c))],
+        *[arg for c in runs for arg in ("--run-config", json.dumps(c))],
+    ]
+    if isolated:
+        driver = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', *driver]
+    proc = subprocess.Popen(driver, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=1500)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{err[-6000:]}"
+    statuses = [json.loads(line)["status"] for line in out.splitlines() if line.startswith('{"run_id"')]
+    assert statuses == ["finished:completed", "finished:completed"]
+    plain, secure = _final_state(tmp_path / "plain"), _final_state(tmp_path / "secure")
+    worst = max(float((plain[k] - secure[k]).abs().max()) for k in plain)
+    assert 0 < worst <= STEP * 1.001 + 1e-7
+    history = json.loads((tmp_path / "secure" / "history.json").read_text())
+    assert history[1]["accepted"] == [0, 1, 2] and history[1]["transport"]["secure_aggregation"]["masked_vector_bytes"]
