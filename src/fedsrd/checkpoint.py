@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +59,19 @@ logger = logging.getLogger(__name__)
 
 
 def save_checkpoint(out_dir: str | Path, round: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                    keep: int = 2) -> Path:
+                    keep: int = 2, add_files: Callable[[Path], dict[str, Any]] | None = None) -> Path:
     """Write the state after `round` under ``<out_dir>/checkpoints`` (`write_checkpoint`)."""
-    return write_checkpoint(Path(out_dir) / CHECKPOINTS, round, tensors, meta, keep=keep)
+    return write_checkpoint(Path(out_dir) / CHECKPOINTS, round, tensors, meta, keep=keep, add_files=add_files)
 
 
 def write_checkpoint(root: str | Path, round: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                     keep: int = 2) -> Path:
+                     keep: int = 2, add_files: Callable[[Path], dict[str, Any]] | None = None) -> Path:
     """Write the state after `round` (tensors by name, JSON-serialisable `meta`) as ``root/round_NNNN`` and point
-    LATEST at it; keep the newest `keep` checkpoints."""
+    LATEST at it; keep the newest `keep` checkpoints.
+
+    `add_files(directory)`: writes further files into the checkpoint before it is renamed into place (the simulation's
+    on-disk client states, `fedsrd.federation.client_store`) and returns what to add to ``meta.json`` (their digests).
+    The reader finds the directory as ``meta["checkpoint_dir"]``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"round_{round:04d}"
@@ -77,6 +82,8 @@ def write_checkpoint(root: str | Path, round: int, tensors: dict[str, torch.Tens
     tmp.mkdir()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     save_file(tensors, str(tmp / TENSORS))
+    if add_files is not None:
+        meta = {**meta, **add_files(tmp)}
     # Every tensor (global, personal/, base/...) under one digest, checked on load.
     _write_json(tmp / META, {"format": FORMAT, "version": 1, "round": int(round), **meta,
                              TENSORS_DIGEST: wire.state_digest(tensors)})
@@ -186,6 +193,7 @@ def _read_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str
         raise ValueError(f"{tensors_path} cannot be read ({err})") from err
     if TENSORS_DIGEST in meta and wire.state_digest(tensors) != meta[TENSORS_DIGEST]:
         raise ValueError(f"{tensors_path} does not match the digest recorded in {meta_path}")
+    meta["checkpoint_dir"] = str(path)  # where files written by `add_files` are (not stored)
     return int(meta["round"]), tensors, meta
 
 

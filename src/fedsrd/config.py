@@ -43,6 +43,7 @@ POSITION_ENCODINGS = ("auto", "bitmap", "varint")
 HUB_ROUND_REFS = ("branch", "tag")
 ROBUST_AGGREGATIONS = ("none", "median", "trimmed_mean")
 ADAPTIVE_CLIP_MODES = ("auto", "on", "off")
+SERVER_STREAMING_MODES = ("off", "on")  # many clients per round
 # ---- differential privacy (fedsrd.ops.privacy; docs/privacy.md) ----
 DP_MODES = ("off", "central", "local")
 DP_ACCOUNTANTS = ("rdp", "pld")
@@ -276,6 +277,36 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
         default="round-{round:04d}", metadata={"help": "Name of each round's branch or tag on the Hub."}
     )
     # ---- end of lm-eval / Hub ------------------------------------------------------------------------------------
+    # ---- many clients per round: server step path, streaming, client state on disk (docs/fedsrd.md) --------------
+    server_step_path: str = field(
+        default="auto",
+        metadata={"help": "FedSRD's rank-r SVD of the aggregate, per module: 'factored' (QR of the stacked m*r client "
+                  "factors), 'dense' (form the d_out x d_in aggregate, thin SVD), or 'auto' (the one a flop count says "
+                  "is cheaper for that module's shape and m; both agree to float32 rounding)."},
+    )
+    server_streaming: str = field(
+        default="off",
+        metadata={"help": "'on': fold each client update into a fixed-size aggregate and release it, so the server's "
+                  "memory does not grow with the clients per round (weighted sums exactly; FedSRD-e exactly; FedSRD "
+                  "through a one-pass sketch, see sketch_oversampling); 'off': hold the round's decoded updates."},
+    )
+    sketch_oversampling: int = field(
+        default=64,
+        metadata={"help": "FedSRD with server_streaming on: Gaussian directions of the aggregate's sketch beyond the "
+                  "LoRA rank r (k = r + this, co-range 2k + 1, plus the current factors' spans); larger is more "
+                  "accurate and costs (d_out + d_in) floats per direction per module."},
+    )
+    client_state_store: str = field(
+        default="auto",
+        metadata={"help": "Simulation: where each client's kept state (personal tensors, error-feedback residuals) "
+                  "lives between its rounds: 'memory', 'disk' (output_dir/client_states/, one safetensors file per "
+                  "client, atomic writes, snapshotted into checkpoints), or 'auto' (disk from "
+                  "client_state_disk_threshold clients on)."},
+    )
+    client_state_disk_threshold: int = field(
+        default=256, metadata={"help": "client_state_store 'auto': keep client states on disk from this many clients."}
+    )
+    # ---- end of many clients per round -----------------------------------------------------------------------------
     # ---- secure aggregation on Flower (fedsrd.integrations.secagg; docs/flower.md, "Secure aggregation") --------
     # Names follow flwr.server.workflow.SecAggPlusWorkflow's arguments.
     secure_aggregation: str = field(
@@ -378,6 +409,7 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
             "clients of different ranks are not combined with differential privacy (the noised product-space target "
             "is derived for one rank); set dp_mode 'off' or give every client lora_r",
         )
+        self._check_many_clients()
         self._check_secure_aggregation()  # secure aggregation on Flower
         _require(
             self.secure_aggregation == "off" or self.dp_mode == "off",
@@ -469,6 +501,56 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
                     f"FedSRDConfig.{name}: algorithm {self.algorithm!r} does not admit {defence!r} (its server step "
                     f"is not a sum it can bound that way); the algorithms that do: {', '.join(able)}."
                 )
+
+    # ---- many clients per round ------------------------------------------------------------------------------------
+    def _check_many_clients(self) -> None:
+        from fedsrd.ops.lowrank import SVD_PATHS
+
+        _require(
+            self.server_step_path in SVD_PATHS,
+            "server_step_path",
+            f"must be one of {SVD_PATHS}, got {self.server_step_path!r}",
+        )
+        _require(
+            self.server_streaming in SERVER_STREAMING_MODES,
+            "server_streaming",
+            f"must be one of {SERVER_STREAMING_MODES}, got {self.server_streaming!r}",
+        )
+        _require(self.sketch_oversampling >= 0, "sketch_oversampling", f"must be >= 0, got {self.sketch_oversampling}")
+        _require(
+            self.client_state_store in ("auto", "memory", "disk"),
+            "client_state_store",
+            f"must be one of ('auto', 'memory', 'disk'), got {self.client_state_store!r}",
+        )
+        _require(
+            self.client_state_disk_threshold >= 1,
+            "client_state_disk_threshold",
+            f"must be >= 1, got {self.client_state_disk_threshold}",
+        )
+        _require(
+            not (self.server_streaming == "on" and self.robust_aggregation != "none"),
+            "server_streaming",
+            f"'on' folds updates one at a time, but robust_aggregation={self.robust_aggregation!r} needs every "
+            "update of the round at once (a coordinate-wise statistic); use server_streaming 'off' or "
+            "robust_aggregation 'none' (norm clipping streams)",
+        )
+        if self.server_streaming != "on":
+            return
+        # What the streaming step does not fold, refused before any training (train_one_factor folds: a factor a
+        # client did not send is a zero delta, as in the batch step).
+        _require(
+            self.dp_mode == "off",
+            "server_streaming",
+            f"'on' is not combined with differential privacy (dp_mode={self.dp_mode!r}): the noise is added to the "
+            "whole round's aggregate by the batch step (server_step_private); use server_streaming 'off' or "
+            "dp_mode 'off'",
+        )
+        _require(
+            not self.has_unequal_ranks,
+            "server_streaming",
+            "'on' folds updates of one shape (every client at lora_r), but client_lora_ranks gives clients different "
+            "ranks; use server_streaming 'off' or give every client lora_r",
+        )
 
     # ---- differential privacy (docs/privacy.md) ----
     def _check_privacy(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,13 +136,8 @@ class FederatedServer:
         ``adaptive_clip_multiplier x`` the lower median of the round's norms (`fedsrd.ops.robust`). With dp_mode
         "central" it is also at most `dp_clip_norm`, and adaptive clipping is off (its bound depends on the data).
         """
-        cfg = self.config
-        adaptive = cfg.adaptive_clip == "on" or (
-            cfg.adaptive_clip == "auto" and "clip" in self.algorithm.robust_defences and cfg.dp_mode == "off"
-        )
-        dp_clip = cfg.dp_clip_norm if cfg.dp_mode == "central" else None
         record: dict = {"rule": self.robust_rule()}
-        if not messages or (not adaptive and cfg.clip_update_norm is None and dp_clip is None):
+        if not messages or not self._clipping():
             return messages, record
         kept, norms = [], []
         for msg in messages:
@@ -158,24 +154,46 @@ class FederatedServer:
         messages = kept
         if not messages:
             return messages, record
+        bound = self._clip_bound(round, [m.meta["client_id"] for m in messages], norms, record)
+        for msg, norm in zip(messages, norms, strict=True):
+            if norm > bound:
+                msg.tensors = self.algorithm.clip_update(self.state, msg.tensors, bound)
+        return messages, record
+
+    def _adaptive(self) -> bool:
+        """Whether the bound follows the round's median norm (adaptive clipping); off under differential privacy, where
+        the median depends on the clients' data."""
+        cfg = self.config
+        return cfg.adaptive_clip == "on" or (
+            cfg.adaptive_clip == "auto" and "clip" in self.algorithm.robust_defences and cfg.dp_mode == "off"
+        )
+
+    def _clipping(self) -> bool:
+        """Whether this round's updates are norm-clipped (`bound_influence`)."""
+        cfg = self.config
+        return self._adaptive() or cfg.clip_update_norm is not None or cfg.dp_mode == "central"
+
+    def _clip_bound(self, round: int, clients: list[int], norms: list[float], record: dict) -> float:
+        """The round's clipping bound from the clients' change norms; fills `record` and logs every clipped client."""
+        cfg = self.config
+        adaptive = self._adaptive()
+        dp_clip = cfg.dp_clip_norm if cfg.dp_mode == "central" else None
         bounds = [b for b in (cfg.clip_update_norm, dp_clip) if b is not None]
         if adaptive:
             record["median_norm"] = lower_median(norms)
             bounds.append(cfg.adaptive_clip_multiplier * record["median_norm"])
         bound = min(bounds)
         record["clip_bound"] = bound
-        record["norms"] = {str(m.meta["client_id"]): norm for m, norm in zip(messages, norms, strict=True)}
+        record["norms"] = {str(c): norm for c, norm in zip(clients, norms, strict=True)}
         record["clipped"] = {}
-        for msg, norm in zip(messages, norms, strict=True):
+        for client, norm in zip(clients, norms, strict=True):
             if norm > bound:
-                msg.tensors = self.algorithm.clip_update(self.state, msg.tensors, bound)
-                client = str(msg.meta["client_id"])
-                record["clipped"][client] = {"norm": norm, "scale": bound / norm if norm else 1.0}
+                record["clipped"][str(client)] = {"norm": norm, "scale": bound / norm if norm else 1.0}
                 logger.warning("round %d: clipped client %s's update: change norm %.4g > bound %.4g", round, client,
                                norm, bound)
         if cfg.dp_mode != "off":  # each client's norm depends on its data: under DP the record keeps only the bound
             del record["norms"], record["clipped"]
-        return messages, record
+        return bound
 
     def robust_rule(self) -> str:
         """How the server step combines the updates: 'mean' (the algorithm's own weighted step), 'median' or
@@ -207,11 +225,14 @@ class FederatedServer:
             raise RuntimeError(f"round {round}: no update could be aggregated; rejected: {rejected}")
         return (*self._try_aggregate(round, good), good)
 
-    def _try_aggregate(self, round: int, messages: list[wire.Message]) -> tuple[State, dict, State, dict]:
+    def _raw_weights(self, messages: list[wire.Message]) -> list[float]:
+        """Each update's weight before normalisation: 1, or its (capped) sample count (`aggregation`)."""
         if self.config.aggregation == "samples":
-            weights = normalized_weights(capped_sample_counts([m.meta["num_samples"] for m in messages]))
-        else:
-            weights = normalized_weights([1.0] * len(messages))
+            return [float(c) for c in capped_sample_counts([m.meta["num_samples"] for m in messages])]
+        return [1.0] * len(messages)
+
+    def _try_aggregate(self, round: int, messages: list[wire.Message]) -> tuple[State, dict, State, dict]:
+        weights = normalized_weights(self._raw_weights(messages))
         updates, stats = [m.tensors for m in messages], {}
         if self.robust_rule() != "mean":  # the algorithm's weighted sum of one consensus update, of weight one
             updates, stats = self._robust_combine(messages)
@@ -230,13 +251,19 @@ class FederatedServer:
                     self.state, updates, weights, round, rng, self.memory, noise_std,
                     generator_for(self.config.seed, "dp_noise", round),
                 )  # fmt: skip
+        state, payload = self._next_state(round, payload)
+        return state, payload, memory, stats
+
+    def _next_state(self, round: int, payload: dict) -> tuple[State, dict]:
+        """The state after applying `payload` as the clients will decode it; ArithmeticError if it is not finite."""
+        with torch.no_grad():
             # Apply what the clients will decode (values rounded to the wire dtype), so every party stays equal.
             payload = as_received(payload, self.config.value_dtype)
             state = self.algorithm.reinitialize(self.algorithm.apply(self.state, payload), round)
         for name, value in state.items():
             if not bool(torch.isfinite(value).all()):
                 raise ArithmeticError(f"the aggregated state has non-finite values in {name!r}")
-        return state, payload, memory, stats
+        return state, payload
 
     def _private_sum(self, updates: list) -> tuple[list, list[float], float | None, dict]:
         """Differential privacy (docs/privacy.md): the mean over the *fixed* number m of sampled clients (a client
@@ -275,21 +302,11 @@ class FederatedServer:
                  for msg, n in zip(messages, dropped.tolist(), strict=True)}
         return [consensus], {"trim_per_side": trim, "trimmed_share": share}
 
-    def step(
-        self, round: int, updates: list[bytes], min_updates: int = 1, senders: list[int] | None = None
-    ) -> RoundResult:
-        """Aggregate the round's encoded updates, apply the result and return the encoded broadcast.
-
-        `senders`: the client id the transport delivered each update from (Flower: the SuperNode's client); an update
-        claiming another id is rejected, and rejections are keyed by that id instead of ``#position``.
-
-        Nothing changes until the whole update set is validated, the step has run and the broadcast is encoded:
-        any exception leaves `state`, `memory` and `round` as they were.
-        """
-        if senders is not None and len(senders) != len(updates):
-            raise ValueError(f"step: {len(updates)} updates but {len(senders)} senders; expected one sender each.")
-        accepted: list[wire.Message] = []
-        rejected: dict[str, str] = {}
+    def _validated(
+        self, round: int, updates: list[bytes], senders: list[int] | None, rejected: dict[str, str]
+    ) -> Iterator[tuple[int, wire.Message]]:
+        """Each update that decodes and validates (`decode_update`, one per client id), with its position, in order;
+        the others go into `rejected` with the reason, keyed by sender (or ``#position``)."""
         claimed: set[int] = set()
         for position, data in enumerate(updates):
             sender = None if senders is None else senders[position]
@@ -303,17 +320,102 @@ class FederatedServer:
                 logger.warning("round %d: rejected update %s: %s", round, label, err)
                 continue
             claimed.add(msg.meta["client_id"])
-            accepted.append(msg)
-        if len(accepted) < min_updates:
-            raise RuntimeError(
-                f"round {round}: only {len(accepted)} valid update(s) arrived, at least {min_updates} needed; "
-                f"rejected: {rejected}"
+            yield position, msg
+
+    # ---- the streaming step (server_streaming: on) ------------------------------------------------------------------
+    def _streaming_step(
+        self, round: int, updates: list[bytes], senders: list[int] | None, rejected: dict[str, str], min_updates: int
+    ) -> tuple[State, dict, State, dict, list[wire.Message]]:
+        """The step with at most one decoded update in memory at a time (`Algorithm.begin_aggregate`).
+
+        Pass 1 validates each update exactly as the batch step does and keeps only its metadata and, where clipping is
+        on, its change norm; the round's clipping bound and weights follow from those. Pass 2 decodes each accepted
+        update again (the bytes were validated, so it decodes to the same tensors), clips it, folds it and releases
+        it. An update that breaks the step is isolated and excluded as in the batch step.
+        """
+        clipping = self._clipping()
+        accepted: list[tuple[int, wire.Message, float]] = []  # (position, message without its tensors, norm)
+        for position, msg in self._validated(round, updates, senders, rejected):
+            norm = 0.0
+            if clipping:
+                try:
+                    norm = self.algorithm.update_norm(self.state, msg.tensors)
+                    if not math.isfinite(norm):
+                        raise ArithmeticError(f"its change norm is {norm}")
+                except _STEP_ERRORS as err:
+                    rejected[f"client {msg.meta['client_id']}"] = f"breaks the server step: {err}"
+                    logger.warning("round %d: excluded client %s: %s", round, msg.meta["client_id"], err)
+                    continue
+            msg.tensors = {}  # released; decoded again when folded
+            accepted.append((position, msg, norm))
+        _require_updates(round, len(accepted), min_updates, rejected)
+        record: dict = {"rule": self.robust_rule()}
+        bound = None
+        if clipping:
+            bound = self._clip_bound(round, [m.meta["client_id"] for _, m, _ in accepted], [n for *_, n in accepted],
+                                     record)  # fmt: skip
+
+        def fold(items: list[tuple[int, wire.Message, float]]) -> tuple[State, dict, State]:
+            aggregation = self.algorithm.begin_aggregate(
+                self.state, round, generator_for(self.config.seed, "server_step", round), self.memory
             )
-        accepted, robust = self.bound_influence(round, accepted, rejected)
-        if not accepted:
-            raise RuntimeError(f"round {round}: no update could be aggregated; rejected: {rejected}")
-        state, payload, memory, stats, accepted = self._aggregate(round, accepted, rejected)
-        robust.update(stats)
+            weights = self._raw_weights([m for _, m, _ in items])
+            with torch.no_grad():
+                for (position, _, norm), weight in zip(items, weights, strict=True):
+                    sender = None if senders is None else senders[position]
+                    tensors = self.decode_update(updates[position], round, sender).tensors
+                    if bound is not None and norm > bound:
+                        tensors = self.algorithm.clip_update(self.state, tensors, bound)
+                    aggregation.fold(tensors, weight)
+                    del tensors
+                payload, memory = aggregation.finish()
+            state, payload = self._next_state(round, payload)
+            return state, payload, memory
+
+        try:
+            state, payload, memory = fold(accepted)
+        except (*_STEP_ERRORS, wire.WireError) as err:
+            logger.warning("round %d: server step failed (%s); checking updates one by one", round, err)
+            good = []
+            for item in accepted:
+                try:
+                    fold([item])
+                    good.append(item)
+                except (*_STEP_ERRORS, wire.WireError) as one_err:
+                    client = item[1].meta.get("client_id", "?")
+                    rejected[f"client {client}"] = f"breaks the server step: {one_err}"
+                    logger.warning("round %d: excluded client %s: %s", round, client, one_err)
+            if not good:
+                raise RuntimeError(f"round {round}: no update could be aggregated; rejected: {rejected}") from err
+            accepted = good
+            state, payload, memory = fold(accepted)
+        return state, payload, memory, record, [m for _, m, _ in accepted]
+
+    def step(
+        self, round: int, updates: list[bytes], min_updates: int = 1, senders: list[int] | None = None
+    ) -> RoundResult:
+        """Aggregate the round's encoded updates, apply the result and return the encoded broadcast.
+
+        `senders`: the client id the transport delivered each update from (Flower: the SuperNode's client); an update
+        claiming another id is rejected, and rejections are keyed by that id instead of ``#position``.
+
+        Nothing changes until the whole update set is validated, the step has run and the broadcast is encoded:
+        any exception leaves `state`, `memory` and `round` as they were.
+        """
+        if senders is not None and len(senders) != len(updates):
+            raise ValueError(f"step: {len(updates)} updates but {len(senders)} senders; expected one sender each.")
+        rejected: dict[str, str] = {}
+        if self.config.server_streaming == "on":
+            state, payload, memory, robust, accepted = self._streaming_step(round, updates, senders, rejected,
+                                                                             min_updates)
+        else:
+            accepted = [msg for _, msg in self._validated(round, updates, senders, rejected)]
+            _require_updates(round, len(accepted), min_updates, rejected)
+            accepted, robust = self.bound_influence(round, accepted, rejected)
+            if not accepted:
+                raise RuntimeError(f"round {round}: no update could be aggregated; rejected: {rejected}")
+            state, payload, memory, stats, accepted = self._aggregate(round, accepted, rejected)
+            robust.update(stats)
         return self._commit(round, state, payload, memory, [m.meta["client_id"] for m in accepted], rejected,
                             _mean_metrics(accepted), robust)
 
@@ -368,6 +470,14 @@ class FederatedServer:
         )
         self.state, self.memory, self.round = state, memory, round  # the only place the step changes the server
         return result
+
+
+def _require_updates(round: int, accepted: int, min_updates: int, rejected: dict[str, str]) -> None:
+    if accepted < min_updates:
+        raise RuntimeError(
+            f"round {round}: only {accepted} valid update(s) arrived, at least {min_updates} needed; "
+            f"rejected: {rejected}"
+        )
 
 
 # What a broken update can make an algorithm's server step raise (it is then isolated and excluded).

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from fedsrd.algorithms.ranks import lora_param_bytes, truncate_payload, truncate_state
+from fedsrd.ops.aggregate import normalized_weights
 from fedsrd.ops.privacy import gaussian_like
 from fedsrd.ops.robust import change_norm, scale_change
 from fedsrd.ops.sparse import SparseTensor
@@ -184,6 +185,16 @@ class Algorithm(ABC):
         completes (and checkpoints it). Default: `server_step`, nothing kept.
         """
         return self.server_step(global_state, updates, weights, round, rng), {}
+
+    # ---- the server step one update at a time (FedSRDConfig.server_streaming; docs/fedsrd.md) ------------------
+    def begin_aggregate(self, global_state: State, round: int, rng: torch.Generator, memory: State) -> Aggregation:
+        """An open server step: `Aggregation.fold` each update as it arrives, then `Aggregation.finish`.
+
+        Algorithms whose step can fold an update into a fixed-size aggregate and release it (a running weighted sum;
+        FedSRD's sketch) return their own `Aggregation`, so the server's memory does not grow with the number of
+        clients. Default: `BatchAggregation`, which keeps every update and runs `server_step_with_memory` at the end.
+        """
+        return BatchAggregation(self, global_state, round, rng, memory)
 
     # ---- bounding one client's influence (FedSRDConfig.adaptive_clip / clip_update_norm) ------------------------
     def update_norm(self, global_state: State, update: Payload) -> float:
@@ -364,3 +375,91 @@ class Algorithm(ABC):
     def update_is_partial(self) -> bool:
         """True if an update may carry only some of the `update_shapes` names (FedKRSO: the seeds a client used)."""
         return False
+
+
+class Aggregation(ABC):
+    """One round's server step, fed one update at a time (`Algorithm.begin_aggregate`).
+
+    `fold` takes an update and its raw, non-negative weight (1, or the client's sample count); the weights are
+    normalised to sum to one at `finish`, so the result does not depend on knowing the round's total in advance.
+    Updates are folded in the order given, so the same updates in the same order give the same bits. A `fold` that
+    raises leaves the aggregate as it was.
+    """
+
+    def __init__(self, algorithm: Algorithm, global_state: State, round: int, rng: torch.Generator,
+                 memory: State) -> None:
+        self.algorithm = algorithm
+        self.global_state = global_state
+        self.round = round
+        self.rng = rng
+        self.memory = memory
+        self.weights: list[float] = []
+
+    @abstractmethod
+    def fold(self, update: Payload, weight: float) -> None:
+        """Add one decoded, validated update of raw weight `weight` to the aggregate."""
+
+    @abstractmethod
+    def finish(self) -> tuple[Payload, State]:
+        """The broadcast payload and the server's new memory (as `Algorithm.server_step_with_memory`)."""
+
+    def _check_weight(self, weight: float) -> None:
+        if not weight >= 0 or weight == float("inf"):
+            raise ValueError(f"Aggregation.fold: expected a finite, non-negative weight, got {weight}.")
+
+    def _total_weight(self) -> float:
+        total = float(sum(self.weights))
+        if not self.weights or total <= 0:
+            raise ValueError(f"{type(self).__name__}.finish: no update of positive weight was folded.")
+        return total
+
+
+class BatchAggregation(Aggregation):
+    """The default: keep every update, run the algorithm's `server_step_with_memory` on all of them at `finish`."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.updates: list[Payload] = []
+
+    def fold(self, update: Payload, weight: float) -> None:
+        self._check_weight(weight)
+        self.updates.append(update)
+        self.weights.append(float(weight))
+
+    def finish(self) -> tuple[Payload, State]:
+        weights = normalized_weights(self.weights)
+        return self.algorithm.server_step_with_memory(
+            self.global_state, self.updates, weights, self.round, self.rng, self.memory
+        )
+
+
+class RunningWeightedSum(Aggregation):
+    """``sum_i w_i u_i / sum_i w_i`` per tensor name, in float32, one running sum per name (memory: one update).
+
+    For steps that are a weighted mean of dense client tensors (FedAvg and its family): `finish` returns the mean as
+    the broadcast. Equal to `fedsrd.ops.weighted_sum` with normalised weights up to float32 rounding.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.sums: State = {}
+
+    def fold(self, update: Payload, weight: float) -> None:
+        self._check_weight(weight)
+        if self.sums and set(update) != set(self.sums):
+            raise KeyError(f"RunningWeightedSum.fold: update names {sorted(update)} differ from the round's "
+                           f"{sorted(self.sums)}.")
+        values = {name: value.to(torch.float32) for name, value in update.items()}
+        for name, value in values.items():
+            if name in self.sums and value.shape != self.sums[name].shape:
+                raise ValueError(f"RunningWeightedSum.fold: {name!r} has shape {tuple(value.shape)}, expected "
+                                 f"{tuple(self.sums[name].shape)}.")
+        for name, value in values.items():
+            if name not in self.sums:
+                self.sums[name] = torch.zeros_like(value)
+            self.sums[name].add_(value, alpha=float(weight))
+        self.weights.append(float(weight))
+
+    def finish(self) -> tuple[Payload, State]:
+        total = self._total_weight()
+        return {name: value / total for name, value in self.sums.items()}, {}

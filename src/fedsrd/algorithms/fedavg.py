@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fedsrd.algorithms import register_algorithm
-from fedsrd.algorithms.base import SUM_DEFENCES, SUM_DP, Algorithm, Payload, State
+from fedsrd.algorithms.base import SUM_DEFENCES, SUM_DP, Aggregation, Algorithm, Payload, RunningWeightedSum, State
 from fedsrd.ops import weighted_sum
 
 
@@ -30,6 +30,14 @@ class FedAvg(Algorithm):
         self, global_state: State, updates: list[Payload], weights: list[float], round: int, rng: torch.Generator
     ) -> Payload:
         return {name: weighted_sum([u[name] for u in updates], weights) for name in updates[0]}
+
+    def begin_aggregate(self, global_state: State, round: int, rng: torch.Generator, memory: State) -> Aggregation:
+        """A running weighted sum, for this class and the subclasses that keep its step (FedProx, FFA-LoRA,
+        FedSA-LoRA); a subclass with its own step gets the default (batch) aggregation."""
+        cls = type(self)
+        if cls.server_step is FedAvg.server_step and cls.server_step_with_memory is Algorithm.server_step_with_memory:
+            return RunningWeightedSum(self, global_state, round, rng, memory)
+        return super().begin_aggregate(global_state, round, rng, memory)
 
     def apply(self, state: State, broadcast: Payload) -> State:
         new_state = dict(state)

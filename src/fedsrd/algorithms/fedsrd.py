@@ -19,16 +19,22 @@ The knobs are `FedSRDOptions`; the LoRA helpers (`lora_modules`) live in `fedsrd
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from fedsrd.algorithms import register_algorithm
-from fedsrd.algorithms.base import Algorithm, AlgorithmOptions, Payload, State, require_option
+from fedsrd.algorithms.base import Aggregation, Algorithm, AlgorithmOptions, Payload, State, require_option
 from fedsrd.algorithms.families import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraModule, lora_modules, lora_shapes
+from fedsrd.ops import generator_for
 from fedsrd.ops.lowrank import (
     Factored,
+    cheapest_truncated_svd,
     factored_difference,
+    left_solve_matrix,
+    right_solve_matrix,
     solve_left_update,
     solve_right_update,
     stack_factors,
@@ -36,6 +42,7 @@ from fedsrd.ops.lowrank import (
 )
 from fedsrd.ops.privacy import gaussian_like
 from fedsrd.ops.robust import Terms, largest_scale_within, product_change_terms, scaled_norm
+from fedsrd.ops.sketch import OnePassSketch, orthonormal_basis, recommended_corange_size
 from fedsrd.ops.sparse import SparseTensor, densify
 from fedsrd.ops.sparsify import dare_drop, importance_prune, importance_scores_a, importance_scores_b
 
@@ -105,6 +112,26 @@ class FedSRDOptions(AlgorithmOptions):
                            "false")  # fmt: skip
             require_option(config, not getattr(config, "has_unequal_ranks", False), "train_one_factor",
                            "is not combined with clients of different ranks (client_lora_ranks)")  # fmt: skip
+
+
+@dataclass
+class ModuleTarget:
+    """One module's target change dW = W_target - B A (Eq. 11) as factors, and, in FedSRD-e's streaming step, the
+    part of this round's least-squares solve that was accumulated already solved (`solved`: C pinv(A) in a B-round,
+    pinv(B) C in an A-round; `StreamingTarget`)."""
+
+    delta_w: Factored
+    solved: torch.Tensor | None = None
+
+    def left_update(self, a: torch.Tensor, ridge: float) -> torch.Tensor:
+        """dB = dW pinv(A) (Eq. 12)."""
+        delta = solve_left_update(self.delta_w, a, ridge)
+        return delta if self.solved is None else delta + self.solved
+
+    def right_update(self, b: torch.Tensor, ridge: float) -> torch.Tensor:
+        """dA = pinv(B) dW (Eq. 13)."""
+        delta = solve_right_update(self.delta_w, b, ridge)
+        return delta if self.solved is None else delta + self.solved
 
 
 @register_algorithm
@@ -207,22 +234,44 @@ class FedSRD(Algorithm):
     ) -> Payload:
         if not updates:
             raise ValueError("FedSRD.server_step: no client updates to aggregate.")
+
+        def target_of(module: LoraModule, a: torch.Tensor, b: torch.Tensor) -> ModuleTarget:
+            return ModuleTarget(self.target_change(module, a, b, updates, weights, noise))  # Eq. 9-11, factored
+
+        return self.decompose(global_state, target_of, round, rng, {})[0]
+
+    def begin_aggregate(self, global_state: State, round: int, rng: torch.Generator, memory: State) -> Aggregation:
+        """The server step one update at a time (`server_streaming`): `StreamingTarget`."""
+        return StreamingTarget(self, global_state, round, rng, memory)
+
+    def decompose(
+        self,
+        global_state: State,
+        target_of: Callable[[LoraModule, torch.Tensor, torch.Tensor], ModuleTarget],
+        round: int,
+        rng: torch.Generator,
+        memory: State,
+    ) -> tuple[Payload, State]:
+        """Sec. 4.3 for every module, one at a time: `target_of(module, A, B)` gives that module's dW (Eq. 11), from
+        the held updates (`server_step`) or from a streamed aggregate (`StreamingTarget`). Returns the broadcast and
+        the server's new memory (none for FedSRD)."""
         b_round = round % 2 == 1  # paper: rounds 1..T, odd -> B-round (B^0 = 0, so B first), even -> A-round
+        ridge = self.config.decompose_ridge
         payload: Payload = {}
         for module in lora_modules(global_state):
             a, b = global_state[module.a_key].to(torch.float32), global_state[module.b_key].to(torch.float32)
-            delta_w = self.target_change(module, a, b, updates, weights, noise)  # Eq. 9-11, factored
+            target = target_of(module, a, b)
             if self.config.download_both_factors:  # our extension: both factors every round (docs/fedsrd.md)
-                payload.update(self._both_factors(module, a, b, delta_w, rng))
+                payload.update(self._both_factors(module, a, b, target.delta_w, rng))
                 continue
             if b_round:
-                key, delta = module.b_key, solve_left_update(delta_w, a, self.config.decompose_ridge)  # Eq. 12
+                key, delta = module.b_key, target.left_update(a, ridge)  # Eq. 12
             elif bool(b.any()):
-                key, delta = module.a_key, solve_right_update(delta_w, b, self.config.decompose_ridge)  # Eq. 13
+                key, delta = module.a_key, target.right_update(b, ridge)  # Eq. 13
             else:
                 continue  # never pinv a zero B: this module sends nothing this round
             payload[key] = dare_drop(delta, self.config.download_drop, rng)  # DARE download
-        return payload
+        return payload, {}
 
     def _both_factors(
         self, module: LoraModule, a: torch.Tensor, b: torch.Tensor, delta_w: Factored, rng: torch.Generator
@@ -269,11 +318,12 @@ class FedSRD(Algorithm):
             target = truncated_svd(*pair, rank=a.shape[0]) if self.use_svd else pair  # Eq. 10 (FedSRD-e: W itself)
             return factored_difference(target, (b, a))  # Eq. 11
         if self.use_svd:
-            # Eq. 9: W = sum_i p_i (B + dB_i)(A + dA_i); Eq. 10: W_target = the rank-r truncated SVD of W
+            # Eq. 9: W = sum_i p_i (B + dB_i)(A + dA_i); Eq. 10: W_target = the rank-r truncated SVD of W, by the
+            # cheaper of the factored and the dense path for this module's shape and m (`server_step_path`)
             clients_b = [b + d for d in deltas_b]
             clients_a = [a + d for d in deltas_a]
             aggregate = stack_factors(clients_b, clients_a, weights)
-            target = truncated_svd(*aggregate, rank=a.shape[0])
+            target = cheapest_truncated_svd(*aggregate, rank=a.shape[0], path=self.config.server_step_path)
             return factored_difference(target, (b, a))  # Eq. 11: dW = W_target - B A
         # FedSRD-e: W_target = W, so dW = sum_i p_i (B_i A_i - B A) + (sum_i p_i - 1) B A, and
         # B_i A_i - B A = dB_i A + (B + dB_i) dA_i exactly: no large B A is cancelled against itself.
@@ -314,7 +364,8 @@ class FedSRD(Algorithm):
                 lefts, rights, term_weights = [*lefts, b], [*rights, a], [*term_weights, total - 1.0]
             return stack_factors(lefts, rights, term_weights)
         aggregate = stack_factors([b, *lefts], [a, *rights], [total, *term_weights])  # W
-        return factored_difference(truncated_svd(*aggregate, rank=a.shape[0]), (b, a))  # Eq. 10-11
+        target = cheapest_truncated_svd(*aggregate, rank=a.shape[0], path=self.config.server_step_path)
+        return factored_difference(target, (b, a))  # Eq. 10-11
 
     # ---- bounding one client's influence (docs/reliability.md, "FedSRD: the product change") ----------------------
     def update_norm(self, global_state: State, update: Payload) -> float:
@@ -386,4 +437,121 @@ class FedSRDe(FedSRD):
     use_svd = False
 
 
-__all__ = ["LORA_A_SUFFIX", "LORA_B_SUFFIX", "FedSRD", "FedSRDOptions", "FedSRDe", "LoraModule", "lora_modules"]
+class StreamingTarget(Aggregation):
+    """FedSRD's server step one update at a time (`server_streaming`): each update is folded into a per-module
+    aggregate of fixed size and released, so the server's memory does not grow with the number of clients.
+
+    With normalised weights p_i (sum 1), Eq. 9's aggregate splits into running sums and one term that is not one:
+
+        W = sum_i p_i (B + dB_i)(A + dA_i) = B (A + dA_bar) + dB_bar A + C,   C = sum_i p_i dB_i dA_i,
+
+    dB_bar = sum_i p_i dB_i and dA_bar likewise (exact running sums, r (d_out + d_in) floats). C has rank up to m r:
+
+    * FedSRD-e's solve needs only C pinv(A) (B-rounds, d_out x r) or pinv(B) C (A-rounds, r x d_in): running sums
+      too, so FedSRD-e streams **exactly** (to float32 rounding);
+    * FedSRD's rank-r SVD (Eq. 10) needs C itself: it is kept as a one-pass sketch (`fedsrd.ops.sketch`, Tropp et
+      al., SIAM J. Matrix Anal. Appl. 2017) with k = r + `sketch_oversampling` Gaussian range directions plus the
+      span of the factor this round solves against (A's rows in B-rounds; B's columns in A-rounds, sketching C^T), and
+      2k + 1 Gaussian co-range directions plus the other factor's span. The sketch is exact along the solved-against
+      factor, so only C's remaining directions are approximated. The target is then the exact rank-r SVD of
+      ``[B, dB_bar, Q] [A + dA_bar; A; X]`` (inner size 2 r + k' only).
+
+    `download_both_factors` needs dW itself, so it uses the sketch for FedSRD-e too. Memory per module, whatever m is:
+    r (d_out + d_in) for the running sums plus 2 (k' + l')(d_out + d_in) for sketches and test matrices, with
+    k' = 2 r + sketch_oversampling and l' = 3 r + 2 sketch_oversampling + 1; the batch step holds the m updates and
+    their stacked factors, about 3 m r (d_out + d_in).
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        algorithm: FedSRD = self.algorithm  # type: ignore[assignment]
+        cfg = algorithm.config
+        self.modules = lora_modules(self.global_state)
+        self.b_round = self.round % 2 == 1
+        self.sketched = algorithm.use_svd or cfg.download_both_factors
+        generator = generator_for(cfg.seed, "server_sketch", self.round)  # test matrices: seeded, never the step rng
+        self.parts: dict[str, dict[str, Any]] = {}
+        for module in self.modules:
+            a = self.global_state[module.a_key].to(torch.float32)
+            b = self.global_state[module.b_key].to(torch.float32)
+            part: dict[str, Any] = {"sum_b": torch.zeros_like(b), "sum_a": torch.zeros_like(a)}
+            if self.sketched:
+                d_out, r, d_in = b.shape[0], a.shape[0], a.shape[1]
+                k = min(r + cfg.sketch_oversampling, d_out, d_in)
+                # B-rounds solve dW pinv(A): sketch C with A's row space among the range test directions, so the
+                # sketch is exact along it; A-rounds solve pinv(B) dW: sketch C^T with B's column space likewise.
+                rows, cols = (d_out, d_in) if self.b_round else (d_in, d_out)
+                known_range, known_corange = (a.T, b) if self.b_round else (b, a.T)
+                part["sketch"] = OnePassSketch(
+                    rows, cols, k, max(k, min(recommended_corange_size(k), rows)), generator,
+                    range_basis=orthonormal_basis(known_range), corange_basis=orthonormal_basis(known_corange),
+                )  # fmt: skip
+            elif self.b_round:
+                part["solve"] = left_solve_matrix(a, cfg.decompose_ridge)  # pinv(A), d_in x r
+                part["cross"] = torch.zeros_like(b)
+            else:
+                part["solve"] = right_solve_matrix(b, cfg.decompose_ridge)  # pinv(B), r x d_out
+                part["cross"] = torch.zeros_like(a)
+            self.parts[module.name] = part
+
+    def fold(self, update: Payload, weight: float) -> None:
+        self._check_weight(weight)
+        terms = []  # every module's terms first: an update that fails changes nothing
+        for module in self.modules:
+            part = self.parts[module.name]
+            # a factor a client did not send (train_one_factor: the frozen one) did not change
+            delta_b = densify(update[module.b_key]) if module.b_key in update else torch.zeros_like(part["sum_b"])
+            delta_a = densify(update[module.a_key]) if module.a_key in update else torch.zeros_like(part["sum_a"])
+            if delta_b.shape != part["sum_b"].shape or delta_a.shape != part["sum_a"].shape:
+                raise ValueError(f"FedSRD: update of module {module.name!r} has dB {tuple(delta_b.shape)} and dA "
+                                 f"{tuple(delta_a.shape)}, expected {tuple(part['sum_b'].shape)} and "
+                                 f"{tuple(part['sum_a'].shape)}.")
+            if self.sketched:  # (dB_i dA_i) Omega and Psi (dB_i dA_i), or those of (dB_i dA_i)^T in A-rounds
+                pair = (delta_b, delta_a) if self.b_round else (delta_a.T, delta_b.T)
+                cross = part["sketch"].contribution(*pair)
+            elif self.b_round:
+                cross = delta_b @ (delta_a @ part["solve"])  # dB_i dA_i pinv(A)
+            else:
+                cross = (part["solve"] @ delta_b) @ delta_a  # pinv(B) dB_i dA_i
+            terms.append((part, delta_b, delta_a, cross))
+        for part, delta_b, delta_a, cross in terms:
+            part["sum_b"].add_(delta_b, alpha=weight)
+            part["sum_a"].add_(delta_a, alpha=weight)
+            if self.sketched:
+                part["sketch"].add(cross, weight)
+            else:
+                part["cross"].add_(cross, alpha=weight)
+        self.weights.append(float(weight))
+
+    def finish(self) -> tuple[Payload, State]:
+        scale = 1.0 / self._total_weight()  # the weights normalised at the end
+        algorithm: FedSRD = self.algorithm  # type: ignore[assignment]
+
+        def target_of(module: LoraModule, a: torch.Tensor, b: torch.Tensor) -> ModuleTarget:
+            part = self.parts.pop(module.name)  # released once used
+            mean_b, mean_a = part["sum_b"] * scale, part["sum_a"] * scale  # dB_bar, dA_bar
+            if not self.sketched:  # FedSRD-e: dW = B dA_bar + dB_bar A + C, C's solve already accumulated
+                return ModuleTarget((torch.cat([b, mean_b], 1), torch.cat([mean_a, a], 0)), part["cross"] * scale)
+            q, x = part["sketch"].reconstruct()  # C ~ Q X (A-rounds: C^T ~ Q X)
+            if not self.b_round:
+                q, x = x.T, q.T
+            if not algorithm.use_svd:
+                return ModuleTarget((torch.cat([b, mean_b, q], 1), torch.cat([mean_a, a, x * scale], 0)))
+            aggregate = (torch.cat([b, mean_b, q], 1), torch.cat([a + mean_a, a, x * scale], 0))  # Eq. 9, streamed
+            target = cheapest_truncated_svd(*aggregate, rank=a.shape[0], path=algorithm.config.server_step_path)
+            return ModuleTarget(factored_difference(target, (b, a)))  # Eq. 10-11
+
+        return algorithm.decompose(self.global_state, target_of, self.round, self.rng, self.memory)
+
+
+__all__ = [
+    "LORA_A_SUFFIX",
+    "LORA_B_SUFFIX",
+    "FedSRD",
+    "FedSRDOptions",
+    "FedSRDe",
+    "LoraModule",
+    "ModuleTarget",
+    "StreamingTarget",
+    "lora_modules",
+]

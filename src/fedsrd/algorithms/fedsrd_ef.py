@@ -28,16 +28,16 @@ FedSRD's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from fedsrd.algorithms import register_algorithm
 from fedsrd.algorithms.base import Payload, State, require_option
-from fedsrd.algorithms.families import lora_modules
-from fedsrd.algorithms.fedsrd import FedSRD, FedSRDOptions
+from fedsrd.algorithms.families import LoraModule, lora_modules
+from fedsrd.algorithms.fedsrd import FedSRD, FedSRDOptions, ModuleTarget
 from fedsrd.ops import SparseTensor, round_to_dtype
-from fedsrd.ops.lowrank import solve_left_update, solve_right_update
 from fedsrd.ops.sparsify import (
     dare_drop,
     importance_prune,
@@ -153,16 +153,34 @@ class FedSRDEF(FedSRD):
             return super().server_step(global_state, updates, weights, round, rng), {}
         if not updates:
             raise ValueError("FedSRD-EF.server_step: no client updates to aggregate.")
+
+        def target_of(module: LoraModule, a: torch.Tensor, b: torch.Tensor) -> ModuleTarget:
+            return ModuleTarget(self.target_change(module, a, b, updates, weights))  # Eq. 9-11
+
+        return self.decompose(global_state, target_of, round, rng, memory)
+
+    def decompose(
+        self,
+        global_state: State,
+        target_of: Callable[[LoraModule, torch.Tensor, torch.Tensor], ModuleTarget],
+        round: int,
+        rng: torch.Generator,
+        memory: State,
+    ) -> tuple[Payload, State]:
+        """FedSRD's decomposition, with the server's download residuals added to and kept from each sent delta."""
+        if not self.config.ef_download:
+            return super().decompose(global_state, target_of, round, rng, memory)
         b_round = round % 2 == 1  # as FedSRD: odd rounds send dB, even rounds dA
+        ridge = self.config.decompose_ridge
         payload: Payload = {}
         kept: State = dict(memory)  # the factor not sent this round keeps its residual for its next round
         for module in lora_modules(global_state):
             a, b = global_state[module.a_key].to(torch.float32), global_state[module.b_key].to(torch.float32)
-            delta_w = self.target_change(module, a, b, updates, weights)  # Eq. 9-11
+            target = target_of(module, a, b)
             if b_round:
-                key, delta = module.b_key, solve_left_update(delta_w, a, self.config.decompose_ridge)  # Eq. 12
+                key, delta = module.b_key, target.left_update(a, ridge)  # Eq. 12
             elif bool(b.any()):
-                key, delta = module.a_key, solve_right_update(delta_w, b, self.config.decompose_ridge)  # Eq. 13
+                key, delta = module.a_key, target.right_update(b, ridge)  # Eq. 13
             else:
                 continue
             corrected = delta + _residual(memory, key, global_state[key])

@@ -11,6 +11,14 @@ A weighted sum of LoRA products ``sum_i p_i B_i A_i`` is the single pair ``P = [
 Everything is computed in float32 (the LoRA dtype; FedSRD's reference code does its server algebra in fp32), or in
 float64 when given float64 inputs (useful as an exact reference).
 The dense way (form W, full SVD, dense pinv solve) lives in ``tests/test_fedsrd.py`` as the reference these match.
+
+**Which path is cheaper.** The factored SVD costs two Householder QRs of tall k-column matrices and the SVD of a
+k x k core (k = m r): O(k^2 (d_out + d_in) + k^3). The dense way forms W (2 d_out d_in k flops) and takes the SVD of
+the d_out x d_in matrix: O(d_out d_in min(d_out, d_in)), independent of k. With a few clients the factored path wins by
+orders of magnitude; once k approaches min(d_out, d_in) its QRs cost more than they save (a QR of a matrix wider than
+tall keeps every one of its k columns). `truncated_svd_flops` counts both (LAPACK's textbook operation counts,
+Golub & Van Loan, *Matrix Computations*, 4th ed., Sec. 5.2 and 8.6) and `cheapest_truncated_svd` runs the cheaper one;
+both give the same rank-r factors to float32 rounding (the product, not the signs of singular vectors).
 """
 
 from __future__ import annotations
@@ -69,6 +77,73 @@ def truncated_svd(left: torch.Tensor, right: torch.Tensor, rank: int) -> Factore
     return q_left @ (u[:, :keep] * s[:keep]), vh[:keep] @ q_right.T
 
 
+# ---- the cheaper of the factored and the dense truncated SVD --------------------------------------------------------
+SVD_PATHS = ("auto", "factored", "dense")
+
+
+def _gemm_flops(rows: int, cols: int, inner: int) -> float:
+    return 2.0 * rows * cols * inner
+
+
+def _qr_flops(rows: int, cols: int) -> float:
+    """Householder QR of a rows x cols matrix plus its explicit reduced Q (geqrf + orgqr): 4 M p^2 - 4/3 p^3 with
+    p = min(rows, cols), M = max(rows, cols)."""
+    p, big = min(rows, cols), max(rows, cols)
+    return 4.0 * big * p * p - 4.0 * p**3 / 3.0
+
+
+def _svd_flops(rows: int, cols: int) -> float:
+    """Thin SVD with singular vectors of a rows x cols matrix, R-SVD count 6 M p^2 + 20 p^3."""
+    p, big = min(rows, cols), max(rows, cols)
+    return 6.0 * big * p * p + 20.0 * p**3
+
+
+def truncated_svd_flops(d_out: int, d_in: int, inner: int, rank: int) -> dict[str, float]:
+    """Estimated flops of the rank-`rank` truncated SVD of ``left @ right`` (d_out x inner times inner x d_in) by the
+    factored path (`truncated_svd`) and by the dense path (`dense_truncated_svd`)."""
+    k_left, k_right = min(d_out, inner), min(d_in, inner)
+    keep = min(rank, k_left, k_right)
+    factored = (
+        _qr_flops(d_out, inner)
+        + _qr_flops(d_in, inner)
+        + _gemm_flops(k_left, k_right, inner)  # the core R_l R_r^T
+        + _svd_flops(k_left, k_right)
+        + _gemm_flops(d_out, keep, k_left)
+        + _gemm_flops(keep, d_in, k_right)
+    )
+    dense = _gemm_flops(d_out, d_in, inner) + _svd_flops(d_out, d_in) + d_out * keep
+    return {"factored": factored, "dense": dense}
+
+
+def choose_svd_path(d_out: int, d_in: int, inner: int, rank: int, path: str = "auto") -> str:
+    """'factored' or 'dense': `path` itself if forced, else the one `truncated_svd_flops` says is cheaper."""
+    if path not in SVD_PATHS:
+        raise ValueError(f"choose_svd_path: path must be one of {SVD_PATHS}, got {path!r}.")
+    if path != "auto":
+        return path
+    flops = truncated_svd_flops(d_out, d_in, inner, rank)
+    return "factored" if flops["factored"] <= flops["dense"] else "dense"
+
+
+def dense_truncated_svd(left: torch.Tensor, right: torch.Tensor, rank: int) -> Factored:
+    """`truncated_svd` the paper's way: form ``W = left @ right`` (d_out x d_in), take its thin SVD, keep ``rank``.
+
+    Cheaper than the factored path once ``left`` has about as many columns as W has rows or columns (many clients).
+    """
+    if rank < 1:
+        raise ValueError(f"dense_truncated_svd: rank must be >= 1, got {rank}.")
+    w = _compute(left) @ _compute(right)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    keep = min(rank, s.numel(), left.shape[1])
+    return u[:, :keep] * s[:keep], vh[:keep]
+
+
+def cheapest_truncated_svd(left: torch.Tensor, right: torch.Tensor, rank: int, path: str = "auto") -> Factored:
+    """The rank-``rank`` truncated SVD of ``left @ right`` by the path `choose_svd_path` picks for these shapes."""
+    chosen = choose_svd_path(left.shape[0], right.shape[1], left.shape[1], rank, path)
+    return (truncated_svd if chosen == "factored" else dense_truncated_svd)(left, right, rank)
+
+
 def solve_left_update(delta: Factored, a: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
     """B-round least squares: ``dB = dW @ pinv(A)`` (d_out x r) for ``dW = left @ right``.
 
@@ -76,8 +151,17 @@ def solve_left_update(delta: Factored, a: torch.Tensor, ridge: float = 0.0) -> t
     (relative to A's mean squared singular value, so the damping does not depend on A's scale).
     """
     left, right = delta
-    a_pinv = torch.linalg.pinv(_compute(a)) if ridge == 0 else _damped_pinv(_compute(a).T, ridge).T  # d_in x r
-    return left @ (right @ a_pinv)
+    return left @ (right @ left_solve_matrix(a, ridge))
+
+
+def left_solve_matrix(a: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """The d_in x r matrix a B-round multiplies dW by: ``pinv(A)``, or its damped form (`solve_left_update`)."""
+    return torch.linalg.pinv(_compute(a)) if ridge == 0 else _damped_pinv(_compute(a).T, ridge).T
+
+
+def right_solve_matrix(b: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """The r x d_out matrix an A-round multiplies dW by: ``pinv(B)``, or its damped form (`solve_right_update`)."""
+    return torch.linalg.pinv(_compute(b)) if ridge == 0 else _damped_pinv(_compute(b), ridge)
 
 
 def solve_right_update(delta: Factored, b: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
@@ -87,8 +171,7 @@ def solve_right_update(delta: Factored, b: torch.Tensor, ridge: float = 0.0) -> 
     directions in which B is weak are not amplified.
     """
     left, right = delta
-    b_pinv = torch.linalg.pinv(_compute(b)) if ridge == 0 else _damped_pinv(_compute(b), ridge)  # r x d_out
-    return (b_pinv @ left) @ right
+    return (right_solve_matrix(b, ridge) @ left) @ right
 
 
 def _damped_pinv(m: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -102,10 +185,17 @@ def _damped_pinv(m: torch.Tensor, ridge: float) -> torch.Tensor:
 
 
 __all__ = [
+    "SVD_PATHS",
     "Factored",
+    "cheapest_truncated_svd",
+    "choose_svd_path",
+    "dense_truncated_svd",
     "factored_difference",
+    "left_solve_matrix",
+    "right_solve_matrix",
     "solve_left_update",
     "solve_right_update",
     "stack_factors",
     "truncated_svd",
+    "truncated_svd_flops",
 ]

@@ -317,6 +317,8 @@ def decode_state(data: bytes) -> State:
 def _order_like_one_process(personal_states: dict[int, State], known_before: list[int], clients: list[int]) -> None:
     """Reorder `personal_states` in place as the single-process loop fills it: the clients it held before this round,
     then the new ones in client-id order (averages over clients, e.g. `Algorithm.export_state`, follow this order)."""
+    if not isinstance(personal_states, dict):  # an on-disk store iterates by client id, whoever trained first
+        return
     order = known_before + [cid for cid in clients if cid in personal_states and cid not in known_before]
     ordered = {cid: personal_states[cid] for cid in order}
     personal_states.clear()

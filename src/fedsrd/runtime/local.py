@@ -20,6 +20,7 @@ from fedsrd.base_weights import BaseWeightWriter
 from fedsrd.checkpoint import check_resume, load_checkpoint, prepare_output_dir, save_checkpoint
 from fedsrd.client import FederatedClient
 from fedsrd.federation import Delivery, Federation, Transport
+from fedsrd.federation.client_store import DiskClientStore, read_snapshot, uses_disk_store
 from fedsrd.federation.history import MB, start_record, write_history
 from fedsrd.federation.sampling import sample_clients
 from fedsrd.runtime.distributed import ProcessTeam, process_team
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["MB", "SimulationTransport", "run_federation", "sample_clients"]
+
+CLIENT_STATES = "client_states"  # <output_dir>/client_states/: on-disk client states; in checkpoints, their snapshot
 
 
 class SimulationTransport(Transport):
@@ -109,6 +112,11 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
     server = FederatedServer(trainer.algorithm, trainer.global_state, cfg)
     # Every party starts from the same seeded adapter, so round 0 needs no bytes on the wire.
     client_view = FederatedClient(trainer.algorithm, dict(trainer.global_state), cfg)
+    if uses_disk_store(cfg.client_state_store, cfg.num_clients, cfg.client_state_disk_threshold):
+        # Clients' own tensors and residuals in files, not in this process's memory (one folder per process).
+        stores = out_dir / CLIENT_STATES / f"process_{args.process_index}"
+        client_view.personal_states = DiskClientStore(stores / "personal")
+        client_view.memories = DiskClientStore(stores / "memory")
     base_writer = BaseWeightWriter(trainer.model)  # FLoRA, FedEx-LoRA: the merges into the (one) model's base
     team = process_team(trainer)  # this process alone, or under `accelerate launch` P processes sharing the clients
     transport = SimulationTransport(trainer, team, server, client_view, base_writer, out_dir)
@@ -154,11 +162,14 @@ def write_round_checkpoint(
     error-feedback memories, history. Per-round randomness is derived from (seed, round, client), so no RNG state
     has to be kept."""
     tensors = {f"global/{k}": v for k, v in server.state.items()}
-    for cid, personal in client_view.personal_states.items():
-        tensors.update({f"personal/{cid}/{k}": v for k, v in personal.items()})
+    on_disk = {kind: store for kind, store in _client_stores(client_view).items() if isinstance(store, DiskClientStore)}
+    if not isinstance(client_view.personal_states, DiskClientStore):
+        for cid, personal in client_view.personal_states.items():
+            tensors.update({f"personal/{cid}/{k}": v for k, v in personal.items()})
     tensors.update({f"base/{k}": v for k, v in base_writer.checkpoint_tensors().items()})
-    for cid, memory in client_view.memories.items():  # error feedback residuals (fedsrd_ef)
-        tensors.update({f"memory/{cid}/{k}": v for k, v in memory.items()})
+    if not isinstance(client_view.memories, DiskClientStore):
+        for cid, memory in client_view.memories.items():  # error feedback residuals (fedsrd_ef)
+            tensors.update({f"memory/{cid}/{k}": v for k, v in memory.items()})
     tensors.update({f"server_memory/{k}": v for k, v in server.memory.items()})
     meta = {
         "runtime": "simulation",
@@ -167,7 +178,33 @@ def write_round_checkpoint(
         "cumulative_mb": trainer.history[-1]["cumulative_mb"] if trainer.history else 0.0,
         "history": trainer.history,
     }
-    save_checkpoint(out_dir, round, tensors, meta)
+
+    def snapshot_stores(directory: Path) -> dict:  # on-disk client states: linked into the checkpoint, digests in meta
+        snapshots = {kind: store.snapshot(directory / CLIENT_STATES / kind) for kind, store in on_disk.items()}
+        return {CLIENT_STATES: snapshots}
+
+    save_checkpoint(out_dir, round, tensors, meta, add_files=snapshot_stores if on_disk else None)
+
+
+def _client_stores(client_view: FederatedClient) -> dict:
+    return {"personal": client_view.personal_states, "memory": client_view.memories}
+
+
+def _restore_client_states(client_view: FederatedClient, loaded: dict[str, dict[int, dict]], meta: dict) -> None:
+    """Put the checkpoint's per-client states (tensors ``personal/``, ``memory/``, or on-disk snapshots) into the
+    client view's stores, whichever kind each is now."""
+    snapshots = meta.get(CLIENT_STATES, {})
+    for kind, store in _client_stores(client_view).items():
+        source = Path(meta["checkpoint_dir"]) / CLIENT_STATES / kind
+        states = dict(sorted(loaded[kind].items()))
+        if isinstance(store, DiskClientStore):
+            store.restore(source, snapshots.get(kind, {}))
+            for cid, state in states.items():
+                store[cid] = state
+        else:
+            if kind in snapshots:
+                states.update(read_snapshot(source, snapshots[kind]))
+            setattr(client_view, "personal_states" if kind == "personal" else "memories", dict(sorted(states.items())))
 
 
 def restore_round_checkpoint(
@@ -199,14 +236,13 @@ def restore_round_checkpoint(
             kind, cid, name = key.split("/", 2)
             (personal if kind == "personal" else memories).setdefault(int(cid), {})[name] = value
     server.memory = {k[len("server_memory/") :]: v for k, v in tensors.items() if k.startswith("server_memory/")}
-    client_view.memories = dict(sorted(memories.items()))
+    _restore_client_states(client_view, {"personal": personal, "memory": memories}, meta)
     base_writer.restore({k[len("base/") :]: v for k, v in tensors.items() if k.startswith("base/")})
     server.state, server.round = state, round
     client_view.state, client_view.round = dict(state), round
-    client_view.personal_states = dict(sorted(personal.items()))
     trainer.global_state = state
     trainer.history = meta["history"]
-    trainer.load_global_state(trainer.algorithm.export_state(state, personal))
+    trainer.load_global_state(trainer.algorithm.export_state(state, client_view.personal_states))
     return round
 
 
