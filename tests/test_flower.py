@@ -679,19 +679,7 @@ def test_deployment_with_a_hostile_supernode_completes(tmp_path):
         "--timeout", "240", *[arg for c in nodes for arg in ("--node-config", json.dumps(c))],
         "--run-config", json.dumps(run),
     ]
-    if isolated:
-        driver = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', *driver]
-    proc = subprocess.Popen(driver, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=420)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{err[-6000:]}"
+    out = run_loopback_driver(driver, isolated, timeout=420)
     statuses = [json.loads(line)["status"] for line in out.splitlines() if line.startswith('{"run_id"')]
     assert statuses == ["finished:completed"]
     history = json.loads((server_dir / "history.json").read_text())
@@ -701,3 +689,22 @@ def test_deployment_with_a_hostile_supernode_completes(tmp_path):
     assert history[1]["transport"]["clients_in_sync"] == [0, 1]
     saved = json.loads((server_dir / "final" / "adapter_config.json").read_text())
     assert saved["r"] == 4 and saved["base_model_name_or_path"] == "tiny-llama"
+
+
+def run_loopback_driver(driver: list[str], isolated: bool, timeout: float) -> str:
+    """Run `fedsrd.integrations.flower_loopback` (in its own network namespace when `isolated`) in its own process
+    group, stop the whole group whatever happens, and return its stdout; the driver must exit 0."""
+    if isolated:
+        driver = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', *driver]
+    proc = subprocess.Popen(driver, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{err[-6000:]}"
+    return out

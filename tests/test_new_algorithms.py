@@ -3,10 +3,10 @@ message through the wire codec, the refusals, and a tiny end-to-end run of each.
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from test_baselines import MODULES, RANK, REPO, TINY, _a, _b  # noqa: E402  (the same toy shapes and tiny preset)
 
 from fedsrd import FedSRDConfig, get_algorithm, wire
 from fedsrd.client import FederatedClient
@@ -14,18 +14,6 @@ from fedsrd.server import FederatedServer
 
 NEW = ["rolora", "fedsvd", "fed_sb", "fedrpca"]  # LoRA
 FULL = ["ferret"]  # full-parameter
-MODULES = {"base_model.model.layers.0.q_proj": (6, 5), "base_model.model.layers.0.down_proj": (4, 9)}  # d_out, d_in
-RANK = 2
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "examples" / "configs" / "tiny.yaml"
-
-
-def _a(module):
-    return f"{module}.lora_A.weight"
-
-
-def _b(module):
-    return f"{module}.lora_B.weight"
 
 
 def _r(module):

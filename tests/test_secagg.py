@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from test_flower import run_loopback_driver  # noqa: E402  (one loopback driver runner for both deployments)
 
 from fedsrd import FedSRDConfig, wire
 
@@ -443,19 +441,7 @@ def test_deployment_on_loopback_secure_equals_plain(tmp_path):
         *[arg for c in node_configs for arg in ("--node-config", json.dumps(c))],
         *[arg for c in runs for arg in ("--run-config", json.dumps(c))],
     ]
-    if isolated:
-        driver = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', *driver]
-    proc = subprocess.Popen(driver, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=1500)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{err[-6000:]}"
+    out = run_loopback_driver(driver, isolated, timeout=1500)
     statuses = [json.loads(line)["status"] for line in out.splitlines() if line.startswith('{"run_id"')]
     assert statuses == ["finished:completed", "finished:completed"]
     plain, secure = _final_state(tmp_path / "plain"), _final_state(tmp_path / "secure")
