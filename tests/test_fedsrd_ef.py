@@ -250,3 +250,107 @@ def test_train_one_factor_is_refused_where_it_does_not_apply():
     with pytest.raises(ValueError, match="FedSRDConfig.train_one_factor"):
         FedSRDConfig(algorithm="fedsrd", train_one_factor=True, download_both_factors=True)
     assert get_algorithm("fedsrd", FedSRDConfig(algorithm="fedsrd")).trains("m.lora_A.weight", 1)  # paper: both
+
+
+# ---- ef_download_space "product": the remainder of the round's target is kept in product space --------------------
+def _product(memory, module):
+    return memory[f"{module}.lora_B.weight.residual_left"] @ memory[f"{module}.lora_A.weight.residual_right"]
+
+
+def test_product_residual_is_what_the_broadcast_did_not_apply():
+    """E_new = (dW + E_old) - applied in both round kinds, exactly when the kept rank holds it (here the module's
+    full rank, 10), and the kept rank is capped by ef_residual_rank (checked with the default cap, 2 r)."""
+    r = 3
+    cfg = FedSRDConfig(algorithm="fedsrd_ef", ef_upload=False, ef_download_space="product", download_drop=0.8,
+                       ef_residual_rank=10, decompose_ridge=0.1)  # fmt: skip
+    ef = get_algorithm("fedsrd_ef", cfg)
+    glob = _state(4, r=r)
+    memory: dict = {}
+    captured = {}  # each module's dW (Eq. 11) as the step computed it
+    target_change = ef.target_change
+
+    def spy(module, a, b, *args, **kwargs):
+        captured[module.b_key] = target_change(module, a, b, *args, **kwargs)
+        return captured[module.b_key]
+
+    ef.target_change = spy
+    for rnd in (1, 2, 3):
+        updates = [{k: wire.SparseTensor.from_dense(torch.randn(v.shape, generator=torch.Generator().manual_seed(
+            10 * rnd + i)) * 0.05) for k, v in glob.items()} for i in range(3)]  # fmt: skip
+        payload, kept = ef.server_step_with_memory(glob, updates, [1 / 3] * 3, rnd, generator_for(0, "s", rnd), memory)
+        assert set(payload) == {k for k in glob if k.endswith("lora_B.weight" if rnd % 2 else "lora_A.weight")}
+        new = dict(glob)
+        for k, v in _dense(payload).items():
+            new[k] = glob[k] + v
+        for m in ("m0", "m1"):
+            dw = captured[f"{m}.lora_B.weight"]
+            wanted = dw[0] @ dw[1] + (_product(memory, m) if memory else 0)
+            applied = new[f"{m}.lora_B.weight"] @ new[f"{m}.lora_A.weight"] - glob[f"{m}.lora_B.weight"] @ glob[
+                f"{m}.lora_A.weight"]  # fmt: skip
+            torch.testing.assert_close(applied + _product(kept, m), wanted, rtol=0, atol=2e-5)
+        glob, memory = new, kept
+    capped = get_algorithm("fedsrd_ef", FedSRDConfig(algorithm="fedsrd_ef", ef_download_space="product"))
+    _, kept = capped.server_step_with_memory(glob, updates, [1 / 3] * 3, 4, generator_for(0, "s", 4), memory)
+    assert kept["m0.lora_B.weight.residual_left"].shape == (12, 2 * r)
+
+
+def test_product_space_first_round_broadcasts_fedsrds_unbiased_drop():
+    """With no residual yet, the broadcast is FedSRD's: the same solve, the same seeded drop, survivors x 1/(1-p)."""
+    glob = _state(5)
+    updates = [{k: wire.SparseTensor.from_dense(torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) * 0.01)
+                for k, v in glob.items()} for i in range(2)]  # fmt: skip
+    ef = get_algorithm("fedsrd_ef", FedSRDConfig(algorithm="fedsrd_ef", ef_download_space="product"))
+    paper = get_algorithm("fedsrd", FedSRDConfig(algorithm="fedsrd"))
+    got, kept = ef.server_step_with_memory(glob, updates, [0.5, 0.5], 1, generator_for(0, "s", 1), {})
+    ref = paper.server_step(glob, updates, [0.5, 0.5], 1, generator_for(0, "s", 1))
+    assert got.keys() == ref.keys() and kept  # a residual is kept
+    for k, v in _dense(got).items():
+        torch.testing.assert_close(v, _dense(ref)[k])
+
+
+def test_product_space_options_are_validated():
+    with pytest.raises(ValueError, match="FedSRDConfig.ef_download_space"):
+        FedSRDConfig(algorithm="fedsrd_ef", ef_download_space="products")
+    with pytest.raises(ValueError, match="FedSRDConfig.ef_download_space.*'random'"):
+        FedSRDConfig(algorithm="fedsrd_ef", ef_download_space="product", ef_download_selection="magnitude")
+    with pytest.raises(ValueError, match="FedSRDConfig.ef_residual_rank"):
+        FedSRDConfig(algorithm="fedsrd_ef", ef_residual_rank=-1)
+    ef = get_algorithm("fedsrd_ef", FedSRDConfig(algorithm="fedsrd_ef", ef_download_space="product"))
+    bad = {"m0.lora_B.weight.residual_left": torch.zeros(5, 2), "m0.lora_A.weight.residual_right": torch.zeros(2, 10)}
+    glob = _state(6)
+    upd = [{k: wire.SparseTensor.from_dense(torch.zeros_like(v)) for k, v in glob.items()}]
+    with pytest.raises(ValueError, match="product-space residual .* does not fit a 12 x 10 module"):
+        ef.server_step_with_memory(glob, upd, [1.0], 1, torch.Generator(), bad)
+
+
+def test_product_space_resumes_bit_for_bit(tmp_path):
+    from fedsrd.server import load_adapter_state
+
+    common = ["--config", TINY, "--algorithm", "fedsrd_ef", "--ef_upload", "false", "--ef_download_space", "product",
+              "--decompose_ridge", "0.1", "--local_steps", "2", "--eval_every", "0", *QUIET]  # fmt: skip
+    run_train([*common, "--num_rounds", "3", "--output_dir", str(tmp_path / "full")])
+    run_train([*common, "--num_rounds", "2", "--output_dir", str(tmp_path / "cut")])
+    run_train([*common, "--num_rounds", "3", "--output_dir", str(tmp_path / "cut"), "--resume", "true"])
+    full = load_adapter_state(tmp_path / "full" / "final")
+    assert wire.state_digest(full) == wire.state_digest(load_adapter_state(tmp_path / "cut" / "final"))
+    assert full != {}
+
+
+def test_tensors_read_from_bytes_are_aligned_so_resume_gives_the_same_bits(tmp_path):
+    """MKL picks kernels by address alignment, so a state read from a checkpoint at an odd offset gave a resumed
+    run other bits than the uninterrupted one (seen with decompose_ridge); every reader now returns aligned tensors
+    (the bit-identical resume itself: test_product_space_resumes_bit_for_bit, which uses decompose_ridge)."""
+    from fedsrd.checkpoint import load_checkpoint, save_checkpoint
+    from fedsrd.ops.aligned import ALIGNMENT, aligned
+
+    buf = torch.zeros(70)
+    odd = buf[2:66].view(4, 16)  # 8 bytes past an aligned start
+    assert odd.data_ptr() % ALIGNMENT and aligned(odd).data_ptr() % ALIGNMENT == 0
+    assert torch.equal(aligned(odd), odd) and aligned(buf) is buf
+    state = {f"t{i}": torch.randn(i + 1, 3) for i in range(5)}
+    decoded = wire.decode(wire.encode(wire.Message(kind="update", algorithm="fedavg", round=1, tensors=state)))
+    assert all(v.data_ptr() % ALIGNMENT == 0 for v in decoded.tensors.values())
+    save_checkpoint(tmp_path, 1, state, {"runtime": "test"})
+    _, loaded, _ = load_checkpoint(tmp_path)
+    assert loaded.keys() == state.keys() and all(v.data_ptr() % ALIGNMENT == 0 for v in loaded.values())
+    assert all(torch.equal(loaded[k], state[k]) for k in state)

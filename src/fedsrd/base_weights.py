@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from fedsrd.algorithms import Algorithm, BaseDelta, State
+from fedsrd.ops.aligned import aligned_state
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def add_base_delta(model: torch.nn.Module, delta: str | Path | State) -> torch.n
     if not isinstance(delta, dict):
         from safetensors.torch import load_file
 
-        delta = load_file(str(delta))
+        delta = aligned_state(load_file(str(delta)))
     params = dict(model.named_parameters())
     for name, change in delta.items():
         candidates = [name, name[: -len(".weight")] + ".base_layer.weight", "base_model.model." + name]

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from fedsrd import wire
 from fedsrd.federation.files import atomic_write_bytes
+from fedsrd.ops.aligned import aligned_state
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
@@ -188,7 +189,7 @@ def _read_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: not a fedsrd checkpoint")
     try:
-        tensors = load_file(str(tensors_path))
+        tensors = aligned_state(load_file(str(tensors_path)))  # same bits as the run that wrote them
     except SafetensorError as err:
         raise ValueError(f"{tensors_path} cannot be read ({err})") from err
     if TENSORS_DIGEST in meta and wire.state_digest(tensors) != meta[TENSORS_DIGEST]:

@@ -17,6 +17,7 @@ from fedsrd.algorithms.ranks import rank_dim, state_rank
 from fedsrd.client import expected_specs
 from fedsrd.config import FedSRDConfig
 from fedsrd.ops import generator_for, normalized_weights, round_to_dtype
+from fedsrd.ops.aligned import aligned
 from fedsrd.ops.privacy import noise_std_on_mean
 from fedsrd.ops.robust import lower_median, trim_count, trimmed_mean
 
@@ -588,7 +589,7 @@ def load_adapter_state(adapter: str | Path | State) -> State:
     weights = path / ADAPTER_WEIGHTS if path.is_dir() else path
     if not weights.is_file():
         raise FileNotFoundError(f"adapter weights not found: expected {weights} (a PEFT adapter directory).")
-    return {k: v.to(torch.float32) for k, v in load_file(str(weights)).items()}
+    return {k: aligned(v.to(torch.float32)) for k, v in load_file(str(weights)).items()}
 
 
 def merge_adapters(

@@ -36,6 +36,7 @@ import torch
 
 from fedsrd.config import POSITION_ENCODINGS
 from fedsrd.config import VALUE_DTYPES as VALUE_DTYPE_NAMES
+from fedsrd.ops.aligned import aligned_state
 from fedsrd.ops.sparse import MAX_MASK_SEEDS, SeededMask, SparseTensor
 
 __all__ = [
@@ -617,7 +618,7 @@ def _decode(
         _check_expected(header, expected, require_all)
     _check_stored(header, stored_entries)
     try:
-        stored = safetensors.torch.load(data)
+        stored = aligned_state(safetensors.torch.load(data))  # same bits wherever `data` lies in memory
     except Exception as err:  # safetensors raises its own error types; callers see only WireError
         raise WireError(f"safetensors container could not be loaded: {err}") from err
 

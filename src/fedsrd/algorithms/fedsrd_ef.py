@@ -38,6 +38,7 @@ from fedsrd.algorithms.base import Payload, State, require_option
 from fedsrd.algorithms.families import LoraModule, lora_modules
 from fedsrd.algorithms.fedsrd import FedSRD, FedSRDOptions, ModuleTarget
 from fedsrd.ops import SparseTensor, round_to_dtype
+from fedsrd.ops.lowrank import factored_difference, truncated_svd
 from fedsrd.ops.sparsify import (
     dare_drop,
     importance_prune,
@@ -47,6 +48,7 @@ from fedsrd.ops.sparsify import (
 )
 
 EF_DOWNLOAD_SELECTIONS = ("random", "magnitude")
+EF_DOWNLOAD_SPACES = ("factor", "product")
 
 
 @dataclass
@@ -74,6 +76,22 @@ class FedSRDEFOptions(FedSRDOptions):
             "(seeded mask, no position bytes, as FedSRD) or 'magnitude' (the largest entries; positions sent)."
         },
     )
+    ef_download_space: str = field(
+        default="factor",
+        metadata={
+            "help": "fedsrd_ef: where the download's residual is kept: 'factor' (what the drop removed from the sent "
+            "factor, survivors unscaled) or 'product' (ours: the part of the round's target W_target - B A that the "
+            "broadcast did not apply, as a rank-capped factor pair added to the next round's target; survivors "
+            "scaled by 1/(1-p) as in FedSRD, so the broadcast stays unbiased and the residual only corrects it)."
+        },
+    )
+    ef_residual_rank: int = field(
+        default=0,
+        metadata={
+            "help": "fedsrd_ef with ef_download_space 'product': rank of the kept product-space residual per module "
+            "(its best rank-k approximation is kept; 0: twice lora_r)."
+        },
+    )
 
     @staticmethod
     def validate(config) -> None:
@@ -81,6 +99,19 @@ class FedSRDEFOptions(FedSRDOptions):
         require_option(
             config, selection in EF_DOWNLOAD_SELECTIONS, "ef_download_selection",
             f"must be one of {EF_DOWNLOAD_SELECTIONS}, got {selection!r}",
+        )  # fmt: skip
+        space = config.ef_download_space
+        require_option(
+            config, space in EF_DOWNLOAD_SPACES, "ef_download_space",
+            f"must be one of {EF_DOWNLOAD_SPACES}, got {space!r}",
+        )  # fmt: skip
+        require_option(
+            config, space == "factor" or selection == "random", "ef_download_space",
+            "'product' keeps FedSRD's unbiased random drop; set ef_download_selection 'random'",
+        )  # fmt: skip
+        require_option(
+            config, config.ef_residual_rank >= 0, "ef_residual_rank",
+            f"must be >= 0 (0: twice lora_r), got {config.ef_residual_rank}",
         )  # fmt: skip
         require_option(
             config,
@@ -170,6 +201,8 @@ class FedSRDEF(FedSRD):
         """FedSRD's decomposition, with the server's download residuals added to and kept from each sent delta."""
         if not self.config.ef_download:
             return super().decompose(global_state, target_of, round, rng, memory)
+        if self.config.ef_download_space == "product":
+            return self._decompose_product(global_state, target_of, round, rng, memory)
         b_round = round % 2 == 1  # as FedSRD: odd rounds send dB, even rounds dA
         ridge = self.config.decompose_ridge
         payload: Payload = {}
@@ -192,10 +225,70 @@ class FedSRDEF(FedSRD):
             kept[key] = corrected - sent.to_dense(torch.float32)
         return payload, kept
 
+    def _decompose_product(
+        self,
+        global_state: State,
+        target_of: Callable[[LoraModule, torch.Tensor, torch.Tensor], ModuleTarget],
+        round: int,
+        rng: torch.Generator,
+        memory: State,
+    ) -> tuple[Payload, State]:
+        """Download error feedback in product space (``ef_download_space: product``; ours, docs/fedsrd.md).
+
+        FedSRD moves one factor per round towards the target, dW = W_target - B A (Eq. 11), by a least-squares delta
+        (Eq. 12-13) that is then DARE-dropped: what the solve cannot express in the moving factor's space, and what
+        the drop removes, is lost. Here the server keeps that remainder, ``E = (dW + E_old) - applied`` with
+        ``applied = dB' A`` (B-rounds) or ``B dA'`` (A-rounds), as its best rank-k factor pair, and adds it to the
+        next round's dW, whichever factor that round moves. The broadcast is FedSRD's (same drop, same 1/(1-p)
+        rescale, same bytes); only the target it is solved from changes.
+        """
+        b_round = round % 2 == 1  # as FedSRD: odd rounds send dB, even rounds dA
+        ridge = self.config.decompose_ridge
+        payload: Payload = {}
+        kept: State = {}
+        for module in lora_modules(global_state):
+            a, b = global_state[module.a_key].to(torch.float32), global_state[module.b_key].to(torch.float32)
+            target = target_of(module, a, b)
+            left_key, right_key = f"{module.b_key}.residual_left", f"{module.a_key}.residual_right"
+            delta_w = target.delta_w
+            if left_key in memory or right_key in memory:
+                residual = _residual_pair(memory, left_key, right_key, b.shape[0], a.shape[1])
+                delta_w = (torch.cat([delta_w[0], residual[0]], dim=1), torch.cat([delta_w[1], residual[1]], dim=0))
+            corrected = ModuleTarget(delta_w)  # fedsrd_ef is SVD-based: its targets carry no pre-solved part
+            if b_round:
+                key, delta = module.b_key, corrected.left_update(a, ridge)  # Eq. 12, on dW + E
+            elif bool(b.any()):
+                key, delta = module.a_key, corrected.right_update(b, ridge)  # Eq. 13, on dW + E
+            else:  # never pinv a zero B: nothing sent, the remainder waits
+                kept.update({k: memory[k] for k in (left_key, right_key) if k in memory})
+                continue
+            sent = self._as_decoded(dare_drop(delta, self.config.download_drop, rng))  # FedSRD's unbiased drop
+            payload[key] = sent
+            step = sent.to_dense(torch.float32)
+            applied = (step, a) if b_round else (b, step)
+            remainder = factored_difference(delta_w, applied)  # (dW + E_old) - applied
+            rank = self.config.ef_residual_rank or 2 * a.shape[0]
+            left, right = truncated_svd(*remainder, rank=min(rank, b.shape[0], a.shape[1]))
+            # contiguous, as a checkpoint reloads them: the same memory layout gives the same bits after a resume
+            kept[left_key], kept[right_key] = left.contiguous(), right.contiguous()
+        return payload, kept
+
     def _as_decoded(self, sent: SparseTensor) -> SparseTensor:
         """`sent` as its receiver decodes it (values rounded to the wire's value dtype): a residual is what the
         receiver did not get, so it must be taken against the decoded values."""
         return round_to_dtype(sent, getattr(torch, self.config.value_dtype))
+
+
+def _residual_pair(memory: State, left_key: str, right_key: str, d_out: int, d_in: int) -> tuple[torch.Tensor, ...]:
+    """A module's kept product-space residual (left d_out x k, right k x d_in), checked against the module's shape."""
+    left, right = memory.get(left_key), memory.get(right_key)
+    if left is None or right is None or left.dim() != 2 or right.dim() != 2 or left.shape[0] != d_out \
+            or right.shape[1] != d_in or left.shape[1] != right.shape[0]:  # fmt: skip
+        raise ValueError(
+            f"FedSRD-EF: the kept product-space residual {left_key!r}/{right_key!r} does not fit a {d_out} x {d_in} "
+            "module; was the run resumed with other LoRA settings?"
+        )
+    return left.to(torch.float32), right.to(torch.float32)
 
 
 def _residual(memory: State, key: str, like: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from fedsrd.federation.files import atomic_write_bytes
+from fedsrd.ops.aligned import aligned_state
 
 State = dict[str, torch.Tensor]
 STORE_KINDS = ("auto", "memory", "disk")
@@ -57,7 +58,7 @@ class DiskClientStore(MutableMapping[int, State]):
     def __getitem__(self, client_id: int) -> State:
         if client_id not in self._digests:
             raise KeyError(client_id)
-        return load_bytes(self.path(client_id).read_bytes())
+        return aligned_state(load_bytes(self.path(client_id).read_bytes()))
 
     def __setitem__(self, client_id: int, state: State) -> None:
         data = save_bytes({k: v.detach().to("cpu").contiguous() for k, v in state.items()})

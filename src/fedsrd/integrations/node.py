@@ -35,6 +35,7 @@ from fedsrd.federation.client_phase import client_phase
 from fedsrd.federation.files import atomic_write_bytes
 from fedsrd.integrations.catchup import OutOfSync, apply_catch_up, encode_full_state
 from fedsrd.integrations.settings import RunSettings
+from fedsrd.ops.aligned import aligned
 
 if TYPE_CHECKING:
     from fedsrd.trainer import FederatedTrainer
@@ -95,7 +96,7 @@ class NodeStore:
             return None
         try:
             data = path.read_bytes()
-            state = {k: v.to(torch.float32) for k, v in load(data).items()}
+            state = {k: aligned(v.to(torch.float32)) for k, v in load(data).items()}
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
             round, digest = int(meta["round"]), meta["digest"]
@@ -118,7 +119,7 @@ class NodeStore:
         from safetensors.torch import load
 
         path = self.root / self.PERSONAL
-        return {k: v.to(torch.float32) for k, v in load(path.read_bytes()).items()} if path.is_file() else {}
+        return {k: aligned(v.to(torch.float32)) for k, v in load(path.read_bytes()).items()} if path.is_file() else {}
 
     def save_personal(self, state: State) -> None:
         from safetensors.torch import save

@@ -46,6 +46,7 @@ from accelerate.utils import DistributedType, broadcast_object_list, gather_obje
 from fedsrd import wire
 from fedsrd.federation.client_phase import train_clients
 from fedsrd.federation.evaluation import evaluate_global, evaluate_sets, summarize_eval
+from fedsrd.ops.aligned import aligned_state
 from fedsrd.server import RoundResult
 
 if TYPE_CHECKING:
@@ -311,7 +312,7 @@ def encode_state(state: State) -> bytes:
 def decode_state(data: bytes) -> State:
     from safetensors.torch import load
 
-    return load(data)
+    return aligned_state(load(data))
 
 
 def _order_like_one_process(personal_states: dict[int, State], known_before: list[int], clients: list[int]) -> None:
