@@ -622,7 +622,8 @@ def describe(a: argparse.Namespace) -> str:
     else:
         ranks = f"LoRA r={a.lora_r}"
     return (
-        f"Gemma-3-270M, {len(a.domains)} clients (one domain each), {a.rounds} rounds x {a.local_steps} local "
+        f"{'Gemma-3-270M' if a.model == 'gemma-3-270m' else a.model}, {len(a.domains)} clients (one domain each), "
+        f"{a.rounds} rounds x {a.local_steps} local "
         f"steps, batch {a.batch_size}, lr {a.learning_rate:g} constant, {ranks} on {','.join(a.targets)}, "
         f"max_length {a.max_length}, held-out loss on {a.eval_size} dev rows per domain every {a.eval_every} "
         f"rounds; paired differences to {avb.label(a.reference)} over seeds {a.seeds}, 95% t-intervals."
