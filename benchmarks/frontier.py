@@ -294,7 +294,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference", default=None,
                    help="The method paired differences and byte shares are taken against. Default: fedavg; with "
                         "--client-ranks fedavg+lora_r=<smallest rank> (FedAvg-LoRA with every client at the rank all "
-                        "of them can train).")  # fmt: skip
+                        "of them can train). Its runs also measure round 0 (the base model) for all, which is part "
+                        "of their settings: train a sweep with one reference; --report-only may take any.")  # fmt: skip
     p.add_argument("--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
     p.add_argument("--value-dtype", default="float32")
     p.add_argument("--results", default=None,
