@@ -9,7 +9,8 @@ from its ``history.json``:
 * ``eval_loss``: completion-only cross-entropy of the global adapter after the last round on each domain's dev split
   (the first ``--eval-size`` rows), and their mean;
 A method is an algorithm name, optionally with ``+option=value`` settings of the main job that apply to it alone:
-``fedsrd+value_dtype=bfloat16`` is FedSRD with bfloat16 values on the wire (the compact encoding).
+``fedsrd+value_dtype=bfloat16`` is FedSRD with bfloat16 values on the wire (the compact encoding);
+``fedavg+lora_r=4`` is FedAvg-LoRA at rank 4 (lora_alpha 8: every rank has the same scaling, alpha / r = 2).
 
 * ``upload_mb`` / ``download_mb``: MB (1024^2 bytes) per client per round, the lengths of the encoded messages, averaged
   over the rounds.
@@ -42,7 +43,8 @@ DOMAINS = ["code", "medical", "finance", "math"]
 ALGORITHMS = ["fedavg", "fedsrd", "fedsrd_e", "ffa_lora", "fed_dare", "flexlora", "fedsrd+value_dtype=bfloat16"]
 LABELS = {
     "fedavg": "FedAvg-LoRA", "fedsrd": "FedSRD", "fedsrd_e": "FedSRD-e", "ffa_lora": "FFA-LoRA",
-    "fed_dare": "Fed-DARE", "flexlora": "FlexLoRA",
+    "fed_dare": "Fed-DARE", "flexlora": "FlexLoRA", "flora": "FLoRA", "hetlora": "HetLoRA", "rolora": "RoLoRA",
+    "fedsvd": "FedSVD", "fed_sb": "Fed-SB", "fedrpca": "FedRPCA",
 }  # fmt: skip
 
 
@@ -91,16 +93,39 @@ def label(method: str) -> str:
     return LABELS.get(algorithm, algorithm) + (f" ({options})" if options else "")
 
 
+def method_rank(method: str) -> int | None:
+    """The uniform LoRA rank a method sets with ``+lora_r=N`` (every client at N, lora_alpha 2N), else None."""
+    _, extra = split_method(method)
+    options = dict(zip(extra[::2], extra[1::2]))
+    if "--lora_r" not in options:
+        return None
+    if not options["--lora_r"].isdigit() or int(options["--lora_r"]) < 1:
+        raise SystemExit(f"method {method!r}: lora_r must be a positive int, got {options['--lora_r']!r}")
+    return int(options["--lora_r"])
+
+
 def run_args(a: argparse.Namespace, method: str, out: Path, first: bool) -> list[str]:
-    """The main job's arguments for one method: identical for every method but the algorithm (and its options)."""
+    """The main job's arguments for one method: identical for every method but the algorithm (and its options).
+
+    ``+lora_r=N`` in a method sets its rank (lora_alpha 2N, the same scaling as every other rank) in place of
+    ``--lora-r``. With per-client ranks (``a.client_ranks``, the frontier's ``--client-ranks``), every method that
+    does not set its own rank gets ``--client_lora_ranks``; one that does runs with every client at that rank."""
     algorithm, extra = split_method(method)
+    rank = method_rank(method)
+    if rank is not None:
+        at = extra.index("--lora_r")
+        extra = extra[:at] + extra[at + 2 :]
+    client_ranks = getattr(a, "client_ranks", None) if rank is None else None
+    rank = a.lora_r if rank is None else rank
+    if client_ranks:
+        extra = ["--client_lora_ranks", *map(str, client_ranks), *extra]
     return [
         "--model_name_or_path", a.model, "--data", *[str((Path(a.data) / d).resolve()) for d in a.domains],
         "--partition", "domain", "--train_size", "0", "--eval_size", str(a.eval_size),
         "--max_length", str(a.max_length), "--algorithm", algorithm, "--num_clients", str(len(a.domains)),
         "--num_rounds", str(a.rounds), "--local_steps", str(a.local_steps), "--learning_rate", str(a.learning_rate),
         "--lr_scheduler_type", "constant", "--per_device_train_batch_size", str(a.batch_size),
-        "--per_device_eval_batch_size", "8", "--lora_r", str(a.lora_r), "--lora_alpha", str(2 * a.lora_r),
+        "--per_device_eval_batch_size", "8", "--lora_r", str(rank), "--lora_alpha", str(2 * rank),
         "--lora_dropout", "0.05", "--lora_target_modules", *a.targets, "--value_dtype", a.value_dtype,
         "--seed", str(a.seed), "--eval_every", "0", "--eval_at_start", "true" if first else "false",
         "--save_every", "0", "--checkpoint", "false", "--output_dir", str(out), "--report_to", "none",

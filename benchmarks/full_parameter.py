@@ -1,5 +1,5 @@
-"""Communication per client per round of the full-parameter family (fedfft, fedkrso, fedkseed), measured by encoding
-real messages through the client and server roles and the wire codec (no model is loaded); with --memory, the
+"""Communication per client per round of the full-parameter family (fedfft, fedkrso, fedkseed, ferret), measured by
+encoding real messages through the client and server roles and the wire codec (no model is loaded); with --memory, the
 client memory of a real local phase of each method, on MiniLM (sequence classification) and Gemma-3-270M.
 
 Local training is simulated by what it leaves behind: FedFFT a small random change of every trained weight; FedKRSO
@@ -19,7 +19,8 @@ Memory (`--memory`): each (model, method) runs one real local phase (`FederatedT
 the next. Counted from the tensors themselves: the optimizer's state (every tensor in `optimizer.state`: Adam's
 moments and step counts), the gradients at their largest (before an optimizer step: every `.grad` of the model and
 of the method's own parameters), the method's extra tensors (FedKRSO: coordinates, projections and per-seed
-accumulators; FedKSeed: its per-seed scalars; FedAvg-LoRA: the adapter) and the float32 copy of the initial trained
+accumulators; FedKSeed: its per-seed scalars; FedAvg-LoRA: the adapter; Ferret: none, its local phase is plain SGD
+without momentum, and its projection onto the bases comes after the phase) and the float32 copy of the initial trained
 weights that the full-parameter family keeps (every party rebuilds the global model from it). From the operating
 system: the resident set before the local phase and its peak during it (Linux ``VmHWM``, reset through
 ``/proc/self/clear_refs`` before the phase). FedAvg-LoRA on the classifier trains the adapter plus the new head
@@ -202,7 +203,7 @@ def measure(
 # ---- memory of a real local phase ---------------------------------------------------------------------------------
 MEMORY_MODELS = ["minilm", "gemma-3-270m"]
 CLASSIFIERS = {"minilm": "all-minilm-l6-v2", "tiny-bert": "tiny-bert"}  # the others load as causal LMs (tiny-llama)
-MEMORY_METHODS = ["fedkrso", "fedfft", "fedkseed", "fedavg"]
+MEMORY_METHODS = ["fedkrso", "fedfft", "fedkseed", "fedavg", "ferret"]  # ferret: plain SGD, no optimizer state
 MEMORY_RESULT = Path(__file__).resolve().parent / "results" / "full_parameter" / "memory.json"
 MEMORY_KEYS = ("optimizer_state_mb", "gradients_mb", "extra_tensors_mb", "initial_copy_mb", "rss_before_mb",
                "peak_rss_mb")  # fmt: skip
@@ -315,6 +316,27 @@ def measure_memory(models: list[str], methods: list[str], steps: int, batch: int
     return result
 
 
+PHASE_KEYS = ("memory_steps", "memory_batch", "memory_length")  # what makes two measurements comparable
+
+
+def store_memory(memory: dict, config: dict, path: Path = MEMORY_RESULT) -> dict:
+    """Write the measured rows to `path` (read by full_parameter_accuracy.py), keeping the stored rows of the other
+    (model, method) pairs when they were measured with the same phase (`PHASE_KEYS`), so one method can be measured
+    and added on its own (``--memory-methods ferret``). Returns what was written."""
+    merged: dict[str, dict] = {}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if all(old.get("config", {}).get(k) == config.get(k) for k in PHASE_KEYS):
+            merged = old.get("memory", {})
+    for model, rows in memory.items():
+        merged.setdefault(model, {}).update(rows)
+    methods = list(dict.fromkeys(m for rows in merged.values() for m in rows))
+    stored = {"config": {**config, "memory_models": list(merged), "memory_methods": methods}, "memory": merged}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stored, indent=1))
+    return stored
+
+
 def memory_table(memory: dict) -> str:
     head = ["model", "method", "optimizer state MB", "gradients MB", "method's extra tensors MB",
             "initial-weights copy MB", "RSS before MB", "peak RSS of the local phase MB",
@@ -403,9 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{args.memory_length} tokens, fp32, CPU), each method in its own process; MB = 1024^2 B:\n")  # fmt: skip
         print(memory_table(memory))
         result["memory"] = memory
-        MEMORY_RESULT.parent.mkdir(parents=True, exist_ok=True)
-        MEMORY_RESULT.write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if "memory" in k},
-                                             "memory": memory}, indent=1))  # fmt: skip
+        store_memory(memory, {k: v for k, v in vars(args).items() if "memory" in k})
     if args.json:
         print(json.dumps(result))
     return result

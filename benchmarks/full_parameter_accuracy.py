@@ -1,4 +1,4 @@
-"""Accuracy on SST-2 with the MiniLM encoder: FedKRSO against federated full fine-tuning and FedKSeed, over seeds.
+"""Accuracy on SST-2 with MiniLM: FedKRSO against federated full fine-tuning, FedKSeed and Ferret, over seeds.
 
 One run of the main job per (method, seed), each in its own process (`fedsrd train --task classification`): the
 packaged all-MiniLM-L6-v2 with a new 2-class head, GLUE SST-2 (``data/sst2``, written by
@@ -18,7 +18,8 @@ run whose settings match; an interrupted run resumes from its round checkpoint u
 trains nothing.
 
     python benchmarks/full_parameter_accuracy.py --estimate              # one short run: the cost of a full one
-    python benchmarks/full_parameter_accuracy.py                         # the sweep (3 methods x 3 seeds)
+    python benchmarks/full_parameter_accuracy.py                         # the sweep (4 methods x 3 seeds)
+    python benchmarks/full_parameter_accuracy.py --methods ferret --seeds 1   # one method, one seed
     python benchmarks/full_parameter_accuracy.py --report-only --json --plot-dir docs/img
 
 FedAvg-LoRA and FedSRD are not in the sweep: the library's LoRA algorithms do not train or send a classifier's new
@@ -41,11 +42,15 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "full_parameter"
 MEMORY_RESULT = RESULTS / "memory.json"
 REFERENCE = "fedfft"
-METHODS = ["fedkrso", "fedfft", "fedkseed"]
+METHODS = ["fedkrso", "fedfft", "fedkseed", "ferret"]
 RESULT_FILES = ("history.json", "settings.json")
-LABELS = {"fedkrso": "FedKRSO (r=4, K=10, tau=10)", "fedfft": "FedFFT (full fine-tuning)", "fedkseed": "FedKSeed"}
+LABELS = {"fedkrso": "FedKRSO (r=4, K=10, tau=10)", "fedfft": "FedFFT (full fine-tuning)", "fedkseed": "FedKSeed",
+          "ferret": "Ferret (K=200)"}  # fmt: skip
 # Per-method optimizer settings: FedKRSO the authors' recipe (examples/configs/sst2_minilm.yaml); FedFFT a usual
-# full fine-tuning rate (the authors' 2e-4 is high for it); FedKSeed its required constant rate and no decay.
+# full fine-tuning rate (the authors' 2e-4 is high for it); FedKSeed its required constant rate and no decay; Ferret
+# the official script's (allen4747/Ferret scripts/ferret.sh: local SGD, momentum 0, lr 1e-4 constant, weight decay 0,
+# K = 200 bases, server lr 10 without annealing on the code's raw bases, whose second moment is I/(3d): 10/3 on ours,
+# whose second moment is I/d, `fedsrd.algorithms.ferret`).
 METHOD_ARGS = {
     "fedkrso": ["--learning_rate", "2e-4", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.05",
                 "--weight_decay", "0.01", "--krso_rank", "4", "--krso_num_seeds", "10", "--krso_tau", "10",
@@ -54,6 +59,8 @@ METHOD_ARGS = {
                "--weight_decay", "0.01"],
     "fedkseed": ["--learning_rate", "1e-5", "--lr_scheduler_type", "constant", "--weight_decay", "0",
                  "--kseed_num_seeds", "4096", "--kseed_eps", "5e-4"],
+    "ferret": ["--learning_rate", "1e-4", "--lr_scheduler_type", "constant", "--weight_decay", "0",
+               "--ferret_num_seeds", "200", "--ferret_server_lr", "3.3333"],
 }  # fmt: skip
 
 
@@ -62,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=str(REPO / "data" / "sst2"), help="train.jsonl + dev.jsonl (prepare_data.py)")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=sorted(METHOD_ARGS))
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--model", default="all-minilm-l6-v2", help="A sequence classifier (tests: tiny-bert).")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--clients-per-round", type=int, default=5)
@@ -90,7 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main_job_args(a: argparse.Namespace, method: str, seed: int, out: str, rounds: int) -> list[str]:
     """Arguments of `fedsrd train` for one (method, seed): identical for every method but its optimizer settings."""
     return [
-        "--task", "classification", "--model_name_or_path", "all-minilm-l6-v2", "--num_labels", "2",
+        "--task", "classification", "--model_name_or_path", a.model, "--num_labels", "2",
         "--data", str(a.data), "--train_size", str(a.train_size), "--eval_size", "0", "--max_length", str(a.max_length),
         "--partition", "dirichlet", "--dirichlet_column", "label", "--dirichlet_alpha", str(a.alpha),
         "--algorithm", method, "--num_clients", str(a.clients), "--clients_per_round", str(a.clients_per_round),
@@ -303,7 +311,8 @@ def describe(a: argparse.Namespace) -> str:
         f"round, {a.rounds} rounds x {a.local_steps} local steps of batch {a.batch_size}, max_length {a.max_length}, "
         f"no gradient clipping, fp32 on CPU; seeds {a.seeds}. FedKRSO lr 2e-4 cosine (5% warm-up per round), weight "
         "decay 0.01 on the head (biases too); FedFFT lr 5e-5 cosine, weight decay 0.01; FedKSeed lr 1e-5 constant, "
-        "K=4096, eps 5e-4. 95% t-intervals over seeds; differences to FedFFT paired by seed."
+        "K=4096, eps 5e-4; Ferret SGD lr 1e-4 constant, K=200, server lr 10/3 (the official script's). 95% "
+        "t-intervals over seeds; differences to FedFFT paired by seed."
     )
 
 

@@ -22,10 +22,13 @@ def load_benchmark(name: str):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
+    return write_domains(tmp_path_factory.mktemp("domains"))
+
+
+def write_domains(root: Path) -> Path:
     """<dir>/<domain>/{train,dev}.jsonl with instruction/input/output rows, as benchmarks/prepare_data.py writes."""
-    root = tmp_path_factory.mktemp("domains")
     for d, domain in enumerate(DOMAINS):
-        (root / domain).mkdir()
+        (root / domain).mkdir(parents=True)
         for split, n in (("train", 24), ("dev", 6)):
             rows = [{"instruction": f"{domain} task {i}: add {i} and {d}", "input": "", "output": str(i + d)}
                     for i in range(n)]  # fmt: skip

@@ -9,6 +9,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import frontier  # noqa: E402
+from test_benchmarks import DOMAINS, write_domains  # noqa: E402
 
 
 def _history(losses_by_round: dict[int, float], mb_per_round: float) -> list[dict]:
@@ -52,7 +53,7 @@ def test_analysis_at_equal_rounds_and_equal_bytes():
     assert last["ci95_equal_rounds"] == (pytest.approx(0.2 - half), pytest.approx(0.2 + half))
     # at 2 MB FedAvg's curve (0 MB: 2.0, 10 MB: 1.5) gives 1.9, so the method is 1.9 - (1.0 + offset) lower
     assert last["diff_equal_bytes"] == pytest.approx((1.1 + 1.2 + 1.3) / 3 - 1.9)
-    assert result["cheap"]["bytes_vs_fedavg"] == pytest.approx(0.1)
+    assert result["cheap"]["bytes_vs_reference"] == pytest.approx(0.1)
     assert result["cheap"]["seeds_done"] == [1, 2, 3] and result["cheap"]["rounds_done"] == 2
 
 
@@ -151,3 +152,63 @@ def test_the_reference_early_run_fills_its_unevaluated_rounds_only_when_it_train
     early[0]["train_loss"] = 9.9
     result = frontier.analyse(runs)
     assert [e["round"] for e in result["fedavg"]["curve"]] == [0, 3, 6]
+
+
+# ---- clients of different LoRA ranks (--client-ranks) ----------------------------------------------------------------
+def _in_process(monkeypatch):
+    """Run each main job in this process (`fedsrd.cli.run_train` on the same arguments): seconds, not a process start
+    per run."""
+    from fedsrd.cli import run_train
+
+    def run_main_job(cmd, out, what, env=None):
+        run_train(cmd[2:])  # cmd: [python, examples/fed_train.py, *arguments]
+        return json.loads((out / "history.json").read_text())
+
+    monkeypatch.setattr(frontier, "run_main_job", run_main_job)
+
+
+def test_unequal_ranks_run_end_to_end_on_the_tiny_model_and_report_per_client_bytes(tmp_path, monkeypatch, capsys):
+    data = write_domains(tmp_path / "data")
+    _in_process(monkeypatch)
+    results, out = tmp_path / "results", tmp_path / "out"
+    argv = ["--data", str(data), "--domains", *DOMAINS, "--client-ranks", "2", "4", "--methods", "hetlora",
+            "--seeds", "1", "--model", "tiny-llama", "--rounds", "1", "--local-steps", "1", "--eval-size", "2",
+            "--eval-every", "1", "--early-rounds", "1", "--max-length", "48", "--targets", "q_proj", "v_proj",
+            "--results", str(results), "--out", str(out), "--json"]  # fmt: skip
+    a = frontier.parse_args(argv)
+    assert a.lora_r == 4 and a.reference == "fedavg+lora_r=2"  # the largest rank globally; the smallest for all
+    summary = frontier.main([*argv, "--methods", a.reference, "hetlora"])
+    printed = capsys.readouterr()
+    assert "2 run(s) to train (0 stored); estimated" in printed.err  # the cost, before anything trains
+    methods = summary["methods"]
+    assert summary["reference"] == "fedavg+lora_r=2" and summary["client_ranks"] == [2, 4]
+    # the ranks are part of each run's settings: the uniform reference runs at rank 2, the others with the clients'
+    ref_args = json.loads((frontier.run_dir(results, a.reference, 1) / "settings.json").read_text())["args"]
+    het_args = json.loads((frontier.run_dir(results, "hetlora", 1) / "settings.json").read_text())["args"]
+    assert ref_args[ref_args.index("--lora_r") + 1 : ref_args.index("--lora_r") + 4] == ["2", "--lora_alpha", "4"]
+    assert "--client_lora_ranks" not in ref_args
+    assert het_args[het_args.index("--client_lora_ranks") + 1 : het_args.index("--client_lora_ranks") + 3] == ["2", "4"]
+    assert het_args[het_args.index("--lora_r") + 1] == "4"
+    for name in ("hetlora",):
+        per_client = methods[name]["per_client"]
+        assert [per_client[c]["rank"] for c in ("0", "1")] == [2, 4]
+        # rank 4's adapter is twice rank 2's: its upload is larger; MB/client/round is the mean over both clients
+        assert per_client["1"]["upload_mb"] > per_client["0"]["upload_mb"]
+        mean = sum(c["upload_mb"] + c["download_mb"] for c in per_client.values()) / 2
+        assert methods[name]["mb_per_client_per_round"] == pytest.approx(mean)
+        assert methods[name]["pairs"] == 1 and methods[name]["diff_vs_reference"] is not None
+        assert "diff_vs_fedavg" not in methods[name]  # the reference is not FedAvg-LoRA at the global rank
+    # HetLoRA's clients download the global factors cut to their rank: the rank-2 client less than the rank-4 one
+    het = methods["hetlora"]["per_client"]
+    assert het["0"]["download_mb"] < het["1"]["download_mb"]
+    assert methods["fedavg+lora_r=2"]["per_client"]["0"]["rank"] is None  # every client at one rank
+    assert "| client 0 (code) | client 1 (math) |" in printed.out and "r=2: " in printed.out
+    # --report-only on the stored results: the same figures; the ranks and the reference read from the settings
+    report = frontier.main(["--report-only", "--results", str(results), "--seeds", "1", "--domains", *DOMAINS,
+                            "--json"])  # fmt: skip
+    assert report["client_ranks"] == [2, 4] and report["reference"] == "fedavg+lora_r=2"
+    assert report["methods"] == json.loads(json.dumps(methods))
+    # a method that needs equal ranks is refused before any run, naming the way out
+    with pytest.raises(SystemExit):
+        frontier.parse_args([*argv, "--methods", "fedavg", "hetlora"])
+    assert "fedavg+lora_r=2" in capsys.readouterr().err

@@ -118,3 +118,56 @@ def test_server_step_peak_memory_is_measured_in_own_processes():
         pytest.skip("no /proc/self/status here")
     assert dense > 4  # at least the 1024 x 1024 fp32 product it forms (4 MiB)
     assert factored is not None and factored < dense
+
+
+# ---- Ferret (issue 19) -----------------------------------------------------------------------------------------------
+def test_memory_of_ferret_is_fedfft_without_the_optimizer_state(full_parameter):
+    ferret = full_parameter.memory_worker("tiny-bert", "ferret", steps=2, batch=4, length=24)
+    fft = full_parameter.memory_worker("tiny-bert", "fedfft", steps=2, batch=4, length=24)
+    # plain SGD without momentum keeps no state; the backward pass gives every trained weight a gradient, as FedFFT's
+    assert ferret["optimizer_state_mb"] == 0 and fft["optimizer_state_mb"] > 0
+    assert ferret["gradients_mb"] == pytest.approx(fft["gradients_mb"]) == pytest.approx(ferret["initial_copy_mb"])
+    assert ferret["extra_tensors_mb"] == 0 and ferret["trained_params"] == fft["trained_params"]
+    assert "ferret" in full_parameter.MEMORY_METHODS
+
+
+def test_measuring_one_method_adds_it_to_the_stored_memory(full_parameter, tmp_path):
+    path = tmp_path / "memory.json"
+    phase = {"memory_steps": 3, "memory_batch": 8, "memory_length": 64}
+    full_parameter.store_memory({"minilm": {"fedfft": {"optimizer_state_mb": 82.1}}}, {**phase}, path)
+    stored = full_parameter.store_memory({"minilm": {"ferret": {"optimizer_state_mb": 0.0}}}, {**phase}, path)
+    assert stored["memory"]["minilm"] == {"fedfft": {"optimizer_state_mb": 82.1}, "ferret": {"optimizer_state_mb": 0.0}}
+    assert stored["config"]["memory_methods"] == ["fedfft", "ferret"] and json.loads(path.read_text()) == stored
+    # another phase size is not comparable: the old rows are dropped
+    stored = full_parameter.store_memory({"minilm": {"ferret": {"optimizer_state_mb": 0.0}}},
+                                         {**phase, "memory_steps": 10}, path)  # fmt: skip
+    assert list(stored["memory"]["minilm"]) == ["ferret"]
+
+
+def test_ferret_on_the_classification_track_end_to_end_on_a_tiny_bert(accuracy, tmp_path, monkeypatch, capsys):
+    from test_classification import _sentences
+
+    from fedsrd.cli import run_train
+
+    def run_main_job(cmd, out, what, env=None):  # in this process: seconds, not a process start per run
+        run_train(cmd[cmd.index("train") + 1 :])  # cmd: [python, -m, fedsrd.cli, train, *arguments]
+        return json.loads((out / "history.json").read_text())
+
+    monkeypatch.setattr(accuracy, "run_main_job", run_main_job)
+    data = tmp_path / "sst2"
+    data.mkdir()
+    for split, n, seed in (("train", 32, 1), ("dev", 8, 2)):
+        _sentences(n, seed).to_json(data / f"{split}.jsonl")
+    argv = ["--data", str(data), "--model", "tiny-bert", "--methods", "fedfft", "ferret", "--seeds", "1",
+            "--rounds", "1", "--clients", "2", "--clients-per-round", "2", "--local-steps", "2", "--max-length", "24",
+            "--results", str(tmp_path / "results"), "--out", str(tmp_path / "out"), "--json"]  # fmt: skip
+    summary = accuracy.main(argv)
+    ferret, fft = summary["methods"]["ferret"], summary["methods"]["fedfft"]
+    assert ferret["rounds_done"] == 1 and 0 <= ferret["final_accuracy"][0] <= 1 and "diff_final" in ferret
+    # coordinates on the bases (and the dense head) instead of every weight
+    assert 0 < ferret["upload_mb_per_client_per_round"] < fft["upload_mb_per_client_per_round"]
+    assert "| Ferret (K=200) | 1 | 1 |" in capsys.readouterr().out
+    args = accuracy.settings_of(accuracy.parse_args(argv), "ferret", 1)["args"]
+    for option, value in (("--ferret_num_seeds", "200"), ("--ferret_server_lr", "3.3333"), ("--learning_rate", "1e-4"),
+                          ("--lr_scheduler_type", "constant"), ("--weight_decay", "0")):  # fmt: skip
+        assert args[args.index(option) + 1] == value
