@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy_vs_bytes import split_method  # noqa: E402  (NAME+option=value, as the frontier's methods)
 from frontier import interpolate, paired_interval, run_and_store, run_dir, run_main_job  # noqa: E402  (one set of statistics for every harness)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +68,9 @@ METHOD_ARGS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(REPO / "data" / "sst2"), help="train.jsonl + dev.jsonl (prepare_data.py)")
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=sorted(METHOD_ARGS))
+    p.add_argument("--methods", nargs="+", default=METHODS, type=method_name,
+                   help=f"NAME or NAME+option=value (an ablation, e.g. fedkrso+learning_rate=5e-4: the option is "
+                        f"added after the method's settings, so it wins); NAME one of {sorted(METHOD_ARGS)}")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--model", default="all-minilm-l6-v2", help="A sequence classifier (tests: tiny-bert).")
     p.add_argument("--rounds", type=int, default=20)
@@ -95,8 +98,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---- runs -----------------------------------------------------------------------------------------------------------
+def method_name(method: str) -> str:
+    """`--methods` values: a method of METHOD_ARGS, optionally with +option=value settings."""
+    try:
+        name, _ = split_method(method)
+    except SystemExit as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if name not in METHOD_ARGS:
+        raise argparse.ArgumentTypeError(f"{method!r}: the method must be one of {sorted(METHOD_ARGS)}")
+    return method
+
+
+def label(method: str) -> str:
+    name, extra = split_method(method)
+    options = ", ".join(f"{k[2:]}={v}" for k, v in zip(extra[::2], extra[1::2]))
+    return LABELS.get(name, name) + (f", {options}" if options else "")
+
+
 def main_job_args(a: argparse.Namespace, method: str, seed: int, out: str, rounds: int) -> list[str]:
-    """Arguments of `fedsrd train` for one (method, seed): identical for every method but its optimizer settings."""
+    """Arguments of `fedsrd train` for one (method, seed): identical for every method but its optimizer settings
+    (and a variant's +option=value settings, given last so that they win)."""
+    method, extra = split_method(method)
     return [
         "--task", "classification", "--model_name_or_path", a.model, "--num_labels", "2",
         "--data", str(a.data), "--train_size", str(a.train_size), "--eval_size", "0", "--max_length", str(a.max_length),
@@ -106,7 +128,7 @@ def main_job_args(a: argparse.Namespace, method: str, seed: int, out: str, round
         "--eval_at_start", "true", "--save_every", "0", "--seed", str(seed), "--output_dir", out,
         "--per_device_train_batch_size", str(a.batch_size), "--per_device_eval_batch_size", "64",
         "--max_grad_norm", "0", "--logging_steps", "1000", "--report_to", "none", "--use_cpu", "true",
-        "--disable_tqdm", "true", *METHOD_ARGS[method],
+        "--disable_tqdm", "true", *METHOD_ARGS[method], *extra,
     ]  # fmt: skip
 
 
@@ -255,8 +277,8 @@ def table(result: dict, memory: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for method, r in result.items():
         share = "-" if r["bytes_vs_fedfft"] is None else f"{100 * r['bytes_vs_fedfft']:.2f}%"
-        opt = memory.get(method, {}).get("optimizer_state_mb")
-        cells = [LABELS.get(method, method), str(len(r["seeds_done"])), str(r["rounds_done"]),
+        opt = memory.get(split_method(method)[0], {}).get("optimizer_state_mb")
+        cells = [label(method), str(len(r["seeds_done"])), str(r["rounds_done"]),
                  _pct(r["final_accuracy"]), _pct(r["best_accuracy"]),
                  _pct(r["diff_final"], True) if "diff_final" in r else "-",
                  _pct(r["diff_best"], True) if "diff_best" in r else "-",
@@ -271,7 +293,7 @@ def round_table(result: dict) -> str:
     for method, r in result.items():
         by_round = {e["round"]: e for e in r["curve"]}
         cells = [f"{100 * by_round[n]['accuracy_mean']:.1f}" if n in by_round else "-" for n in rounds]
-        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label(method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -288,7 +310,7 @@ def plot(result: dict, plot_dir: str) -> str:
         ys = [100 * e["accuracy_mean"] for e in pts]
         lo = [100 * (e["accuracy_ci95"] or (e["accuracy_mean"],) * 2)[0] for e in pts]
         hi = [100 * (e["accuracy_ci95"] or (e["accuracy_mean"],) * 2)[1] for e in pts]
-        ax.plot(xs, ys, marker="o", ms=3, label=f"{LABELS.get(method, method)} ({len(r['seeds_done'])} seeds)")
+        ax.plot(xs, ys, marker="o", ms=3, label=f"{label(method)} ({len(r['seeds_done'])} seeds)")
         ax.fill_between(xs, lo, hi, alpha=0.2)
     ax.set_xscale("log")
     ax.set_xlabel("cumulative MB per client, up + down (log)")

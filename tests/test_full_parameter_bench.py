@@ -171,3 +171,17 @@ def test_ferret_on_the_classification_track_end_to_end_on_a_tiny_bert(accuracy, 
     for option, value in (("--ferret_num_seeds", "200"), ("--ferret_server_lr", "3.3333"), ("--learning_rate", "1e-4"),
                           ("--lr_scheduler_type", "constant"), ("--weight_decay", "0")):  # fmt: skip
         assert args[args.index(option) + 1] == value
+
+
+def test_method_variants_add_their_options_last_and_store_apart(accuracy, tmp_path):
+    a = accuracy.parse_args(["--report-only", "--data", str(tmp_path), "--methods", "fedkrso",
+                             "fedkrso+learning_rate=5e-4+krso_tau=5"])  # fmt: skip
+    plain = accuracy.main_job_args(a, "fedkrso", 1, "OUT", 20)
+    variant = accuracy.main_job_args(a, "fedkrso+learning_rate=5e-4+krso_tau=5", 1, "OUT", 20)
+    assert variant[: len(plain)] == plain and variant[len(plain):] == ["--learning_rate", "5e-4", "--krso_tau", "5"]
+    assert variant[variant.index("--algorithm") + 1] == "fedkrso"
+    assert accuracy.label("fedkrso+learning_rate=5e-4") == "FedKRSO (r=4, K=10, tau=10), learning_rate=5e-4"
+    assert accuracy.run_dir(tmp_path, "fedkrso+learning_rate=5e-4", 2).parts[-2:] == ("fedkrso__learning_rate-5e-4",
+                                                                                        "seed2")
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--report-only", "--methods", "fedkrsoo+learning_rate=1"])
