@@ -394,3 +394,18 @@ def test_flower_private_run_is_the_simulation_run_bit_for_bit(settings, tmp_path
     simulated = json.loads((sim_dir / "history.json").read_text())
     eps = [epsilon_after(r, 1.0, 0.5, 1e-5) for r in (1, 2)]  # one of two clients a round: q = 0.5
     assert [r["dp_epsilon"] for r in history[1:]] == [r["dp_epsilon"] for r in simulated[1:]] == eps
+
+
+def test_personal_tensors_are_not_averaged_into_the_published_adapter_under_dp():
+    """FedSA-LoRA's exported adapter averages the clients' own B without privacy; under DP that mean would publish
+    un-noised client data, so the export is the (noised) global state alone."""
+    glob = {"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.zeros(4, 2)}
+    personal = {0: {"m.lora_B.weight": torch.full((4, 2), 1.0)}, 1: {"m.lora_B.weight": torch.full((4, 2), 3.0)}}
+    plain = get_algorithm("fedsa_lora", FedSRDConfig(algorithm="fedsa_lora"))
+    assert torch.equal(plain.export_state(glob, personal)["m.lora_B.weight"], torch.full((4, 2), 2.0))
+    for mode in ("central", "local"):
+        private = get_algorithm("fedsa_lora", FedSRDConfig(algorithm="fedsa_lora", dp_mode=mode, dp_clip_norm=1.0,
+                                                           dp_noise_multiplier=1.0))  # fmt: skip
+        exported = private.export_state(glob, personal)
+        assert torch.equal(exported["m.lora_B.weight"], glob["m.lora_B.weight"])
+        assert torch.equal(exported["m.lora_A.weight"], glob["m.lora_A.weight"])

@@ -277,9 +277,16 @@ class Algorithm(ABC):
 
         Default: the global state, each personal tensor replaced by the uniform mean of the clients' own values
         (clients that have not trained yet are left out). With nothing personal this is the global state itself.
+
+        Under differential privacy (``dp_mode`` central or local) personal tensors are *not* averaged: they never
+        pass through the clipped and noised aggregate, so their mean would publish the clients' data without any
+        guarantee. The exported adapter is then the global state alone (FedSA-LoRA: the noised shared A with the
+        initial B), and each client's own tensors stay with it (docs/privacy.md).
         """
         names = sorted({k for state in personal_states.values() for k in state})
         if not names:
+            return global_state
+        if getattr(self.config, "dp_mode", "off") != "off":
             return global_state
         exported = dict(global_state)
         for name in names:
