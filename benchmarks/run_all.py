@@ -68,6 +68,8 @@ def sections(data: str, quick: bool) -> dict[str, dict]:
             "needs_data": False,
         },
         "parallel": {"cmd": ["parallel_clients.py", *(["--rounds", "3"] if quick else [])], "needs_data": False},
+        # many clients per round (issue 20): the server step against m, exact and streamed, and a 256-client simulation
+        "many_clients": {"cmd": ["many_clients.py", *(["--quick"] if quick else [])], "needs_data": False},
         "poisoning": {"cmd": ["poisoning.py", "--seeds", "1" if quick else "3"], "needs_data": False},
     }
 
