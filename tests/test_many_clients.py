@@ -526,3 +526,28 @@ def test_run_all_has_a_many_clients_section_with_a_quick_variant():
     full, quick = (run_all.sections("data/", q)["many_clients"] for q in (False, True))
     assert full == {"cmd": ["many_clients.py"], "needs_data": False}
     assert quick["cmd"] == ["many_clients.py", "--quick"]
+
+
+def test_sketch_accuracy_benchmark_compares_with_the_exact_and_the_float64_step(monkeypatch, capsys):
+    """`benchmarks/sketch_accuracy.py` at a tiny size: its float64 reference agrees with the exact float32 step, and a
+    sketch that holds the whole cross term (k = d) finished in float64 reproduces the reference."""
+    import sys
+
+    from test_benchmarks import load_benchmark
+
+    bench = load_benchmark("sketch_accuracy")
+    argv = ["sketch_accuracy.py", "--dim", "40", "--rank", "2", "--clients", "3", "--variants", "4:float32",
+            "64:float64", "--json"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = {(row["round"], row["step"]): row for row in result["rows"]}
+    assert set(rows) == {(k, s) for k in "BA" for s in ("exact float32", "sketch 4:float32", "sketch 64:float64")}
+    for kind in "BA":
+        assert rows[(kind, "exact float32")]["rel_err_f64"] < 1e-4
+        whole = rows[(kind, "sketch 64:float64")]
+        assert whole["finish_dtype"] == "float64" and whole["rel_err_f64"] < 1e-6 and whole["fold_ms"] > 0
+        assert rows[(kind, "sketch 4:float32")]["rel_err"] > 0
+    from fedsrd.algorithms.fedsrd import StreamingTarget
+
+    assert StreamingTarget.finish_dtype == torch.float64  # set back after the float32 variant
