@@ -1,6 +1,7 @@
 """`make bench`: run the benchmarks, print their tables, and write them into docs/benchmarks.md.
 
-    python benchmarks/run_all.py                          # everything (about 80 min on 2 CPU cores)
+    python benchmarks/run_all.py                          # everything (about 80 min on 2 CPU cores, plus about
+                                                          # 35 min for many_clients by its own estimate)
     python benchmarks/run_all.py --only accuracy overhead  # some sections
     python benchmarks/run_all.py --quick                  # a smaller version of each (about 30 min), prints only
     python benchmarks/run_all.py --data data/             # where the real domains are (default: data/, written by
