@@ -1,6 +1,7 @@
 """`make bench`: run the benchmarks, print their tables, and write them into docs/benchmarks.md.
 
-    python benchmarks/run_all.py                          # everything (about 80 min on 2 CPU cores)
+    python benchmarks/run_all.py                          # everything (about 80 min on 2 CPU cores, plus about
+                                                          # 35 min for many_clients by its own estimate)
     python benchmarks/run_all.py --only accuracy overhead  # some sections
     python benchmarks/run_all.py --quick                  # a smaller version of each (about 30 min), prints only
     python benchmarks/run_all.py --data data/             # where the real domains are (default: data/, written by
@@ -76,6 +77,8 @@ def sections(data: str, quick: bool) -> dict[str, dict]:
             "needs_data": False,
         },
         "parallel": {"cmd": ["parallel_clients.py", *(["--rounds", "3"] if quick else [])], "needs_data": False},
+        # many clients per round (issue 20): the server step against m, exact and streamed, and a 256-client simulation
+        "many_clients": {"cmd": ["many_clients.py", *(["--quick"] if quick else [])], "needs_data": False},
         "poisoning": {"cmd": ["poisoning.py", "--seeds", "1" if quick else "3"], "needs_data": False},
     }
 

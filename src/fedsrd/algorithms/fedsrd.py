@@ -124,14 +124,14 @@ class ModuleTarget:
     solved: torch.Tensor | None = None
 
     def left_update(self, a: torch.Tensor, ridge: float) -> torch.Tensor:
-        """dB = dW pinv(A) (Eq. 12)."""
-        delta = solve_left_update(self.delta_w, a, ridge)
-        return delta if self.solved is None else delta + self.solved
+        """dB = dW pinv(A) (Eq. 12), solved in dW's precision, returned in float32."""
+        delta = solve_left_update(self.delta_w, a.to(self.delta_w[0].dtype), ridge)
+        return (delta if self.solved is None else delta + self.solved).to(torch.float32)
 
     def right_update(self, b: torch.Tensor, ridge: float) -> torch.Tensor:
-        """dA = pinv(B) dW (Eq. 13)."""
-        delta = solve_right_update(self.delta_w, b, ridge)
-        return delta if self.solved is None else delta + self.solved
+        """dA = pinv(B) dW (Eq. 13), solved in dW's precision, returned in float32."""
+        delta = solve_right_update(self.delta_w, b.to(self.delta_w[0].dtype), ridge)
+        return (delta if self.solved is None else delta + self.solved).to(torch.float32)
 
 
 @register_algorithm
@@ -283,13 +283,15 @@ class FedSRD(Algorithm):
         `download_drop` (0.9 keeps the bytes of one factor at 0.8).
         """
         drop = self.config.download_drop
-        sent_b = dare_drop(solve_left_update(delta_w, a, self.config.decompose_ridge), drop, rng)
+        dtype = delta_w[0].dtype  # solved in dW's precision (the streamed target's: float64), sent in float32
+        a, b = a.to(dtype), b.to(dtype)
+        sent_b = dare_drop(solve_left_update(delta_w, a, self.config.decompose_ridge).to(torch.float32), drop, rng)
         payload: Payload = {module.b_key: sent_b}
-        dense_b = densify(sent_b)
+        dense_b = densify(sent_b).to(dtype)
         b_new = b + dense_b
         if bool(b_new.any()):
             rest = factored_difference(delta_w, (dense_b, a))  # dW - dB' A
-            delta_a = solve_right_update(rest, b_new, self.config.decompose_ridge)
+            delta_a = solve_right_update(rest, b_new, self.config.decompose_ridge).to(torch.float32)
             payload[module.a_key] = dare_drop(delta_a, drop, rng)
         return payload
 
@@ -454,13 +456,17 @@ class StreamingTarget(Aggregation):
       span of the factor this round solves against (A's rows in B-rounds; B's columns in A-rounds, sketching C^T), and
       2k + 1 Gaussian co-range directions plus the other factor's span. The sketch is exact along the solved-against
       factor, so only C's remaining directions are approximated. The target is then the exact rank-r SVD of
-      ``[B, dB_bar, Q] [A + dA_bar; A; X]`` (inner size 2 r + k' only).
+      ``[B, dB_bar, Q] [A + dA_bar; A; X]`` (inner size 2 r + k' only), taken in float64 (`finish_dtype`) with the
+      difference dW = W_r - B A and its solve: dW is small against B A, and float32 rounding of that step alone was
+      up to 1e-3 of dW on a 3072 x 3072 module, more than the sketch's own error (the folds stay float32).
 
     `download_both_factors` needs dW itself, so it uses the sketch for FedSRD-e too. Memory per module, whatever m is:
     r (d_out + d_in) for the running sums plus 2 (k' + l')(d_out + d_in) for sketches and test matrices, with
     k' = 2 r + sketch_oversampling and l' = 3 r + 2 sketch_oversampling + 1; the batch step holds the m updates and
     their stacked factors, about 3 m r (d_out + d_in).
     """
+
+    finish_dtype = torch.float64  # the precision of the target, the difference and the solve (the broadcast: float32)
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -532,9 +538,13 @@ class StreamingTarget(Aggregation):
             mean_b, mean_a = part["sum_b"] * scale, part["sum_a"] * scale  # dB_bar, dA_bar
             if not self.sketched:  # FedSRD-e: dW = B dA_bar + dB_bar A + C, C's solve already accumulated
                 return ModuleTarget((torch.cat([b, mean_b], 1), torch.cat([mean_a, a], 0)), part["cross"] * scale)
-            q, x = part["sketch"].reconstruct()  # C ~ Q X (A-rounds: C^T ~ Q X)
+            q, x = part.pop("sketch").reconstruct()  # C ~ Q X (A-rounds: C^T ~ Q X); the sketch is released here
             if not self.b_round:
                 q, x = x.T, q.T
+            # the rest in float64: dW = W_r - B A cancels B A, and float32 rounding of the large B A (relative 1e-7 of
+            # it) is up to 1e-3 of the small dW; the float32 sketch itself was not the limit (docs/fedsrd.md)
+            dtype = self.finish_dtype
+            q, x, b, a, mean_b, mean_a = (t.to(dtype) for t in (q, x, b, a, mean_b, mean_a))
             if not algorithm.use_svd:
                 return ModuleTarget((torch.cat([b, mean_b, q], 1), torch.cat([mean_a, a, x * scale], 0)))
             aggregate = (torch.cat([b, mean_b, q], 1), torch.cat([a + mean_a, a, x * scale], 0))  # Eq. 9, streamed
