@@ -134,13 +134,13 @@ def run_step(config: str, d: int, r: int, m: int, round: int, oversampling: int 
     return times, dense
 
 
+@torch.no_grad()  # not set_grad_enabled(False): callers in the same process (tests) keep autograd
 def worker(config: str, d: int, r: int, m: int, save: str | None, reference: str | None,
            oversampling: int | None = None) -> dict:  # fmt: skip
     sys.path.insert(0, str(HERE))
     from _memory import peak_rss_mb, reset_peak, rss_mb
     from safetensors.torch import load_file, save_file
 
-    torch.set_grad_enabled(False)
     algorithm_for(config, oversampling)  # imports done before the baseline
     base = rss_mb()
     measured = base is not None and reset_peak()

@@ -112,6 +112,7 @@ def mib(n_floats: float) -> float:
     return n_floats * 4 / 2**20
 
 
+@torch.no_grad()  # not set_grad_enabled(False): callers in the same process (tests) keep autograd
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
@@ -130,7 +131,6 @@ def main() -> None:
         step, *sizes = args.measure_worker
         print(json.dumps({"peak_mib": measure_peak_worker(step, *map(int, sizes), args.device)}))
         return
-    torch.set_grad_enabled(False)
     r, m = args.rank, args.clients
 
     rows, dense_cache = [], {}
@@ -201,12 +201,12 @@ def _mib(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+@torch.no_grad()  # not set_grad_enabled(False): callers in the same process (tests) keep autograd
 def measure_peak_worker(step: str, d_out: int, d_in: int, r: int, m: int, device: str) -> float | None:
     """Peak memory (MiB) of one `step` above what this process held once its inputs were built; None if unknown."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _memory import peak_rss_mb, reset_peak, rss_mb
 
-    torch.set_grad_enabled(False)
     inputs = (*trained_like(d_out, d_in, r, m, device), r)
     if device.startswith("cuda"):
         torch.cuda.synchronize()

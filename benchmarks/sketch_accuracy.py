@@ -62,6 +62,7 @@ def rel_err(step: dict, reference: dict) -> float:
     )
 
 
+@torch.no_grad()  # not set_grad_enabled(False): callers in the same process (tests) keep autograd
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -77,7 +78,6 @@ def main() -> None:
     from fedsrd.algorithms.fedsrd import StreamingTarget
     from fedsrd.ops import generator_for
 
-    torch.set_grad_enabled(False)
     d, r = args.dim, args.rank
     print(f"FedSRD's streamed step against the exact one: one {d}x{d} module, r={r}, torch "
           f"threads={torch.get_num_threads()}; rel. err of the broadcast vs the exact float32 step / vs "

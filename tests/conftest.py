@@ -11,3 +11,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models run faster single-t
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _autograd_left_on():
+    """A test (or a benchmark it runs in-process) must not leave autograd off for the tests after it: that once made
+    an unrelated local phase fail with "element 0 of tensors does not require grad"."""
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("this test left torch's grad mode disabled (use torch.no_grad() as a context or decorator)")
