@@ -171,6 +171,8 @@ def test_head_mean_rejects_a_missing_or_misshapen_head():
         head.check({HEAD_W: state[HEAD_W]})
     with pytest.raises(ValueError, match="shape"):
         head.check({HEAD_W: torch.zeros(3, 6), HEAD_B: state[HEAD_B]})
+    changes = HeadMean(state, changes=True)  # FedSRD: a head an upload lacks did not change
+    assert torch.equal(changes.check({HEAD_W: state[HEAD_W]})[HEAD_B], torch.zeros(2))
 
 
 def test_head_keys_and_fedprox_state_keys():
@@ -238,3 +240,17 @@ def test_cli_classification_task_with_fedsrd(tmp_path):
     assert torch.equal(reloaded.base_model.model.classifier.modules_to_save["default"].weight, head)
     reloaded_state = {k: v.float() for k, v in get_peft_model_state_dict(reloaded).items()}
     assert wire.state_digest(reloaded_state) == wire.state_digest(trainer.global_state)
+
+
+def test_fedsrd_partial_upload_without_the_head_counts_as_no_head_change():
+    state, locals_ = _state(), _locals(_state(), n=2)
+    cfg = FedSRDConfig(algorithm="fedsrd", num_clients=2, train_one_factor=True)  # partial uploads are valid
+    algo = get_algorithm("fedsrd", cfg)
+    client, server = FederatedClient(algo, dict(state), cfg), FederatedServer(algo, dict(state), cfg)
+    blobs = [client.make_update(loc, round=1, client_id=i, num_samples=1) for i, loc in enumerate(locals_)]
+    msg = wire.decode(blobs[1])
+    tensors = {k: v for k, v in msg.tensors.items() if k not in (HEAD_W, HEAD_B)}
+    blobs[1] = wire.encode(wire.Message(kind="update", algorithm="fedsrd", round=1, tensors=tensors, meta=msg.meta))
+    client.receive(server.step(1, blobs).broadcast)
+    expected = state[HEAD_W] + 0.5 * (locals_[0][HEAD_W] - state[HEAD_W])
+    torch.testing.assert_close(server.state[HEAD_W], expected, rtol=0, atol=1e-6)

@@ -276,15 +276,21 @@ class HeadMean:
 
     `check` validates an update's head against the global state's shapes without changing anything, so an
     aggregation can check every part of an update before folding any; `mean` divides by the round's total weight.
+    `changes`: the updates carry the head's change (FedSRD), so a head an update lacks (a partial upload) is a zero
+    change; otherwise they carry its values and every update must hold it.
     """
 
-    def __init__(self, global_state: State) -> None:
+    def __init__(self, global_state: State, changes: bool = False) -> None:
         self.shapes = {key: shape for key, (shape, _) in head_shapes(global_state).items()}
+        self.changes = changes
         self.sums: State = {}
 
     def check(self, update: Payload) -> dict[str, torch.Tensor]:
         values = {}
         for key, shape in self.shapes.items():
+            if key not in update and self.changes:
+                values[key] = torch.zeros(shape, dtype=torch.float32)
+                continue
             if key not in update:
                 raise KeyError(f"classifier head: the update lacks {key!r} (the head travels in every update).")
             value = densify(update[key])
@@ -303,9 +309,9 @@ class HeadMean:
         return {key: value / total_weight for key, value in self.sums.items()}
 
     @classmethod
-    def of(cls, global_state: State, updates: list[Payload], weights: list[float]) -> Payload:
+    def of(cls, global_state: State, updates: list[Payload], weights: list[float], changes: bool = False) -> Payload:
         """``sum_i w_i head_i / sum_i w_i`` over a round's held updates (weights normalised or raw)."""
-        aggregate = cls(global_state)
+        aggregate = cls(global_state, changes)
         if not aggregate.shapes:
             return {}
         for update, weight in zip(updates, weights, strict=True):

@@ -257,7 +257,7 @@ class FedSRD(Algorithm):
             return ModuleTarget(self.target_change(module, a, b, updates, weights, noise))  # Eq. 9-11, factored
 
         payload = self.decompose(global_state, target_of, round, rng, {})[0]
-        return {**payload, **HeadMean.of(global_state, updates, weights)}  # the head's mean change, dense
+        return {**payload, **HeadMean.of(global_state, updates, weights, changes=True)}  # the head's mean change, dense
 
     def begin_aggregate(self, global_state: State, round: int, rng: torch.Generator, memory: State) -> Aggregation:
         """The server step one update at a time (`server_streaming`): `StreamingTarget`."""
@@ -491,7 +491,7 @@ class StreamingTarget(Aggregation):
         self.sketched = algorithm.use_svd or cfg.download_both_factors
         generator = generator_for(cfg.seed, "server_sketch", self.round)  # test matrices: seeded, never the step rng
         self.parts: dict[str, dict[str, Any]] = {}
-        self.head = HeadMean(self.global_state)  # a classifier's head: a running weighted sum of its changes
+        self.head = HeadMean(self.global_state, changes=True)  # a classifier's head: running sums of its changes
         for module in self.modules:
             a = self.global_state[module.a_key].to(torch.float32)
             b = self.global_state[module.b_key].to(torch.float32)
