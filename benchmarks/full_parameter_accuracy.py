@@ -1,4 +1,4 @@
-"""Accuracy on SST-2 with MiniLM: FedKRSO against federated full fine-tuning, FedKSeed and Ferret, over seeds.
+"""Accuracy on SST-2 with MiniLM: FedKRSO against federated full fine-tuning, FedKSeed, Ferret, FedAvg-LoRA and FedSRD.
 
 One run of the main job per (method, seed), each in its own process (`fedsrd train --task classification`): the
 packaged all-MiniLM-L6-v2 with a new 2-class head, GLUE SST-2 (``data/sst2``, written by
@@ -18,12 +18,13 @@ run whose settings match; an interrupted run resumes from its round checkpoint u
 trains nothing.
 
     python benchmarks/full_parameter_accuracy.py --estimate              # one short run: the cost of a full one
-    python benchmarks/full_parameter_accuracy.py                         # the sweep (4 methods x 3 seeds)
+    python benchmarks/full_parameter_accuracy.py                         # the sweep (6 methods x 3 seeds)
     python benchmarks/full_parameter_accuracy.py --methods ferret --seeds 1   # one method, one seed
     python benchmarks/full_parameter_accuracy.py --report-only --json --plot-dir docs/img
 
-FedAvg-LoRA and FedSRD are not in the sweep: the library's LoRA algorithms do not train or send a classifier's new
-head (FederatedTrainer refuses a classifier with a LoRA algorithm), so on this task they have no like-for-like run.
+FedAvg-LoRA and FedSRD train a LoRA adapter and the new head together, as PEFT's SEQ_CLS task does (the head is PEFT's
+``modules_to_save``): the adapter through each algorithm's own round, the head dense and averaged with the round's
+weights (docs/full_parameter.md, "LoRA on a classifier").
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "full_parameter"
 MEMORY_RESULT = RESULTS / "memory.json"
 REFERENCE = "fedfft"
-METHODS = ["fedkrso", "fedfft", "fedkseed", "ferret"]
+METHODS = ["fedkrso", "fedfft", "fedkseed", "ferret", "fedavg", "fedsrd"]
 RESULT_FILES = ("history.json", "settings.json")
 LABELS = {"fedkrso": "FedKRSO (r=4, K=10, tau=10)", "fedfft": "FedFFT (full fine-tuning)", "fedkseed": "FedKSeed",
-          "ferret": "Ferret (K=200)"}  # fmt: skip
+          "ferret": "Ferret (K=200)", "fedavg": "FedAvg-LoRA (r=8) + head",
+          "fedsrd": "FedSRD (r=8) + head"}  # fmt: skip
 # Per-method optimizer settings: FedKRSO the authors' recipe (examples/configs/sst2_minilm.yaml); FedFFT a usual
 # full fine-tuning rate (the authors' 2e-4 is high for it); FedKSeed its required constant rate and no decay; Ferret
 # the official script's (allen4747/Ferret scripts/ferret.sh: local SGD, momentum 0, lr 1e-4 constant, weight decay 0,
@@ -62,6 +64,17 @@ METHOD_ARGS = {
                  "--kseed_num_seeds", "4096", "--kseed_eps", "5e-4"],
     "ferret": ["--learning_rate", "1e-4", "--lr_scheduler_type", "constant", "--weight_decay", "0",
                "--ferret_num_seeds", "200", "--ferret_server_lr", "3.3333"],
+    # LoRA r=8, alpha=16 (scaling 2), dropout 0.05 on every block Linear (query, key, value and the dense layers,
+    # BERT's pooler included; "all-linear" leaves the classifier out, which trains whole as modules_to_save): the
+    # library's defaults, and the adapter `full_parameter.py --memory` measured. lr 5e-4 as the LoRA paper's SST-2
+    # runs (Hu et al., ICLR 2022, Appendix D: RoBERTa-base, r=8), cosine with 5% warm-up and weight decay 0.01 per
+    # round as FedKRSO's and FedFFT's. FedSRD with the paper's sparsity (upload alpha 0.85, download drop 0.8).
+    "fedavg": ["--learning_rate", "5e-4", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.05",
+               "--weight_decay", "0.01", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.05",
+               "--lora_target_modules", "all-linear"],
+    "fedsrd": ["--learning_rate", "5e-4", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.05",
+               "--weight_decay", "0.01", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.05",
+               "--lora_target_modules", "all-linear", "--upload_sparsity_alpha", "0.85", "--download_drop", "0.8"],
 }  # fmt: skip
 
 
@@ -333,7 +346,9 @@ def describe(a: argparse.Namespace) -> str:
         f"round, {a.rounds} rounds x {a.local_steps} local steps of batch {a.batch_size}, max_length {a.max_length}, "
         f"no gradient clipping, fp32 on CPU; seeds {a.seeds}. FedKRSO lr 2e-4 cosine (5% warm-up per round), weight "
         "decay 0.01 on the head (biases too); FedFFT lr 5e-5 cosine, weight decay 0.01; FedKSeed lr 1e-5 constant, "
-        "K=4096, eps 5e-4; Ferret SGD lr 1e-4 constant, K=200, server lr 10/3 (the official script's). 95% "
+        "K=4096, eps 5e-4; Ferret SGD lr 1e-4 constant, K=200, server lr 10/3 (the official script's); FedAvg-LoRA "
+        "and FedSRD LoRA r=8 (alpha 16) on every block Linear plus the whole new head, lr 5e-4 cosine, weight decay "
+        "0.01, FedSRD at the paper's sparsity (upload alpha 0.85, download drop 0.8). 95% "
         "t-intervals over seeds; differences to FedFFT paired by seed."
     )
 

@@ -182,12 +182,13 @@ def test_minilm_loads_as_a_classifier_with_a_seeded_head(tmp_path):
     assert delta.abs().max() > 0 and torch.linalg.matrix_rank(delta) <= 4  # one seed's rank-4 update
 
 
-def test_lora_algorithms_refuse_a_classifier(tmp_path):
-    with pytest.raises(ValueError, match="full-parameter algorithm"):
+def test_lora_algorithms_without_the_head_refuse_a_classifier(tmp_path):
+    # fedavg, fedprox, fedsrd and fedsrd_e train the head too (PEFT's SEQ_CLS task): tests/test_lora_classifier.py
+    with pytest.raises(ValueError, match="full-parameter one"):
         FederatedTrainer(
             model=_tiny_bert(),
             args=_args(tmp_path),
-            fed_config=FedSRDConfig(algorithm="fedavg", num_clients=1),
+            fed_config=FedSRDConfig(algorithm="rolora", num_clients=1),
             client_datasets=[_sentences(4, 0)],
             processing_class=build_tiny_tokenizer(),
         )

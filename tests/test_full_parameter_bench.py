@@ -185,3 +185,37 @@ def test_method_variants_add_their_options_last_and_store_apart(accuracy, tmp_pa
                                                                                         "seed2")
     with pytest.raises(SystemExit):
         accuracy.parse_args(["--report-only", "--methods", "fedkrsoo+learning_rate=1"])
+
+
+def test_lora_methods_on_the_classification_track_end_to_end_on_a_tiny_bert(accuracy, tmp_path, monkeypatch, capsys):
+    """FedAvg-LoRA and FedSRD train the adapter and the new head (PEFT's SEQ_CLS task) through the harness."""
+    from test_classification import _sentences
+
+    from fedsrd.cli import run_train
+
+    def run_main_job(cmd, out, what, env=None):  # in this process, as the Ferret test
+        run_train(cmd[cmd.index("train") + 1 :])
+        return json.loads((out / "history.json").read_text())
+
+    monkeypatch.setattr(accuracy, "run_main_job", run_main_job)
+    data = tmp_path / "sst2"
+    data.mkdir()
+    for split, n, seed in (("train", 32, 1), ("dev", 8, 2)):
+        _sentences(n, seed).to_json(data / f"{split}.jsonl")
+    argv = ["--data", str(data), "--model", "tiny-bert", "--methods", "fedavg", "fedsrd", "--seeds", "1",
+            "--rounds", "2", "--clients", "2", "--clients-per-round", "2", "--local-steps", "2", "--max-length", "24",
+            "--results", str(tmp_path / "results"), "--out", str(tmp_path / "out"), "--json"]  # fmt: skip
+    summary = accuracy.main(argv)
+    fedavg, fedsrd = summary["methods"]["fedavg"], summary["methods"]["fedsrd"]
+    assert fedavg["rounds_done"] == fedsrd["rounds_done"] == 2
+    assert 0 < fedsrd["upload_mb_per_client_per_round"] < fedavg["upload_mb_per_client_per_round"]
+    assert "| FedSRD (r=8) + head | 1 | 2 |" in capsys.readouterr().out
+    args = accuracy.settings_of(accuracy.parse_args(argv), "fedsrd", 1)["args"]
+    for option, value in (("--algorithm", "fedsrd"), ("--lora_r", "8"), ("--learning_rate", "5e-4"),
+                          ("--lora_target_modules", "all-linear")):  # fmt: skip
+        assert args[args.index(option) + 1] == value
+    # the committed runs of the other methods stay reusable: their settings did not change
+    defaults = accuracy.parse_args(["--report-only"])
+    for run in sorted(accuracy.RESULTS.glob("*/seed*/settings.json")):
+        settings = json.loads(run.read_text())
+        assert settings == accuracy.settings_of(defaults, settings["method"], settings["seed"]), run

@@ -87,9 +87,11 @@ class FederatedTrainer(Trainer):
     `skip_prompt_logits` (default on) computes logits only at positions whose next token is labelled: the same loss
     and gradients, without most of the vocabulary projection under completion-only training.
 
-    Full-parameter algorithms (fedfft, fedkrso, fedkseed; `Algorithm.uses_lora` False) train the model's own weights
-    instead of an adapter; `model` may then also be an `AutoModelForSequenceClassification` model, with GLUE-style
-    data (a sentence or a pair, and a label) or tokenised data (input_ids, labels as ints). See docs/full_parameter.md.
+    `model` may also be an `AutoModelForSequenceClassification` model, with GLUE-style data (a sentence or a pair,
+    and a label) or tokenised data (input_ids, labels as ints). Full-parameter algorithms (fedfft, fedkrso, fedkseed;
+    `Algorithm.uses_lora` False) then train the model's own weights (docs/full_parameter.md); LoRA algorithms that
+    can carry the new head (`Algorithm.trains_dense_head`: fedavg, fedprox, fedsrd, fedsrd_e) wrap it as PEFT's
+    SEQ_CLS task, so the adapter and the head (``modules_to_save``) train, and the head is averaged dense each round.
     """
 
     def __init__(
@@ -242,17 +244,16 @@ class FederatedTrainer(Trainer):
 
         if not self.algorithm.uses_lora:
             return self._prepare_full_model(model, args)
-        if self.is_classifier and not isinstance(model, PeftModel):
-            raise ValueError(
-                f"algorithm {self.algorithm.name!r} trains a LoRA adapter, which would leave this classifier's new "
-                "head frozen; use a full-parameter algorithm (fedkrso, fedfft, fedkseed) for sequence classification."
-            )
+        if self.is_classifier:
+            self._check_classifier_support()
         if not isinstance(model, PeftModel):
             from fedsrd.models import find_lora_target_modules
 
             requested = self.fed_config.lora_target_modules
             targets = find_lora_target_modules(model, "all-linear" if requested == ["all-linear"] else requested)
-            lora_config = self.fed_config.to_lora_config(target_modules=targets)
+            # a classifier as PEFT's SEQ_CLS task: the adapter and the new head (modules_to_save) train together
+            task_type = "SEQ_CLS" if self.is_classifier else "CAUSAL_LM"
+            lora_config = self.fed_config.to_lora_config(task_type=task_type, target_modules=targets)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.fed_config.seed)  # every party builds the same initial adapter
                 model = get_peft_model(model, lora_config)
@@ -267,6 +268,34 @@ class FederatedTrainer(Trainer):
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
         return model
+
+    def _check_classifier_support(self) -> None:
+        """A LoRA algorithm on a sequence classifier must carry the new head through its round (PEFT trains it as
+        ``modules_to_save``; `Algorithm.trains_dense_head`): refuse the others, and what the head is not set up for."""
+        from fedsrd.algorithms import get_algorithm_class
+        from fedsrd.algorithms.families import head_supporting_algorithms
+
+        cfg, name = self.fed_config, self.algorithm.name
+        if not self.algorithm.trains_dense_head:
+            supported = head_supporting_algorithms()
+            lora = [n for n in supported if get_algorithm_class(n).uses_lora]
+            full = [n for n in supported if not get_algorithm_class(n).uses_lora]
+            raise ValueError(
+                f"algorithm {name!r} trains a LoRA adapter but cannot carry a sequence classifier's new head through "
+                f"its round (it would stay frozen or diverge between parties); for sequence classification use a "
+                f"LoRA algorithm that trains the head ({', '.join(lora)}) or a full-parameter one ({', '.join(full)})."
+            )
+        if cfg.dp_mode != "off":
+            raise ValueError(
+                f"FedSRDConfig.dp_mode={cfg.dp_mode!r}: differential privacy is not set up for a LoRA algorithm on a "
+                "sequence classifier (the head's change would need its own share of the clipping and noise); use "
+                "dp_mode='off' or a full-parameter algorithm (fedfft, fedkrso)."
+            )
+        if cfg.client_lora_ranks is not None:
+            raise ValueError(
+                "FedSRDConfig.client_lora_ranks: clients of different LoRA ranks are not set up for a sequence "
+                "classifier's head; leave it unset."
+            )
 
     # ---- clients of different LoRA ranks (FedSRDConfig.client_lora_ranks) ----------------------------------------
     def _add_client_rank_adapters(self, model: torch.nn.Module) -> None:

@@ -109,6 +109,17 @@ class Algorithm(ABC):
     # The dataclass of the options this algorithm reads beyond the common ones (None: it has none). FedSRDConfig
     # inherits it, so they are flat config fields; the model card lists exactly these.
     options: ClassVar[type[AlgorithmOptions] | None] = None
+    # ---- a sequence classifier's new head (PEFT modules_to_save; fedsrd.algorithms.families, "classifier head") ----
+    # True if the algorithm carries the head's tensors of a LoRA state (keys without ``lora_``, e.g.
+    # ``...classifier.weight``) through its round: uploaded dense and averaged with the round's weights beside its
+    # LoRA step. FederatedTrainer refuses a sequence classifier for the LoRA algorithms without it. Not inherited
+    # (`__init_subclass__`): a subclass that changes the round must declare it again.
+    trains_dense_head: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "trains_dense_head" not in cls.__dict__:
+            cls.trains_dense_head = False
 
     def __init__(self, config: FedSRDConfig) -> None:
         self.config = config

@@ -8,6 +8,9 @@
   broadcast the average on the union of the clients' positions.
 * **Full-parameter training** (FedFFT, FedKRSO, FedKSeed; docs/full_parameter.md): the trained set
   (`full_parameter_weights`) and the base class `FullParameterAlgorithm`, whose state is each trained weight's change.
+* **A classifier's head on LoRA algorithms** (PEFT's ``modules_to_save``; ``Algorithm.trains_dense_head``): the head's
+  keys in a LoRA state (`head_keys`), its dense upload (`head_values`, `head_changes`), its weighted mean (`HeadMean`)
+  and its share of a client's change norm (`head_change_terms`).
 
 The old homes (`fedsrd.algorithms.fedsrd.lora_modules`, `fedsrd.algorithms.topk.SparseDeltaFedAvg`,
 `fedsrd.algorithms.fedfft.FullParameterAlgorithm`, `fedsrd.algorithms.flora.merge_slot_keys`, ...) still import them.
@@ -22,6 +25,7 @@ import torch
 
 from fedsrd.algorithms.base import SUM_DP, Algorithm, BaseDelta, Payload, State
 from fedsrd.ops import SeededMask, SparseTensor, densify, weighted_sum
+from fedsrd.ops.robust import Terms
 from fedsrd.ops.sparse import MAX_MASK_SEEDS
 
 # ---- LoRA adapters ---------------------------------------------------------------------------------------------
@@ -219,3 +223,108 @@ class FullParameterAlgorithm(Algorithm):
     def init_global_state(self, adapter_state: State) -> State:
         # `adapter_state` holds the initial trained weights; every change starts at zero.
         return {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in adapter_state.items()}
+
+
+# ---- a sequence classifier's new head on LoRA algorithms (PEFT's modules_to_save) ------------------------------------
+# PEFT's SEQ_CLS task trains the LoRA adapter *and* the new classification head (``modules_to_save``); its adapter
+# state dict then holds the head's tensors under the module's own name (``base_model.model.classifier.weight``,
+# ``...score.weight``), beside the LoRA factors. Algorithms with ``trains_dense_head`` carry them through the round
+# with these helpers: the head's change travels dense, and the server broadcasts (or sets) its weighted mean.
+def is_head_key(key: str) -> bool:
+    """Whether LoRA-state key `key` is a tensor of a classification head (not a LoRA factor)."""
+    return "lora_" not in key and is_head(key)
+
+
+def head_keys(state: State) -> list[str]:
+    """The classification head's keys in a LoRA state, sorted (none for a causal LM's adapter)."""
+    return sorted(key for key in state if is_head_key(key))
+
+
+def head_shapes(state: State) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """The head's tensors as the receiver expects them: their own shapes, dense."""
+    return {key: (tuple(state[key].shape), False) for key in head_keys(state)}
+
+
+def head_values(global_state: State, local_state: State) -> Payload:
+    """The head a client trained (new values, float32): what value-uploading algorithms (FedAvg) send."""
+    return {key: local_state[key].detach().to("cpu", torch.float32) for key in head_keys(global_state)}
+
+
+def head_changes(global_state: State, local_state: State) -> Payload:
+    """The head's round change ``h_i - h`` (float32): what delta-uploading algorithms (FedSRD) send."""
+    return {
+        key: local_state[key].detach().to("cpu", torch.float32) - global_state[key].to(torch.float32)
+        for key in head_keys(global_state)
+    }
+
+
+def head_change_terms(global_state: State, update: Payload, uploads_deltas: bool) -> list[Terms]:
+    """The head's share of a client's change norm as `fedsrd.ops.robust` terms: ``||s dh||^2 = s^2 ||dh||^2``, so
+    norm clipping (`update_norm`, `clip_update`) bounds the head together with the LoRA change."""
+    total = 0.0
+    for key in head_keys(global_state):
+        if key in update:
+            change = densify(update[key]).to(torch.float64)
+            if not uploads_deltas:
+                change = change - global_state[key].to(torch.float64)
+            total += float(change.square().sum())
+    return [(total, 0.0, 0.0)] if total > 0 else []
+
+
+class HeadMean:
+    """The weighted mean of the clients' head tensors (values or changes), folded one update at a time in float32.
+
+    `check` validates an update's head against the global state's shapes without changing anything, so an
+    aggregation can check every part of an update before folding any; `mean` divides by the round's total weight.
+    `changes`: the updates carry the head's change (FedSRD), so a head an update lacks (a partial upload) is a zero
+    change; otherwise they carry its values and every update must hold it.
+    """
+
+    def __init__(self, global_state: State, changes: bool = False) -> None:
+        self.shapes = {key: shape for key, (shape, _) in head_shapes(global_state).items()}
+        self.changes = changes
+        self.sums: State = {}
+
+    def check(self, update: Payload) -> dict[str, torch.Tensor]:
+        values = {}
+        for key, shape in self.shapes.items():
+            if key not in update and self.changes:
+                values[key] = torch.zeros(shape, dtype=torch.float32)
+                continue
+            if key not in update:
+                raise KeyError(f"classifier head: the update lacks {key!r} (the head travels in every update).")
+            value = densify(update[key])
+            if tuple(value.shape) != shape:
+                raise ValueError(f"classifier head: {key!r} has shape {tuple(value.shape)}, expected {shape}.")
+            values[key] = value
+        return values
+
+    def add(self, values: dict[str, torch.Tensor], weight: float) -> None:
+        for key, value in values.items():
+            if key not in self.sums:
+                self.sums[key] = torch.zeros(self.shapes[key], dtype=torch.float32)
+            self.sums[key].add_(value, alpha=float(weight))
+
+    def mean(self, total_weight: float) -> Payload:
+        return {key: value / total_weight for key, value in self.sums.items()}
+
+    @classmethod
+    def of(cls, global_state: State, updates: list[Payload], weights: list[float], changes: bool = False) -> Payload:
+        """``sum_i w_i head_i / sum_i w_i`` over a round's held updates (weights normalised or raw)."""
+        aggregate = cls(global_state, changes)
+        if not aggregate.shapes:
+            return {}
+        for update, weight in zip(updates, weights, strict=True):
+            aggregate.add(aggregate.check(update), weight)
+        return aggregate.mean(float(sum(weights)))
+
+
+def head_supporting_algorithms() -> list[str]:
+    """The registered algorithms that train a sequence classifier: the LoRA ones with ``trains_dense_head``, and the
+    full-parameter ones (which train the head as one of their weights)."""
+    from fedsrd.algorithms import get_algorithm_class, list_algorithms
+
+    return [
+        name for name in list_algorithms()
+        if get_algorithm_class(name).trains_dense_head or not get_algorithm_class(name).uses_lora
+    ]  # fmt: skip

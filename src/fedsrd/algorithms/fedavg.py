@@ -1,7 +1,8 @@
 """FedAvg on LoRA (FedIT; Zhang et al., "Towards Building the Federated GPT", ICASSP 2024).
 
 Clients upload their trained LoRA A and B; the server averages A and B *separately* (not their product) and
-broadcasts the averaged adapter. Every client and the server then hold exactly that adapter.
+broadcasts the averaged adapter. Every client and the server then hold exactly that adapter. On a sequence classifier
+the new head (PEFT's ``modules_to_save``) is uploaded and averaged the same way, dense (`fedsrd.algorithms.families`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 
 from fedsrd.algorithms import register_algorithm
 from fedsrd.algorithms.base import SUM_DEFENCES, SUM_DP, Aggregation, Algorithm, Payload, RunningWeightedSum, State
+from fedsrd.algorithms.families import head_shapes, head_values
 from fedsrd.ops import weighted_sum
 
 
@@ -22,9 +24,14 @@ class FedAvg(Algorithm):
     robust_defences = SUM_DEFENCES  # a weighted sum of dense client tensors (and so FedProx, FFA-LoRA, FedSA-LoRA)
     dp_support = SUM_DP  # noise on the sum of the clipped factor changes (docs/privacy.md)
     secure_sum = True  # secure aggregation may hand the step only the weighted sum of the uploads
+    trains_dense_head = True  # a classifier's head: averaged like the factors (every step below is per tensor name)
 
     def client_update(self, global_state: State, local_state: State, round: int, rng: torch.Generator) -> Payload:
-        return {k: local_state[k].detach().to("cpu", torch.float32) for k in global_state if self.trainable(k)}
+        upload = {k: local_state[k].detach().to("cpu", torch.float32) for k in global_state if self.trainable(k)}
+        return {**upload, **head_values(global_state, local_state)}  # a classifier's head, dense (none for an LM)
+
+    def update_shapes(self, global_state: State) -> dict[str, tuple[tuple[int, ...], bool]]:
+        return {**super().update_shapes(global_state), **head_shapes(global_state)}
 
     def server_step(
         self, global_state: State, updates: list[Payload], weights: list[float], round: int, rng: torch.Generator

@@ -4,9 +4,9 @@ FedAvg-LoRA (the same upload, aggregation and broadcast) with a proximal term in
 
     loss = task_loss + mu / 2 * sum_p ||w_p - w_p^global||^2
 
-over the trained LoRA parameters ``w_p``, where ``w^global`` is the adapter the client started the round from. The
-term's gradient ``mu (w - w_global)`` pulls local training back toward the global adapter. ``mu`` is
-``FedSRDConfig.fedprox_mu`` (0.01, the default of the FedSRD authors' code).
+over the trained LoRA parameters ``w_p`` (and a classifier's head, PEFT's ``modules_to_save``), where ``w^global``
+is the adapter the client started the round from. The term's gradient ``mu (w - w_global)`` pulls local training back
+toward the global adapter. ``mu`` is ``FedSRDConfig.fedprox_mu`` (0.01, the default of the FedSRD authors' code).
 """
 
 from __future__ import annotations
@@ -18,17 +18,21 @@ import torch
 
 from fedsrd.algorithms import register_algorithm
 from fedsrd.algorithms.base import AlgorithmOptions, State, require_option
+from fedsrd.algorithms.families import is_head_key
 from fedsrd.algorithms.fedavg import FedAvg
 
 # A PEFT parameter name carries the adapter name (``...lora_A.default.weight``); the state key does not.
 _ADAPTER_SEGMENT = re.compile(r"\.(lora_[AB])\.[^.]+\.weight$")
+# A head PEFT trains whole (``modules_to_save``): ``...classifier.modules_to_save.default.weight`` in the model,
+# ``...classifier.weight`` in the state.
+_SAVED_MODULE_SEGMENT = re.compile(r"\.modules_to_save\.[^.]+\.")
 
 
 def state_key(param_name: str) -> str:
-    """The adapter state key of a LoRA parameter name: drop wrapper prefixes (``module.``) and the adapter name."""
+    """The adapter state key of a PEFT parameter name: drop wrapper prefixes (``module.``) and the adapter name."""
     while param_name.startswith("module."):
         param_name = param_name[len("module.") :]
-    return _ADAPTER_SEGMENT.sub(r".\1.weight", param_name)
+    return _SAVED_MODULE_SEGMENT.sub(".", _ADAPTER_SEGMENT.sub(r".\1.weight", param_name))
 
 
 @dataclass
@@ -52,6 +56,7 @@ class FedProx(FedAvg):
     uploads = "LoRA A and B, dense"
     downloads = "averaged LoRA A and B, dense"
     options = FedProxOptions
+    trains_dense_head = True  # FedAvg's round; the proximal term covers the head too
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -60,7 +65,7 @@ class FedProx(FedAvg):
         self._anchor: tuple[State, torch.device, dict[str, torch.Tensor]] | None = None
 
     def extra_loss(self, model: torch.nn.Module, global_state: State) -> torch.Tensor | None:
-        """``mu / 2 * sum ||w - w_global||^2`` over the model's trainable LoRA parameters (float32)."""
+        """``mu / 2 * sum ||w - w_global||^2`` over the model's trainable LoRA parameters and head (float32)."""
         mu = float(self.config.fedprox_mu)
         if mu == 0.0:
             return None
@@ -69,7 +74,7 @@ class FedProx(FedAvg):
             if not param.requires_grad:
                 continue
             key = state_key(name)
-            if key not in global_state or not self.trainable(key):
+            if key not in global_state or not (self.trainable(key) or is_head_key(key)):
                 continue
             anchor = self._anchor_tensor(global_state, key, param.device)
             term = (param.to(torch.float32) - anchor).square().sum()

@@ -11,6 +11,9 @@ Per LoRA module (B d_out x r, A r x d_in), every round t = 1, 2, ...:
   current basis (Eq. 12-13): odd rounds dB = dW pinv(A), even rounds dA = pinv(B) dW. Drop 80% of that delta at
   random (DARE, survivors x 5) and broadcast it; the server and every client add the same sparse delta.
 
+On a sequence classifier, the new head (PEFT's ``modules_to_save``) is no LoRA module: its change travels up dense and
+its weighted mean is broadcast dense and added by everyone (`fedsrd.algorithms.families`, "classifier head").
+
 Nothing here forms a d_out x d_in matrix: W is kept as the factor pair ([p_i B_i], [A_i]) (`fedsrd.ops.lowrank`).
 Resolved ambiguities follow docs/specs (fedsrd.md, sec. 5): B-round first, dW against the current global factors,
 Pearson kurtosis with rho <= 0.99, keep score >= tau, L1 rescale on by default, sparse delta added to the global state.
@@ -27,7 +30,18 @@ import torch
 
 from fedsrd.algorithms import register_algorithm
 from fedsrd.algorithms.base import Aggregation, Algorithm, AlgorithmOptions, Payload, State, require_option
-from fedsrd.algorithms.families import LORA_A_SUFFIX, LORA_B_SUFFIX, LoraModule, lora_modules, lora_shapes
+from fedsrd.algorithms.families import (
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+    HeadMean,
+    LoraModule,
+    head_change_terms,
+    head_changes,
+    head_keys,
+    head_shapes,
+    lora_modules,
+    lora_shapes,
+)
 from fedsrd.ops import generator_for
 from fedsrd.ops.lowrank import (
     Factored,
@@ -159,6 +173,7 @@ class FedSRD(Algorithm):
                   "full-rank product space, which a client's factor deltas cannot carry; use dp_mode='central'")
     data_dependent_positions = True
     random_upload_mask = True
+    trains_dense_head = True  # a classifier's head: its change dense, its weighted mean broadcast (HeadMean)
 
     # ---- train_one_factor (not in the paper): the local phase trains the factor the round's download updates ----
     def trains(self, name: str, round: int) -> bool:
@@ -199,6 +214,7 @@ class FedSRD(Algorithm):
             if train_a:
                 score_a = importance_scores_a(delta_a, b_new)  # Eq. 6: |dA[u,v]| * ||B_i'[:,u]||
                 upload[module.a_key] = importance_prune(delta_a, score_a, **prune)
+        upload.update(head_changes(global_state, local_state))  # a classifier's head: dense (none for an LM)
         return upload  # train_one_factor: the frozen factor's delta is zero and is not sent
 
     # ---- server: reconstruct (Sec. 4.2) and decompose (Sec. 4.3) -----------------------------------------------
@@ -234,11 +250,14 @@ class FedSRD(Algorithm):
     ) -> Payload:
         if not updates:
             raise ValueError("FedSRD.server_step: no client updates to aggregate.")
+        if noise is not None and head_keys(global_state):
+            raise ValueError("FedSRD: differential privacy is not set up for a classifier's head (dp_mode: off).")
 
         def target_of(module: LoraModule, a: torch.Tensor, b: torch.Tensor) -> ModuleTarget:
             return ModuleTarget(self.target_change(module, a, b, updates, weights, noise))  # Eq. 9-11, factored
 
-        return self.decompose(global_state, target_of, round, rng, {})[0]
+        payload = self.decompose(global_state, target_of, round, rng, {})[0]
+        return {**payload, **HeadMean.of(global_state, updates, weights, changes=True)}  # the head's mean change, dense
 
     def begin_aggregate(self, global_state: State, round: int, rng: torch.Generator, memory: State) -> Aggregation:
         """The server step one update at a time (`server_streaming`): `StreamingTarget`."""
@@ -403,7 +422,7 @@ class FedSRD(Algorithm):
             delta_a = densify(update[module.a_key]) if module.a_key in update else torch.zeros_like(a)
             delta_b = densify(update[module.b_key]) if module.b_key in update else torch.zeros_like(b)
             terms.append(product_change_terms(a, b, delta_a, delta_b))
-        return terms
+        return terms + head_change_terms(global_state, update, uploads_deltas=True)  # a classifier's head
 
     # ---- both roles ------------------------------------------------------------------------------------------
     def apply(self, state: State, broadcast: Payload) -> State:
@@ -421,10 +440,10 @@ class FedSRD(Algorithm):
         return new_state
 
     def update_shapes(self, global_state: State) -> dict[str, tuple[tuple[int, ...], bool]]:
-        return lora_shapes(global_state)
+        return {**lora_shapes(global_state), **head_shapes(global_state)}
 
     def broadcast_shapes(self, global_state: State) -> dict[str, tuple[tuple[int, ...], bool]]:
-        return lora_shapes(global_state)
+        return {**lora_shapes(global_state), **head_shapes(global_state)}
 
     def broadcast_is_partial(self) -> bool:
         return True
@@ -437,6 +456,7 @@ class FedSRDe(FedSRD):
     name = "fedsrd_e"
     downloads = "one factor's least-squares delta toward the full aggregate (no SVD), DARE-dropped (80% sparse)"
     use_svd = False
+    trains_dense_head = True  # FedSRD's round
 
 
 class StreamingTarget(Aggregation):
@@ -477,6 +497,7 @@ class StreamingTarget(Aggregation):
         self.sketched = algorithm.use_svd or cfg.download_both_factors
         generator = generator_for(cfg.seed, "server_sketch", self.round)  # test matrices: seeded, never the step rng
         self.parts: dict[str, dict[str, Any]] = {}
+        self.head = HeadMean(self.global_state, changes=True)  # a classifier's head: running sums of its changes
         for module in self.modules:
             a = self.global_state[module.a_key].to(torch.float32)
             b = self.global_state[module.b_key].to(torch.float32)
@@ -520,6 +541,8 @@ class StreamingTarget(Aggregation):
             else:
                 cross = (part["solve"] @ delta_b) @ delta_a  # pinv(B) dB_i dA_i
             terms.append((part, delta_b, delta_a, cross))
+        head = self.head.check(update)
+        self.head.add(head, weight)
         for part, delta_b, delta_a, cross in terms:
             part["sum_b"].add_(delta_b, alpha=weight)
             part["sum_a"].add_(delta_a, alpha=weight)
@@ -551,7 +574,8 @@ class StreamingTarget(Aggregation):
             target = cheapest_truncated_svd(*aggregate, rank=a.shape[0], path=algorithm.config.server_step_path)
             return ModuleTarget(factored_difference(target, (b, a)))  # Eq. 10-11
 
-        return algorithm.decompose(self.global_state, target_of, self.round, self.rng, self.memory)
+        payload, memory = algorithm.decompose(self.global_state, target_of, self.round, self.rng, self.memory)
+        return {**payload, **self.head.mean(self._total_weight())}, memory  # the head's weighted mean change, dense
 
 
 __all__ = [
