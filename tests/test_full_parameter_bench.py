@@ -145,22 +145,7 @@ def test_measuring_one_method_adds_it_to_the_stored_memory(full_parameter, tmp_p
 
 
 def test_ferret_on_the_classification_track_end_to_end_on_a_tiny_bert(accuracy, tmp_path, monkeypatch, capsys):
-    from test_classification import _sentences
-
-    from fedsrd.cli import run_train
-
-    def run_main_job(cmd, out, what, env=None):  # in this process: seconds, not a process start per run
-        run_train(cmd[cmd.index("train") + 1 :])  # cmd: [python, -m, fedsrd.cli, train, *arguments]
-        return json.loads((out / "history.json").read_text())
-
-    monkeypatch.setattr(accuracy, "run_main_job", run_main_job)
-    data = tmp_path / "sst2"
-    data.mkdir()
-    for split, n, seed in (("train", 32, 1), ("dev", 8, 2)):
-        _sentences(n, seed).to_json(data / f"{split}.jsonl")
-    argv = ["--data", str(data), "--model", "tiny-bert", "--methods", "fedfft", "ferret", "--seeds", "1",
-            "--rounds", "1", "--clients", "2", "--clients-per-round", "2", "--local-steps", "2", "--max-length", "24",
-            "--results", str(tmp_path / "results"), "--out", str(tmp_path / "out"), "--json"]  # fmt: skip
+    argv = _tiny_bert_harness(accuracy, tmp_path, monkeypatch, ["fedfft", "ferret"], rounds=1)
     summary = accuracy.main(argv)
     ferret, fft = summary["methods"]["ferret"], summary["methods"]["fedfft"]
     assert ferret["rounds_done"] == 1 and 0 <= ferret["final_accuracy"][0] <= 1 and "diff_final" in ferret
@@ -189,22 +174,7 @@ def test_method_variants_add_their_options_last_and_store_apart(accuracy, tmp_pa
 
 def test_lora_methods_on_the_classification_track_end_to_end_on_a_tiny_bert(accuracy, tmp_path, monkeypatch, capsys):
     """FedAvg-LoRA and FedSRD train the adapter and the new head (PEFT's SEQ_CLS task) through the harness."""
-    from test_classification import _sentences
-
-    from fedsrd.cli import run_train
-
-    def run_main_job(cmd, out, what, env=None):  # in this process, as the Ferret test
-        run_train(cmd[cmd.index("train") + 1 :])
-        return json.loads((out / "history.json").read_text())
-
-    monkeypatch.setattr(accuracy, "run_main_job", run_main_job)
-    data = tmp_path / "sst2"
-    data.mkdir()
-    for split, n, seed in (("train", 32, 1), ("dev", 8, 2)):
-        _sentences(n, seed).to_json(data / f"{split}.jsonl")
-    argv = ["--data", str(data), "--model", "tiny-bert", "--methods", "fedavg", "fedsrd", "--seeds", "1",
-            "--rounds", "2", "--clients", "2", "--clients-per-round", "2", "--local-steps", "2", "--max-length", "24",
-            "--results", str(tmp_path / "results"), "--out", str(tmp_path / "out"), "--json"]  # fmt: skip
+    argv = _tiny_bert_harness(accuracy, tmp_path, monkeypatch, ["fedavg", "fedsrd"], rounds=2)
     summary = accuracy.main(argv)
     fedavg, fedsrd = summary["methods"]["fedavg"], summary["methods"]["fedsrd"]
     assert fedavg["rounds_done"] == fedsrd["rounds_done"] == 2
@@ -219,3 +189,24 @@ def test_lora_methods_on_the_classification_track_end_to_end_on_a_tiny_bert(accu
     for run in sorted(accuracy.RESULTS.glob("*/seed*/settings.json")):
         settings = json.loads(run.read_text())
         assert settings == accuracy.settings_of(defaults, settings["method"], settings["seed"]), run
+
+
+def _tiny_bert_harness(accuracy, tmp_path, monkeypatch, methods, rounds):
+    """The classification harness's arguments for a tiny-bert run on made-up sentences, its runs trained in this
+    process (seconds, not a process start per run)."""
+    from test_classification import _sentences
+
+    from fedsrd.cli import run_train
+
+    def run_main_job(cmd, out, what, env=None):
+        run_train(cmd[cmd.index("train") + 1 :])  # cmd: [python, -m, fedsrd.cli, train, *arguments]
+        return json.loads((out / "history.json").read_text())
+
+    monkeypatch.setattr(accuracy, "run_main_job", run_main_job)
+    data = tmp_path / "sst2"
+    data.mkdir()
+    for split, n, seed in (("train", 32, 1), ("dev", 8, 2)):
+        _sentences(n, seed).to_json(data / f"{split}.jsonl")
+    return ["--data", str(data), "--model", "tiny-bert", "--methods", *methods, "--seeds", "1", "--rounds", str(rounds),
+            "--clients", "2", "--clients-per-round", "2", "--local-steps", "2", "--max-length", "24",
+            "--results", str(tmp_path / "results"), "--out", str(tmp_path / "out"), "--json"]  # fmt: skip
