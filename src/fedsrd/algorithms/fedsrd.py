@@ -128,6 +128,11 @@ class FedSRDOptions(AlgorithmOptions):
                            "is not combined with clients of different ranks (client_lora_ranks)")  # fmt: skip
 
 
+def is_b_round(round: int) -> bool:
+    """Sec. 4.3's alternation: rounds 1..T, odd rounds move B (B^0 = 0, so B first), even rounds move A."""
+    return round % 2 == 1
+
+
 @dataclass
 class ModuleTarget:
     """One module's target change dW = W_target - B A (Eq. 11) as factors, and, in FedSRD-e's streaming step, the
@@ -181,7 +186,7 @@ class FedSRD(Algorithm):
         A in even rounds, as the server's one-factor decomposition (Eq. 12-13) and RoLoRA alternate."""
         if not self.config.train_one_factor:
             return self.trainable(name)
-        return ("lora_B" if round % 2 == 1 else "lora_A") in name
+        return ("lora_B" if is_b_round(round) else "lora_A") in name
 
     def update_is_partial(self) -> bool:
         return bool(self.config.train_one_factor)  # one factor's deltas per round
@@ -274,8 +279,6 @@ class FedSRD(Algorithm):
         """Sec. 4.3 for every module, one at a time: `target_of(module, A, B)` gives that module's dW (Eq. 11), from
         the held updates (`server_step`) or from a streamed aggregate (`StreamingTarget`). Returns the broadcast and
         the server's new memory (none for FedSRD)."""
-        b_round = round % 2 == 1  # paper: rounds 1..T, odd -> B-round (B^0 = 0, so B first), even -> A-round
-        ridge = self.config.decompose_ridge
         payload: Payload = {}
         for module in lora_modules(global_state):
             a, b = global_state[module.a_key].to(torch.float32), global_state[module.b_key].to(torch.float32)
@@ -283,14 +286,24 @@ class FedSRD(Algorithm):
             if self.config.download_both_factors:  # our extension: both factors every round (docs/fedsrd.md)
                 payload.update(self._both_factors(module, a, b, target.delta_w, rng))
                 continue
-            if b_round:
-                key, delta = module.b_key, target.left_update(a, ridge)  # Eq. 12
-            elif bool(b.any()):
-                key, delta = module.a_key, target.right_update(b, ridge)  # Eq. 13
-            else:
-                continue  # never pinv a zero B: this module sends nothing this round
-            payload[key] = dare_drop(delta, self.config.download_drop, rng)  # DARE download
+            moved = self.moving_factor(module, target, a, b, round)
+            if moved is not None:
+                key, delta = moved
+                payload[key] = dare_drop(delta, self.config.download_drop, rng)  # DARE download
         return payload, {}
+
+    def moving_factor(
+        self, module: LoraModule, target: ModuleTarget, a: torch.Tensor, b: torch.Tensor, round: int
+    ) -> tuple[str, torch.Tensor] | None:
+        """Sec. 4.3: the factor `round` moves towards `target` and its least-squares delta (damped by
+        `decompose_ridge`): a B-round (`is_b_round`) sends dB = dW A^+ (Eq. 12), an A-round dA = B^+ dW (Eq. 13).
+        None in an A-round while B is still zero (never pinv a zero B: the module sends nothing this round)."""
+        ridge = self.config.decompose_ridge
+        if is_b_round(round):
+            return module.b_key, target.left_update(a, ridge)  # Eq. 12
+        if bool(b.any()):
+            return module.a_key, target.right_update(b, ridge)  # Eq. 13
+        return None
 
     def _both_factors(
         self, module: LoraModule, a: torch.Tensor, b: torch.Tensor, delta_w: Factored, rng: torch.Generator
@@ -493,7 +506,7 @@ class StreamingTarget(Aggregation):
         algorithm: FedSRD = self.algorithm  # type: ignore[assignment]
         cfg = algorithm.config
         self.modules = lora_modules(self.global_state)
-        self.b_round = self.round % 2 == 1
+        self.b_round = is_b_round(self.round)
         self.sketched = algorithm.use_svd or cfg.download_both_factors
         generator = generator_for(cfg.seed, "server_sketch", self.round)  # test matrices: seeded, never the step rng
         self.parts: dict[str, dict[str, Any]] = {}

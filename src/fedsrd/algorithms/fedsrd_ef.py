@@ -203,19 +203,14 @@ class FedSRDEF(FedSRD):
             return super().decompose(global_state, target_of, round, rng, memory)
         if self.config.ef_download_space == "product":
             return self._decompose_product(global_state, target_of, round, rng, memory)
-        b_round = round % 2 == 1  # as FedSRD: odd rounds send dB, even rounds dA
-        ridge = self.config.decompose_ridge
         payload: Payload = {}
         kept: State = dict(memory)  # the factor not sent this round keeps its residual for its next round
         for module in lora_modules(global_state):
             a, b = global_state[module.a_key].to(torch.float32), global_state[module.b_key].to(torch.float32)
-            target = target_of(module, a, b)
-            if b_round:
-                key, delta = module.b_key, target.left_update(a, ridge)  # Eq. 12
-            elif bool(b.any()):
-                key, delta = module.a_key, target.right_update(b, ridge)  # Eq. 13
-            else:
+            moved = self.moving_factor(module, target_of(module, a, b), a, b, round)  # as FedSRD (Eq. 12-13)
+            if moved is None:
                 continue
+            key, delta = moved
             corrected = delta + _residual(memory, key, global_state[key])
             if self.config.ef_download_selection == "magnitude":
                 sent = self._as_decoded(magnitude_keep(corrected, 1.0 - self.config.download_drop))
@@ -242,8 +237,6 @@ class FedSRDEF(FedSRD):
         next round's dW, whichever factor that round moves. The broadcast is FedSRD's (same drop, same 1/(1-p)
         rescale, same bytes); only the target it is solved from changes.
         """
-        b_round = round % 2 == 1  # as FedSRD: odd rounds send dB, even rounds dA
-        ridge = self.config.decompose_ridge
         payload: Payload = {}
         kept: State = {}
         for module in lora_modules(global_state):
@@ -255,17 +248,15 @@ class FedSRDEF(FedSRD):
                 residual = _residual_pair(memory, left_key, right_key, b.shape[0], a.shape[1])
                 delta_w = (torch.cat([delta_w[0], residual[0]], dim=1), torch.cat([delta_w[1], residual[1]], dim=0))
             corrected = ModuleTarget(delta_w)  # fedsrd_ef is SVD-based: its targets carry no pre-solved part
-            if b_round:
-                key, delta = module.b_key, corrected.left_update(a, ridge)  # Eq. 12, on dW + E
-            elif bool(b.any()):
-                key, delta = module.a_key, corrected.right_update(b, ridge)  # Eq. 13, on dW + E
-            else:  # never pinv a zero B: nothing sent, the remainder waits
+            moved = self.moving_factor(module, corrected, a, b, round)  # Eq. 12 or 13, on dW + E
+            if moved is None:  # never pinv a zero B: nothing sent, the remainder waits
                 kept.update({k: memory[k] for k in (left_key, right_key) if k in memory})
                 continue
+            key, delta = moved
             sent = self._as_decoded(dare_drop(delta, self.config.download_drop, rng))  # FedSRD's unbiased drop
             payload[key] = sent
             step = sent.to_dense(torch.float32)
-            applied = (step, a) if b_round else (b, step)
+            applied = (step, a) if key == module.b_key else (b, step)
             remainder = factored_difference(delta_w, applied)  # (dW + E_old) - applied
             rank = self.config.ef_residual_rank or 2 * a.shape[0]
             left, right = truncated_svd(*remainder, rank=min(rank, b.shape[0], a.shape[1]))
