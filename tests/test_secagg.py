@@ -518,6 +518,8 @@ def test_distributed_dp_run_equals_the_plain_local_dp_run_with_the_same_epsilon(
     robust = record["robust"]
     assert robust["rule"] == "secure_sum" and robust["dp_denominator"] == 3 and robust["dp_noise_std"] == 0.0
     assert robust["dp_secure_sum_noise_multiplier"] == pytest.approx(10.0)
+    _in_process(tmp_path / "again", node_extra=SECRETS, args=DP_ARGS, **dp)  # same config, seed and secrets: same bits
+    assert wire.state_digest(_final_state(tmp_path / "again" / "server")) == wire.state_digest(secure)
 
 
 @needs_flwr

@@ -37,6 +37,7 @@ dropped clients' shares, as on the plain path (`FederatedServer.step_sum`).
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -463,9 +464,15 @@ def secure_aggregation_mod(msg: Message, context: Any, call_next: Callable) -> M
 
 
 def rounding_seed(msg: Message, context: Any) -> list[int]:
-    """The stochastic-rounding seed of one client's upload: (federation seed, round, client id)."""
+    """The stochastic-rounding seed of one client's upload: (federation seed, round, client id), and under distributed
+    DP the node's `dp-noise-secret` (so the server cannot predict the rounding of the noisy change either)."""
     if node_of is None:
         raise RuntimeError("secure aggregation: no node lookup registered (fedsrd.integrations.flower sets it).")
     node = node_of(context)
     config = msg.content[CONTROL_RECORD]  # the coordinator's control fields (fedsrd.integrations.flower.CONFIG)
-    return [node.settings.fed.seed & 0xFFFFFFFF, int(config["round"]) & 0xFFFFFFFF, node.client_id, 0x5ECA]
+    seed = [node.settings.fed.seed & 0xFFFFFFFF, int(config["round"]) & 0xFFFFFFFF, node.client_id, 0x5ECA]
+    secret = getattr(node, "noise_secret", None)
+    if secret:
+        digest = hashlib.sha256(f"secagg-rounding/{secret}".encode()).digest()
+        seed += [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 32, 4)]
+    return seed
