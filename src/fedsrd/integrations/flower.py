@@ -199,15 +199,15 @@ def _secagg_train_reply(msg: Message, node: FederationNode, update: bytes, metri
         raise ValueError("secure aggregation needs a dense upload of every expected tensor; "
                          f"{node.algorithm.name} sent {sorted(decoded.tensors)}")
     arrays = _secagg.upload_arrays(node.algorithm, cfg, node.client.state, decoded.tensors)  # changes under local DP
-    limit = _secagg.clipping_range(cfg)
-    outside = sum(int((np.abs(a) > limit).sum()) for a in arrays)
-    if outside:  # the mod clips them: the sum is biased (and under DP no longer the Gaussian mechanism's)
-        logger.warning("secure aggregation: %d uploaded value(s) of client %d lie outside the clipping range +-%g and "
-                       "are clipped; raise secagg_clipping_range", outside, node.client_id, limit)
     if cfg.aggregation == "samples":  # the sample count, capped by the client itself (the server cannot see it)
         weight = float(min(int(decoded.meta.get("num_samples", 0)), cfg.secagg_max_weight))
     else:  # uniform: every client the largest weight, so the quantization keeps its full precision
         weight = float(cfg.secagg_max_weight)
+    limit = _secagg.clipping_range(cfg) * cfg.secagg_max_weight / max(weight, 1e-30)  # the mod scales, then clips
+    outside = sum(int((np.abs(a) > limit).sum()) for a in arrays)
+    if outside:  # the mod clips them: the sum is biased (and under DP no longer the Gaussian mechanism's)
+        logger.warning("secure aggregation: %d uploaded value(s) of client %d lie outside the clipping range and are "
+                       "clipped; raise secagg_clipping_range", outside, node.client_id)
     content = _reply(msg, {**node.held(), "status": "ok"}, None, metrics).content
     content["fitres.parameters"] = ArrayRecord(arrays)
     content["fitres.num_examples"] = MetricRecord({"num_examples": weight})
