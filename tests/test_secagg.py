@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +23,7 @@ import torch
 from test_flower import run_loopback_driver  # noqa: E402  (one loopback driver runner for both deployments)
 
 from fedsrd import FedSRDConfig, wire
+from fedsrd.ops.privacy import epsilon_after
 
 HAS_FLWR = importlib.util.find_spec("flwr") is not None
 needs_flwr = pytest.mark.skipif(not HAS_FLWR, reason="flwr is not installed (pip install -e '.[flower]')")
@@ -321,11 +323,14 @@ class LoopbackGrid:
         return out
 
 
-def _in_process(root: Path, fail=(), **overrides):
+def _in_process(root: Path, fail=(), node_extra=None, **overrides):
     from fedsrd.integrations.flower import run_server
 
     rc = {**RUN_CONFIG, "output-dir": str(root / "server"), **overrides}
-    nodes = [{"partition-id": i, "num-partitions": 3, "state-dir": str(root / f"node{i}")} for i in range(3)]
+    nodes = [
+        {"partition-id": i, "num-partitions": 3, "state-dir": str(root / f"node{i}"), **(node_extra or {}).get(i, {})}
+        for i in range(3)
+    ]
     grid = LoopbackGrid(rc, nodes, fail)
     return run_server(grid, rc), grid
 
@@ -393,6 +398,188 @@ def test_a_dropout_within_the_threshold_completes_with_the_survivors(tmp_path, t
     history, _ = _in_process(tmp_path, fail={(101, "collect_masked_vectors")}, args=SECAGG)
     record = history[1]
     assert record["accepted"] == [0, 2] and "ClientApp failed" in record["dropped"]["1"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# distributed DP: dp_mode "local" under SecAgg+ (docs/privacy.md, "Distributed DP with secure aggregation")
+# ---------------------------------------------------------------------------------------------------------------------
+
+DP = {"dp_clip_norm": 0.5, "dp_noise_multiplier": 1.0}
+DP_ARGS = f"{SECAGG} --dp_mode local --dp_clip_norm 0.5"
+SECRETS = {i: {"dp-noise-secret": f"node-{i}-secret-0123456789abcdef"} for i in range(3)}
+
+
+def test_central_dp_with_secure_aggregation_is_still_refused():
+    with pytest.raises(ValueError, match="FedSRDConfig.secure_aggregation: is not combined with central differential "
+                                         "privacy") as err:  # fmt: skip
+        FedSRDConfig(algorithm="fedavg", num_clients=3, secure_aggregation="secaggplus", dp_mode="central", **DP)
+    assert "central DP clips each client's update, which secure aggregation hides from the server" in str(err.value)
+    assert "set dp_mode 'local'" in str(err.value)
+
+
+def test_local_dp_with_secure_aggregation_is_accepted_for_the_sum_algorithms():
+    for algorithm in ("fedavg", "fedprox", "ffa_lora", "fedsa_lora", "fedfft"):
+        FedSRDConfig(algorithm=algorithm, num_clients=3, secure_aggregation="secaggplus", dp_mode="local", **DP)
+
+
+@pytest.mark.parametrize("algorithm", ["topk", "fed_dare", "fedkrso", "fedkseed"])
+def test_local_dp_with_secure_aggregation_refuses_steps_that_are_not_sums(algorithm):
+    with pytest.raises(ValueError, match="FedSRDConfig.secure_aggregation: distributed differential privacy") as err:
+        FedSRDConfig(algorithm=algorithm, num_clients=3, secure_aggregation="secaggplus", dp_mode="local", **DP)
+    assert f"algorithm {algorithm!r} is not one" in str(err.value)
+    assert "The algorithms that admit both: fedavg, fedfft, fedprox, fedsa_lora, ffa_lora." in str(err.value)
+
+
+def test_fedsrd_local_dp_is_refused_by_its_placement_before_secure_aggregation():
+    with pytest.raises(ValueError, match="dp_mode: algorithm 'fedsrd' does not admit dp_mode='local'"):
+        FedSRDConfig(algorithm="fedsrd", num_clients=3, secure_aggregation="secaggplus", dp_mode="local",
+                     upload_mask="random", **DP)  # fmt: skip
+
+
+@needs_flwr
+def test_the_clipping_range_grows_to_hold_the_noise_shares():
+    from fedsrd.integrations.secagg import DP_RANGE_SIGMAS, clipping_range
+
+    def cfg(**kw):
+        return FedSRDConfig(algorithm="fedavg", num_clients=3, secure_aggregation="secaggplus", **kw)
+
+    assert clipping_range(cfg()) == 8.0
+    assert clipping_range(cfg(dp_mode="local", **DP)) == 8.0  # C + 10 z C / sqrt(3) = 3.39: the configured 8 holds
+    loud = cfg(dp_mode="local", dp_clip_norm=0.5, dp_noise_multiplier=10.0)
+    assert clipping_range(loud) == pytest.approx(0.5 + DP_RANGE_SIGMAS * 10.0 * 0.5 / math.sqrt(3))  # 29.4
+    assert clipping_range(cfg(dp_mode="local", secagg_clipping_range=50.0, **DP)) == 50.0  # a larger one is kept
+
+
+@needs_flwr
+def test_the_protocol_sums_noisy_changes_beyond_the_default_range(task_identity):
+    # Noise shares of z C / sqrt(m) = 2.9 reach past the default range of 8; the grown range holds them whole.
+    server_cls, config, specs, uploads, weights = _protocol(
+        num_nodes=3, dp_mode="local", dp_clip_norm=0.5, dp_noise_multiplier=10.0
+    )
+    uploads = {n: [a * 2.9 for a in arrays] for n, arrays in uploads.items()}
+    uploads[100][0][0, 0] = 20.0
+    grid = ModGrid(uploads, weights)
+    out = _run(server_cls, config, specs, grid, list(uploads))
+    step = 2 * server_cls(grid, config, specs, timeout=1).range / QRANGE
+    assert out.failure is None and max(np.abs(a).max() for u in uploads.values() for a in u) > 8.0
+    for (name, _), want in zip(specs, _weighted_mean(uploads, weights, list(uploads)), strict=True):
+        assert np.max(np.abs(out.mean[name].numpy() - want)) <= step + 1e-6
+
+
+def test_a_noise_secret_changes_the_share_and_the_same_secret_repeats_it():
+    from fedsrd import get_algorithm
+    from fedsrd.client import FederatedClient
+
+    cfg = FedSRDConfig(algorithm="fedavg", num_clients=3, dp_mode="local", **DP)
+    g = torch.Generator().manual_seed(0)
+    state = {"m.lora_A.weight": torch.randn(4, 6, generator=g), "m.lora_B.weight": torch.zeros(5, 4)}
+
+    def share(secret):
+        client = FederatedClient(get_algorithm("fedavg", cfg), state, cfg)
+        client.noise_secret = secret
+        noisy = client.privatize(dict(state), round=1, client_id=2)
+        return torch.cat([(noisy[k] - state[k]).reshape(-1) for k in sorted(state)])
+
+    public, a, b = share(None), share("a" * 32), share("b" * 32)
+    assert torch.equal(a, share("a" * 32)) and not torch.equal(a, public) and not torch.equal(a, b)
+
+
+def test_a_supernode_needs_its_own_noise_secret_under_distributed_dp():
+    from fedsrd.integrations.node import node_noise_secret
+
+    fed = FedSRDConfig(algorithm="fedavg", num_clients=3, secure_aggregation="secaggplus", dp_mode="local", **DP)
+    with pytest.raises(ValueError, match="node config 'dp-noise-secret' is required with dp_mode 'local'"):
+        node_noise_secret({"partition-id": 0}, fed)
+    with pytest.raises(ValueError, match="at least 16 random characters"):
+        node_noise_secret({"dp-noise-secret": "short"}, fed)
+    assert node_noise_secret({"dp-noise-secret": "x" * 16}, fed) == "x" * 16
+    plain = FedSRDConfig(algorithm="fedavg", num_clients=3, dp_mode="local", **DP)
+    assert node_noise_secret({}, plain) is None  # optional without secure aggregation (docs/privacy.md says why)
+
+
+@needs_flwr
+def test_distributed_dp_run_equals_the_plain_local_dp_run_with_the_same_epsilon(tmp_path, task_identity):
+    # z = 10: each share has std 2.9 and some reach past the default range of 8, so this also checks the grown range
+    dp = {"dp-noise-multiplier": 10.0}
+    plain_history, _ = _in_process(tmp_path / "plain", node_extra=SECRETS, args=DP_ARGS.replace(SECAGG, ""), **dp)
+    history, grid = _in_process(tmp_path / "secure", node_extra=SECRETS, args=DP_ARGS, **dp)
+    assert [s for s, _ in grid.replies if s].count("collect_masked_vectors") == 3
+    plain, secure = _final_state(tmp_path / "plain" / "server"), _final_state(tmp_path / "secure" / "server")
+    from fedsrd.integrations.secagg import clipping_range
+    from fedsrd.integrations.settings import parse_run_config
+
+    step = 2 * clipping_range(parse_run_config({**RUN_CONFIG, "args": DP_ARGS, **dp}).fed) / QRANGE  # 1.4e-5
+    worst = max(float((plain[k] - secure[k]).abs().max()) for k in plain)
+    assert 0 < worst <= step * 1.001 + 1e-6  # same noise shares; the mean of 3 changes, each quantized once
+    assert max(float(v.abs().max()) for v in plain.values()) > 1.0  # the noise is there (z C / m = 1.67)
+    record, plain_record = history[1], plain_history[1]
+    assert record["dp_epsilon"] == plain_record["dp_epsilon"] == epsilon_after(1, 10.0, 1.0, 1e-5)
+    assert record["dp_delta"] == plain_record["dp_delta"]
+    robust = record["robust"]
+    assert robust["rule"] == "secure_sum" and robust["dp_denominator"] == 3 and robust["dp_noise_std"] == 0.0
+    assert robust["dp_secure_sum_noise_multiplier"] == pytest.approx(10.0)
+    _in_process(tmp_path / "again", node_extra=SECRETS, args=DP_ARGS, **dp)  # same config, seed and secrets: same bits
+    assert wire.state_digest(_final_state(tmp_path / "again" / "server")) == wire.state_digest(secure)
+
+
+@needs_flwr
+def test_distributed_dp_dropout_the_server_adds_the_missing_share(tmp_path, task_identity, monkeypatch):
+    from fedsrd import get_algorithm
+    from fedsrd.integrations import flower
+    from fedsrd.server import FederatedServer
+
+    uploads, steps = {}, []
+    reply, step_sum = flower._secagg_train_reply, FederatedServer.step_sum
+
+    def keep(msg, node, update, metrics):  # the client side: its encoded (clipped, noised) update, before masking
+        uploads[node.client_id] = update
+        return reply(msg, node, update, metrics)
+
+    monkeypatch.setattr(flower, "_secagg_train_reply", keep)
+
+    def spy(self, *args, **kwargs):
+        before = dict(self.state)
+        result = step_sum(self, *args, **kwargs)
+        steps.append((before, dict(self.state), self.config))
+        return result
+
+    monkeypatch.setattr(FederatedServer, "step_sum", spy)
+    history, _ = _in_process(tmp_path, fail={(101, "collect_masked_vectors")}, node_extra=SECRETS, args=DP_ARGS,
+                             **{"dp-noise-multiplier": 1.0})  # fmt: skip
+    record = history[1]
+    assert record["accepted"] == [0, 2] and "ClientApp failed" in record["dropped"]["1"] and sorted(uploads) == [0, 2]
+    # the server divides by m = 3 and adds client 1's share z C / m * sqrt(1 / 3); the clients' shares in the sum it
+    # unmasked amount to a multiplier z sqrt(2 / 3) against the server; epsilon is the plain run's
+    robust = record["robust"]
+    assert robust["dp_denominator"] == 3 and robust["dp_noise_std"] == pytest.approx(1.0 * 0.5 / 3 * math.sqrt(1 / 3))
+    assert robust["dp_secure_sum_noise_multiplier"] == pytest.approx(math.sqrt(2 / 3))
+    assert record["dp_epsilon"] == epsilon_after(1, 1.0, 1.0, 1e-5)
+    # the plain server step on the same two uploads (the plain path pads client 1 and adds its share) gives the state
+    (before, after, cfg), = steps
+    plain = FederatedServer(get_algorithm(cfg.algorithm, cfg), before, cfg)
+    plain.step(1, [uploads[0], uploads[2]], senders=[0, 2])
+    assert plain.state.keys() == after.keys()
+    worst = max(float((plain.state[k] - after[k]).abs().max()) for k in after)
+    assert 0 < worst <= STEP * 1.001 + 1e-6
+    assert max(float((before[k] - after[k]).abs().max()) for k in after) > 0.05  # the noise moved the state
+
+
+@needs_flwr
+def test_distributed_dp_fewer_survivors_than_the_threshold_fail_the_round_and_spend_nothing(tmp_path, task_identity):
+    from fedsrd.integrations.checkpoint import load_checkpoint
+
+    with pytest.raises(RuntimeError, match="secure aggregation stopped at collect masked vectors"):
+        _in_process(tmp_path, fail={(101, "collect_masked_vectors")}, node_extra=SECRETS,
+                    args=f"{DP_ARGS} --secagg_reconstruction_threshold 1.0", **{"dp-noise-multiplier": 1.0})
+    ckpt = load_checkpoint(tmp_path / "server" / "checkpoints")
+    assert ckpt.round == 0 and [r.get("dp_epsilon") for r in ckpt.history] == [None]
+
+
+@needs_flwr
+def test_distributed_dp_refuses_a_supernode_without_a_noise_secret(tmp_path, task_identity):
+    with pytest.raises(TimeoutError, match="dp-noise-secret") as err:  # every hello fails: no training, no round
+        _in_process(tmp_path, args=DP_ARGS, **{"dp-noise-multiplier": 1.0, "node-timeout": 2.0})
+    assert "is required with dp_mode" in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Base-weight writes (FLoRA, FedEx-LoRA) live in `fedsrd.base_weights`."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -40,6 +41,9 @@ class FederatedClient:
         self.memories: dict[int, State] = {}
         # What the last broadcast asks every party to fold into its base weights (`BaseWeightWriter.add`).
         self.base_delta: BaseDelta = {}
+        # dp_mode="local" on a deployment: a secret only this party knows, mixed into its noise seed so that the
+        # server, which knows the run seed, cannot regenerate the share (a SuperNode's `dp-noise-secret`).
+        self.noise_secret: str | None = None
 
     def receive(self, broadcast: bytes) -> State:
         """Decode and apply the server's broadcast; raise if the result differs from the server's state."""
@@ -104,11 +108,13 @@ class FederatedClient:
     def privatize(self, payload: dict, *, round: int, client_id: int) -> dict:
         """dp_mode="local" (distributed DP, docs/privacy.md): clip the change `payload` proposes to dp_clip_norm, then
         add this client's share ``N(0, (z C)^2 / m)`` of the noise to every coordinate of every upload tensor, drawn
-        from (seed, round, client): the m sampled clients' shares sum to the central mechanism's ``N(0, (z C)^2)``."""
+        from (seed, round, client): the m sampled clients' shares sum to the central mechanism's ``N(0, (z C)^2)``.
+        With `noise_secret` set, a hash of it joins the seed: same secret, same bits; no secret, no way to redraw."""
         cfg = self.config
         clipped = self.algorithm.clip_update(self.state, payload, float(cfg.dp_clip_norm))
         std = client_noise_std(cfg.resolved_dp_noise_multiplier, float(cfg.dp_clip_norm), cfg.sampled_per_round)
-        rng = generator_for(cfg.seed, "dp_noise", round, client_id)
+        secret = () if self.noise_secret is None else (hashlib.sha256(self.noise_secret.encode()).hexdigest(),)
+        rng = generator_for(cfg.seed, "dp_noise", round, client_id, *secret)
         return self.algorithm.add_dp_noise(self.state, clipped, std, rng)
 
 

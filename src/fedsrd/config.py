@@ -411,14 +411,8 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
             "is derived for one rank); set dp_mode 'off' or give every client lora_r",
         )
         self._check_many_clients()
+        self._check_dp_with_secure_aggregation()  # distributed DP: local DP under secure aggregation
         self._check_secure_aggregation()  # secure aggregation on Flower
-        _require(
-            self.secure_aggregation == "off" or self.dp_mode == "off",
-            "secure_aggregation",
-            "is not combined with differential privacy yet: central DP clips each client's update, which secure "
-            "aggregation hides from the server, and local DP's noise shares for dropped clients are added on the "
-            "plain path only; set dp_mode 'off' or secure_aggregation 'off'",
-        )
         _require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         _require(self.save_every >= 0, "save_every", f"must be >= 0, got {self.save_every}")
         # learning rate across rounds
@@ -768,6 +762,37 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
                  f"x clients per round ({sampled} x {q}) must stay below secagg_modulus_range={mod}, or the sum "
                  "overflows")
         _require(self.secagg_max_weight > 0, "secagg_max_weight", f"must be > 0, got {self.secagg_max_weight}")
+
+    # ---- differential privacy with secure aggregation (distributed DP; docs/privacy.md) ----------------------------
+    def _check_dp_with_secure_aggregation(self) -> None:
+        """dp_mode 'local' under secure aggregation is distributed DP (each client clips and adds its share of the
+        noise, the server unmasks only the noisy sum); dp_mode 'central' is refused: its server clips each update."""
+        if self.dp_mode == "off" or self.secure_aggregation not in SECURE_AGGREGATIONS[1:]:
+            return
+        _require(
+            self.dp_mode != "central",
+            "secure_aggregation",
+            "is not combined with central differential privacy (dp_mode 'central'): central DP clips each client's "
+            "update, which secure aggregation hides from the server; set dp_mode 'local' (distributed DP: each client "
+            "clips its change and adds its share of the noise, and the server unmasks only the noisy sum) or "
+            "secure_aggregation 'off'",
+        )
+        from fedsrd.algorithms import get_algorithm_class, list_algorithms
+
+        def admits_both(name: str) -> bool:
+            cls = get_algorithm_class(name)
+            return cls.secure_sum and self.dp_mode in cls.dp_support
+
+        if not admits_both(self.algorithm):
+            able = [a for a in list_algorithms() if admits_both(a)]
+            raise ValueError(
+                f"FedSRDConfig.secure_aggregation: distributed differential privacy (dp_mode {self.dp_mode!r} with "
+                f"secure_aggregation {self.secure_aggregation!r}) needs a server step that is a weighted sum of "
+                f"equal-shape dense uploads, each carrying its client's noise share; algorithm {self.algorithm!r} is "
+                f"not one (its uploads are sparse with client-specific positions, partial, or its step needs each "
+                f"client's upload). The algorithms that admit both: {', '.join(able)}."
+            )
+    # ---- end of differential privacy with secure aggregation ------------------------------------------------------
 
     @property
     def seed(self) -> int:

@@ -202,29 +202,29 @@ class FederatedServer:
         return "mean" if self.config.robust_aggregation == "none" else self.config.robust_aggregation
 
     def _aggregate(
-        self, round: int, accepted: list[wire.Message], rejected: dict[str, str]
+        self, round: int, accepted: list[wire.Message], rejected: dict[str, str], sum_of: int | None = None
     ) -> tuple[State, dict, State, dict, list[wire.Message]]:
         """Run the server step; if it fails or yields a non-finite state, find and exclude the updates that cause it.
 
         Returns the new state, the payload to broadcast, the server's new memory, the robust rule's statistics and the
         updates that were aggregated. `self.state` and `self.memory` are not touched here, so nothing a client sends
-        can leave the server half-updated.
+        can leave the server half-updated. `sum_of`: secure aggregation's one mean stands for that many uploads (DP).
         """
         try:
-            return (*self._try_aggregate(round, accepted), accepted)
+            return (*self._try_aggregate(round, accepted, sum_of), accepted)
         except _STEP_ERRORS as err:
             logger.warning("round %d: server step failed (%s); checking updates one by one", round, err)
         good = []
         for msg in accepted:
             try:
-                self._try_aggregate(round, [msg])
+                self._try_aggregate(round, [msg], sum_of)
                 good.append(msg)
             except _STEP_ERRORS as err:
                 rejected[f"client {msg.meta.get('client_id', '?')}"] = f"breaks the server step: {err}"
                 logger.warning("round %d: excluded client %s: %s", round, msg.meta.get("client_id", "?"), err)
         if not good:
             raise RuntimeError(f"round {round}: no update could be aggregated; rejected: {rejected}")
-        return (*self._try_aggregate(round, good), good)
+        return (*self._try_aggregate(round, good, sum_of), good)
 
     def _raw_weights(self, messages: list[wire.Message]) -> list[float]:
         """Each update's weight before normalisation: 1, or its (capped) sample count (`aggregation`)."""
@@ -232,7 +232,9 @@ class FederatedServer:
             return [float(c) for c in capped_sample_counts([m.meta["num_samples"] for m in messages])]
         return [1.0] * len(messages)
 
-    def _try_aggregate(self, round: int, messages: list[wire.Message]) -> tuple[State, dict, State, dict]:
+    def _try_aggregate(
+        self, round: int, messages: list[wire.Message], sum_of: int | None = None
+    ) -> tuple[State, dict, State, dict]:
         weights = normalized_weights(self._raw_weights(messages))
         updates, stats = [m.tensors for m in messages], {}
         if self.robust_rule() != "mean":  # the algorithm's weighted sum of one consensus update, of weight one
@@ -240,7 +242,7 @@ class FederatedServer:
             weights = [1.0]
         noise_std = None
         if self.config.dp_mode != "off":
-            updates, weights, noise_std, stats = self._private_sum(updates)
+            updates, weights, noise_std, stats = self._private_sum(updates, sum_of)
         rng = generator_for(self.config.seed, "server_step", round)
         with torch.no_grad():
             if noise_std is None:
@@ -266,23 +268,36 @@ class FederatedServer:
                 raise ArithmeticError(f"the aggregated state has non-finite values in {name!r}")
         return state, payload
 
-    def _private_sum(self, updates: list) -> tuple[list, list[float], float | None, dict]:
+    def _private_sum(self, updates: list, sum_of: int | None = None) -> tuple[list, list[float], float | None, dict]:
         """Differential privacy (docs/privacy.md): the mean over the *fixed* number m of sampled clients (a client
         whose update is missing or was excluded counts as no change, `Algorithm.null_update`), so one client moves it
         by at most dp_clip_norm / m whatever the others do; and the standard deviation of the noise the server adds
         to that mean: ``z C / m`` under "central"; under "local", the noise shares of the m - k clients that did not
-        contribute (the k that did added theirs), None when all did."""
+        contribute (the k that did added theirs), None when all did.
+
+        `sum_of`: secure aggregation (dp_mode "local" only) hands one update, the mean of the k = `sum_of` uploads in
+        the unmasked sum; with weight k / m and a null update of weight (m - k) / m it is the plain path's padded mean
+        (the step is linear, `Algorithm.secure_sum`), and the server adds the same missing shares, from the same
+        generator."""
         cfg = self.config
-        m, k = cfg.sampled_per_round, len(updates)
+        m, k = cfg.sampled_per_round, len(updates) if sum_of is None else sum_of
         if k > m:
             raise ValueError(f"differential privacy: {k} updates in a round that samples {m} clients.")
         z, clip = cfg.resolved_dp_noise_multiplier, float(cfg.dp_clip_norm)
-        padded = [*updates, *[self.algorithm.null_update(self.state, updates[0]) for _ in range(m - k)]]
         if cfg.dp_mode == "central":
             std = noise_std_on_mean(z, clip, m)
         else:
             std = noise_std_on_mean(z, clip, m) * math.sqrt((m - k) / m) if k < m else None
         stats = {"dp_noise_multiplier": z, "dp_clip_norm": clip, "dp_noise_std": std or 0.0, "dp_denominator": m}
+        if sum_of is not None:
+            if cfg.dp_mode != "local" or len(updates) != 1:
+                raise ValueError("differential privacy on a secure sum: dp_mode 'local' and one mean update only.")
+            # the noise the k clients' shares put into the sum the server unmasked: what protects against the server
+            stats["dp_secure_sum_noise_multiplier"] = z * math.sqrt(k / m)
+            if k == m:
+                return updates, [1.0], std, stats
+            return [updates[0], self.algorithm.null_update(self.state, updates[0])], [k / m, (m - k) / m], std, stats
+        padded = [*updates, *[self.algorithm.null_update(self.state, updates[0]) for _ in range(m - k)]]
         return padded, [1.0 / m] * m, std, stats
 
     def _robust_combine(self, messages: list[wire.Message]) -> tuple[list[dict], dict]:
@@ -447,7 +462,8 @@ class FederatedServer:
                 raise wire.WireError(f"the secure sum's {name!r} is not finite or above max_update_value.")
         aggregate = wire.Message("update", self.algorithm.name, round, dict(mean), {"client_id": 0, "num_samples": 1})
         rejected: dict[str, str] = {}
-        state, payload, memory, stats, _ = self._aggregate(round, [aggregate], rejected)
+        sum_of = len(senders) if self.config.dp_mode != "off" else None  # distributed DP: the mean of len(senders)
+        state, payload, memory, stats, _ = self._aggregate(round, [aggregate], rejected, sum_of)
         return self._commit(round, state, payload, memory, sorted(senders), rejected, dict(metrics),
                             {"rule": "secure_sum", **stats})
 

@@ -35,7 +35,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import TrainerCallback
 
 try:
@@ -199,13 +198,18 @@ def _secagg_train_reply(msg: Message, node: FederationNode, update: bytes, metri
     if sorted(decoded.tensors) != expected or any(isinstance(t, wire.SparseTensor) for t in decoded.tensors.values()):
         raise ValueError("secure aggregation needs a dense upload of every expected tensor; "
                          f"{node.algorithm.name} sent {sorted(decoded.tensors)}")
-    arrays = [decoded.tensors[name].to(torch.float32).numpy() for name in expected]
+    arrays = _secagg.upload_arrays(node.algorithm, cfg, node.client.state, decoded.tensors)  # changes under local DP
     if cfg.aggregation == "samples":  # the sample count, capped by the client itself (the server cannot see it)
         weight = float(min(int(decoded.meta.get("num_samples", 0)), cfg.secagg_max_weight))
     else:  # uniform: every client the largest weight, so the quantization keeps its full precision
         weight = float(cfg.secagg_max_weight)
+    limit = _secagg.clipping_range(cfg) * cfg.secagg_max_weight / max(weight, 1e-30)  # the mod scales, then clips
+    outside = sum(int((np.abs(a) > limit).sum()) for a in arrays)
+    if outside:  # the mod clips them: the sum is biased (and under DP no longer the Gaussian mechanism's)
+        logger.warning("secure aggregation: %d uploaded value(s) of client %d lie outside the clipping range and are "
+                       "clipped; raise secagg_clipping_range", outside, node.client_id)
     content = _reply(msg, {**node.held(), "status": "ok"}, None, metrics).content
-    content["fitres.parameters"] = ArrayRecord([np.ascontiguousarray(a) for a in arrays])
+    content["fitres.parameters"] = ArrayRecord(arrays)
     content["fitres.num_examples"] = MetricRecord({"num_examples": weight})
     content["fitres.metrics"] = ConfigRecord({})
     content["fitres.status"] = ConfigRecord({"code": 0, "message": ""})
@@ -516,7 +520,8 @@ class FlowerCoordinator(Transport):
             _say(f"round {round}: {secure.failure}; the global state is unchanged")
             raise RuntimeError(f"{secure.failure} (dropped: {secure.dropped})")
         metrics = _mean_reply_metrics([secure.replies[c] for c in secure.senders if c in secure.replies])
-        return self.server.step_sum(round, secure.mean, secure.senders, metrics, min_updates=min_updates)
+        mean = _secagg.upload_of_mean(self.algorithm, self.cfg, self.server.state, secure.mean)  # local DP: changes
+        return self.server.step_sum(round, mean, secure.senders, metrics, min_updates=min_updates)
 
     def _train_reply_error(self, cid: int, info: Mapping[str, Any], blobs: Mapping[str, bytes]) -> str | None:
         """Why a train reply from client `cid`'s SuperNode is unusable, or None."""

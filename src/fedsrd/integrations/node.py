@@ -75,6 +75,32 @@ def node_client_id(node_config: Mapping[str, Any], num_clients: int) -> int:
     return client_id
 
 
+NOISE_SECRET_KEY = "dp-noise-secret"  # node config: this owner's secret for its DP noise (distributed DP)
+MIN_NOISE_SECRET_CHARS = 16
+
+
+def node_noise_secret(node_config: Mapping[str, Any], fed: Any) -> str | None:
+    """Node config ``dp-noise-secret``: mixed into this client's DP noise seed so the server, which knows the run seed,
+    cannot regenerate and subtract the share (docs/privacy.md, "Distributed DP with secure aggregation"). Required
+    with dp_mode 'local' under secure aggregation, where the server is the party the noise must hide the sum from."""
+    value = node_config.get(NOISE_SECRET_KEY)
+    secret = None if value is None or value == "" else str(value)
+    if secret is not None and len(secret) < MIN_NOISE_SECRET_CHARS:
+        raise ValueError(
+            f"node config {NOISE_SECRET_KEY!r}: expected at least {MIN_NOISE_SECRET_CHARS} random characters (e.g. "
+            f"python -c 'import secrets; print(secrets.token_hex(32))'), got {len(secret)}."
+        )
+    if secret is None and fed.dp_mode == "local" and fed.secure_aggregation != "off":
+        raise ValueError(
+            f"node config {NOISE_SECRET_KEY!r} is required with dp_mode 'local' and secure_aggregation "
+            f"{fed.secure_aggregation!r}: without it each client's noise share is drawn from the run seed, which "
+            "the server knows, so it could redraw the shares and remove them from the sum. Give every SuperNode its "
+            f"own, e.g. --node-config '{NOISE_SECRET_KEY}=\"<64 hex digits>\"' from "
+            "python -c 'import secrets; print(secrets.token_hex(32))'."
+        )
+    return secret
+
+
 class NodeStore:
     """The files of one client in one federation (see the module docstring)."""
 
@@ -159,6 +185,7 @@ class FederationNode:
         self.client_id = node_client_id(node_config, fed.num_clients)
         self.data_source = str(node_config.get("data") or "") or None
         self.state_dir = Path(str(node_config.get("state-dir") or "") or default_state_dir())
+        self.noise_secret = node_noise_secret(node_config, fed)  # distributed DP: never leaves this node
         self.algorithm = get_algorithm(fed.algorithm, fed)
         self.federation_id: str | None = None
         self.client: FederatedClient | None = None
@@ -187,6 +214,7 @@ class FederationNode:
             state, round = loaded
         self.client = FederatedClient(self.algorithm, state, self.settings.fed)
         self.client.round = round
+        self.client.noise_secret = self.noise_secret
         personal = self.store.load_personal()
         if personal:
             self.client.personal_states[self.client_id] = personal

@@ -24,10 +24,20 @@ the round fails: `SecureSum.failure` says why and nothing is aggregated.
 
 What the server holds: the public keys, encrypted shares it cannot read, masked vectors, the shares of the secrets it
 is meant to rebuild, and the sum. Where the protocol's promise stops: see docs/flower.md, "Secure aggregation".
+
+Distributed DP (dp_mode "local"; docs/privacy.md, "Distributed DP with secure aggregation"): each client clips its
+change to C and adds its noise share N(0, (z C)^2 / m) before the mod sees it, so the server unmasks only the noisy
+sum (Kairouz et al., "The Distributed Discrete Gaussian Mechanism for Federated Learning with Secure Aggregation",
+ICML 2021, with continuous Gaussian shares quantized by the mod instead of discrete ones). The masked vector then
+carries the client's *change* (upload - global, `upload_arrays`), whose every value is at most C + |noise|, and the
+clipping range grows to ``C + DP_RANGE_SIGMAS * z C / sqrt(m)`` when the configured one is smaller
+(`clipping_range`); the server adds the global state back (`upload_of_mean`) and its step divides by m, adding the
+dropped clients' shares, as on the plain path (`FederatedServer.step_sum`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -48,15 +58,72 @@ from flwr.compat.common.parameter import bytes_to_ndarray
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from fedsrd.config import FedSRDConfig
+from fedsrd.ops.privacy import client_noise_std
 
 CONTROL_RECORD = "fedsrd"  # the ConfigRecord of a train message's control fields (flower.CONFIG, the same string)
 # The ClientApp's node (model, data, settings) for a Flower context: set by fedsrd.integrations.flower, which owns the
 # node cache (a registered function rather than an import, so the two modules do not import each other).
 node_of: Callable[[Any], Any] | None = None
 
-__all__ = ["SecAggPlusServer", "SecureSum", "protocol_sizes", "secure_aggregation_mod"]
+__all__ = [
+    "SecAggPlusServer",
+    "SecureSum",
+    "clipping_range",
+    "protocol_sizes",
+    "secure_aggregation_mod",
+    "upload_arrays",
+    "upload_of_mean",
+]
 
 MAX_KEY_BYTES = 1024  # a serialized EC public key is ~91 bytes; a reply holding more is not a key
+# Distributed DP: the clipping range covers a client's noise share out to this many standard deviations. A Gaussian
+# value lies beyond 10 sigma with probability 1.5e-23, so even 1e12 uploaded values (clients x rounds x parameters) are
+# clipped with probability below 1e-10.
+DP_RANGE_SIGMAS = 10.0
+
+
+def uploads_changes(cfg: FedSRDConfig) -> bool:
+    """Whether a masked vector carries the client's change (upload - global) rather than its upload: under
+    dp_mode "local", so that every value is bounded by the config (C + noise) whatever the global state holds."""
+    return cfg.dp_mode == "local"
+
+
+def clipping_range(cfg: FedSRDConfig) -> float:
+    """The range [-r, r] every uploaded value is clipped to before quantization: `secagg_clipping_range`, or under
+    dp_mode "local" at least ``C + DP_RANGE_SIGMAS * z C / sqrt(m)`` (one coordinate of a change clipped to L2 norm C
+    is at most C; the noise share has standard deviation z C / sqrt(m))."""
+    r = float(cfg.secagg_clipping_range)
+    if cfg.dp_mode != "local":
+        return r
+    clip = float(cfg.dp_clip_norm)
+    share = client_noise_std(cfg.resolved_dp_noise_multiplier, clip, cfg.sampled_per_round)
+    return max(r, clip + DP_RANGE_SIGMAS * share)
+
+
+def upload_arrays(
+    algorithm: Any, cfg: FedSRDConfig, global_state: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]
+) -> list[np.ndarray]:
+    """A client's dense upload as the float32 arrays the mod masks, in name order: the upload itself, or under
+    `uploads_changes` its change from `global_state` (the global copy the client trained from, which the server
+    holds bit for bit)."""
+    changes = uploads_changes(cfg) and not algorithm.uploads_deltas
+    out = []
+    for name in sorted(tensors):
+        value = tensors[name].to(torch.float32)
+        if changes:
+            value = value - global_state[name].to(torch.float32)
+        out.append(np.ascontiguousarray(value.numpy()))
+    return out
+
+
+def upload_of_mean(
+    algorithm: Any, cfg: FedSRDConfig, global_state: Mapping[str, torch.Tensor], mean: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The unmasked mean as an upload the algorithm's step takes: `mean` itself, or under `uploads_changes` the
+    global state plus the mean change (for algorithms that upload values rather than deltas)."""
+    if not uploads_changes(cfg) or algorithm.uploads_deltas:
+        return dict(mean)
+    return {name: global_state[name].to(torch.float32) + value for name, value in mean.items()}
 
 
 def protocol_sizes(cfg: FedSRDConfig, num_sampled: int) -> tuple[int, int]:
@@ -120,6 +187,7 @@ class SecAggPlusServer:
     def __init__(self, grid: Any, cfg: FedSRDConfig, specs: list[tuple[str, tuple[int, ...]]], timeout: float) -> None:
         self.grid, self.cfg, self.specs, self.timeout = grid, cfg, specs, timeout
         self.shapes = [(1,), *[tuple(s) for _, s in specs]]  # [weight factor, tensors...] as the mod sends them
+        self.range = clipping_range(cfg)  # grows under distributed DP to hold every noise share
 
     def run(self, round: int, nodes: Mapping[int, int], train_content: Callable[[int], RecordDict]) -> SecureSum:
         """One round with the sampled clients `nodes`; `train_content(cid)` is the train message for client `cid`."""
@@ -146,7 +214,7 @@ class SecAggPlusServer:
             Key.SAMPLE_NUMBER: len(sampled),
             Key.SHARE_NUMBER: num_shares,
             Key.THRESHOLD: threshold,
-            Key.CLIPPING_RANGE: float(self.cfg.secagg_clipping_range),
+            Key.CLIPPING_RANGE: self.range,
             Key.TARGET_RANGE: int(self.cfg.secagg_quantization_range),
             Key.MOD_RANGE: int(self.cfg.secagg_modulus_range),
             Key.MAX_WEIGHT: float(self.cfg.secagg_max_weight),
@@ -281,8 +349,8 @@ class SecAggPlusServer:
         if int(q_weight) <= 0:
             return fail("unmask", "the weights sum to zero")
         # Each client sent q(w_i x_i + r) with w_i = its weight / max_weight; the sum carries (n - 1) r extra.
-        values = dequantize(quantized, self.cfg.secagg_clipping_range, q)
-        offset = -(len(survivors) - 1) * self.cfg.secagg_clipping_range
+        values = dequantize(quantized, self.range, q)
+        offset = -(len(survivors) - 1) * self.range
         scale = q / int(q_weight)  # 1 / sum_i w_i
         out.mean = {
             name: torch.from_numpy(((v + offset) * scale).astype(np.float32)).reshape(shape)
@@ -396,9 +464,15 @@ def secure_aggregation_mod(msg: Message, context: Any, call_next: Callable) -> M
 
 
 def rounding_seed(msg: Message, context: Any) -> list[int]:
-    """The stochastic-rounding seed of one client's upload: (federation seed, round, client id)."""
+    """The stochastic-rounding seed of one client's upload: (federation seed, round, client id), and under distributed
+    DP the node's `dp-noise-secret` (so the server cannot predict the rounding of the noisy change either)."""
     if node_of is None:
         raise RuntimeError("secure aggregation: no node lookup registered (fedsrd.integrations.flower sets it).")
     node = node_of(context)
     config = msg.content[CONTROL_RECORD]  # the coordinator's control fields (fedsrd.integrations.flower.CONFIG)
-    return [node.settings.fed.seed & 0xFFFFFFFF, int(config["round"]) & 0xFFFFFFFF, node.client_id, 0x5ECA]
+    seed = [node.settings.fed.seed & 0xFFFFFFFF, int(config["round"]) & 0xFFFFFFFF, node.client_id, 0x5ECA]
+    secret = getattr(node, "noise_secret", None)
+    if secret:
+        digest = hashlib.sha256(f"secagg-rounding/{secret}".encode()).digest()
+        seed += [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 32, 4)]
+    return seed
