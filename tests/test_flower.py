@@ -298,11 +298,14 @@ def task_identity():
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
 
 
-def _run_in_process(root: Path, **overrides):
+def _run_in_process(root: Path, node_extra: dict | None = None, **overrides):
+    """A run through the in-process Grid with two nodes; `node_extra` (client id -> keys) joins their node configs."""
     from fedsrd.integrations.flower import run_server
 
     rc = {**RUN_CONFIG, "output-dir": str(root / "server"), **overrides}
-    nodes = [{"partition-id": i, "num-partitions": 2, "state-dir": str(root / f"node{i}")} for i in range(2)]
+    extra = node_extra or {}
+    nodes = [{"partition-id": i, "num-partitions": 2, "state-dir": str(root / f"node{i}"), **extra.get(i, {})}
+             for i in range(2)]  # fmt: skip
     grid = LoopbackGrid(rc, nodes)
     return run_server(grid, rc), grid
 

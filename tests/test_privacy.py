@@ -384,13 +384,17 @@ def test_flower_private_run_is_the_simulation_run_bit_for_bit(settings, tmp_path
     from test_flower import _final_digest, _run_in_process, _simulated_run
 
     dp = {**settings, "num-rounds": 2, "dp-clip-norm": 0.5, "dp-noise-multiplier": 1.0}
+    local = settings["dp-mode"] == "local"  # each node mixes its own secret into its noise share (required on Flower)
+    secrets = {i: {"dp-noise-secret": f"node-{i}-secret-0123456789abcdef"} for i in range(2)} if local else None
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a ServerApp process has
     try:
-        history, _ = _run_in_process(tmp_path, **dp)
+        history, _ = _run_in_process(tmp_path, node_extra=secrets, **dp)
     finally:
         TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
     digest, sim_dir = _simulated_run(tmp_path_factory, **dp)
-    assert _final_digest(tmp_path / "server") == digest
+    # central: the same bits as the simulation; local: the nodes' secrets change their shares, so the noise the
+    # server could redraw from the run seed (the simulation's) is not the noise the nodes added
+    assert (_final_digest(tmp_path / "server") == digest) is not local
     simulated = json.loads((sim_dir / "history.json").read_text())
     eps = [epsilon_after(r, 1.0, 0.5, 1e-5) for r in (1, 2)]  # one of two clients a round: q = 0.5
     assert [r["dp_epsilon"] for r in history[1:]] == [r["dp_epsilon"] for r in simulated[1:]] == eps

@@ -494,7 +494,9 @@ def test_a_supernode_needs_its_own_noise_secret_under_distributed_dp():
         node_noise_secret({"dp-noise-secret": "short"}, fed)
     assert node_noise_secret({"dp-noise-secret": "x" * 16}, fed) == "x" * 16
     plain = FedSRDConfig(algorithm="fedavg", num_clients=3, dp_mode="local", **DP)
-    assert node_noise_secret({}, plain) is None  # optional without secure aggregation (docs/privacy.md says why)
+    with pytest.raises(ValueError, match="remove them from each upload"):  # the server sees each upload: required too
+        node_noise_secret({}, plain)
+    assert node_noise_secret({}, FedSRDConfig(algorithm="fedavg", num_clients=3)) is None  # no DP: not needed
 
 
 @needs_flwr

@@ -82,7 +82,7 @@ MIN_NOISE_SECRET_CHARS = 16
 def node_noise_secret(node_config: Mapping[str, Any], fed: Any) -> str | None:
     """Node config ``dp-noise-secret``: mixed into this client's DP noise seed so the server, which knows the run seed,
     cannot regenerate and subtract the share (docs/privacy.md, "Distributed DP with secure aggregation"). Required
-    with dp_mode 'local' under secure aggregation, where the server is the party the noise must hide the sum from."""
+    with dp_mode 'local' (with or without secure aggregation): the server is a party the noise must hide from."""
     value = node_config.get(NOISE_SECRET_KEY)
     secret = None if value is None or value == "" else str(value)
     if secret is not None and len(secret) < MIN_NOISE_SECRET_CHARS:
@@ -90,11 +90,12 @@ def node_noise_secret(node_config: Mapping[str, Any], fed: Any) -> str | None:
             f"node config {NOISE_SECRET_KEY!r}: expected at least {MIN_NOISE_SECRET_CHARS} random characters (e.g. "
             f"python -c 'import secrets; print(secrets.token_hex(32))'), got {len(secret)}."
         )
-    if secret is None and fed.dp_mode == "local" and fed.secure_aggregation != "off":
+    if secret is None and fed.dp_mode == "local":
+        where = "the sum" if fed.secure_aggregation != "off" else "each upload"
         raise ValueError(
-            f"node config {NOISE_SECRET_KEY!r} is required with dp_mode 'local' and secure_aggregation "
-            f"{fed.secure_aggregation!r}: without it each client's noise share is drawn from the run seed, which "
-            "the server knows, so it could redraw the shares and remove them from the sum. Give every SuperNode its "
+            f"node config {NOISE_SECRET_KEY!r} is required with dp_mode 'local' on Flower: without it each client's "
+            f"noise share is drawn from the run seed, which the server knows, so it could redraw the shares and "
+            f"remove them from {where}. Give every SuperNode its "
             f"own, e.g. --node-config '{NOISE_SECRET_KEY}=\"<64 hex digits>\"' from "
             "python -c 'import secrets; print(secrets.token_hex(32))'."
         )
