@@ -439,6 +439,29 @@ def test_tiny_run_with_local_dp_records_epsilon_and_repeats_bit_for_bit(tmp_path
     assert wire.state_digest(first.global_state) == wire.state_digest(again.global_state)
 
 
+def test_tiny_run_of_one_client_in_two_accounts_the_fixed_size_sample_and_an_old_checkpoint_resumes_as_poisson(
+    tmp_path,
+):
+    from fedsrd.checkpoint import CHECKPOINTS, LATEST, META
+
+    one_of_two = ("--dp_mode", "central", "--clients_per_round", "1")
+    _, history = _tiny(tmp_path, *one_of_two, "--num_rounds", "1")
+    assert history[1]["dp_accounting"] == {"accountant": "rdp", "sampling": "fixed_size", "neighboring": "replace_one"}
+    assert history[1]["dp_epsilon"] == pytest.approx(epsilon_after(1, 1.0, 2, 1, 1e-5, "rdp", "fixed_size"))
+    # The checkpoint becomes one written before dp_sampling_accounting existed (its run accounted Poisson).
+    root = tmp_path / CHECKPOINTS
+    meta_path = root / (root / LATEST).read_text().strip() / META
+    meta = json.loads(meta_path.read_text())
+    del meta["fed_config"]["dp_sampling_accounting"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="resume with --dp_sampling_accounting poisson"):
+        _tiny(tmp_path, *one_of_two, "--num_rounds", "2", "--resume", "true")
+    _, resumed = _tiny(tmp_path, *one_of_two, "--num_rounds", "2", "--resume", "true", "--dp_sampling_accounting",
+                       "poisson")  # fmt: skip
+    assert [r["round"] for r in resumed] == [0, 1, 2] and resumed[2]["dp_accounting"]["sampling"] == "poisson"
+    assert resumed[2]["dp_epsilon"] == pytest.approx(epsilon_after(2, 1.0, 2, 1, 1e-5, "rdp", "poisson"))
+
+
 def test_budget_that_no_round_fits_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="dp_stop_at_epsilon: round 1 would take epsilon"):
         _tiny(tmp_path, "--dp_mode", "central", "--dp_stop_at_epsilon", "1")
