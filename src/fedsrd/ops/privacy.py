@@ -58,7 +58,7 @@ def check_sampling(num_clients: int, per_round: int, sampling: str, accountant: 
     """ValueError unless (`num_clients`, `per_round`, `sampling`, `accountant`) is a round the accountant can bound."""
     if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
         raise ValueError(f"num_clients must be an int >= 1, got {num_clients!r}")
-    if isinstance(per_round, bool) or not isinstance(per_round, int) or not 1 <= per_round:
+    if isinstance(per_round, bool) or not isinstance(per_round, int) or per_round < 1:
         raise ValueError(f"per_round (clients sampled each round) must be an int >= 1, got {per_round!r}")
     if sampling not in DP_SAMPLING_ACCOUNTINGS:
         raise ValueError(f"unknown sampling accounting {sampling!r}; expected one of {DP_SAMPLING_ACCOUNTINGS}.")
