@@ -685,8 +685,8 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
         from fedsrd.ops.privacy import noise_multiplier_for
 
         return noise_multiplier_for(
-            float(self.dp_target_epsilon), self.num_rounds, self.num_clients, self.sampled_per_round, self.dp_delta,
-            self.dp_accountant, self.dp_sampling_accounting,
+            float(self.dp_target_epsilon), self.num_rounds, self.dp_sampling_rate, self.dp_delta, self.dp_accountant,
+            self.dp_sampling_accounting, self.num_clients,
         )  # fmt: skip
 
     def dp_epsilon_after(self, rounds: int) -> float | None:
@@ -696,8 +696,8 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
         from fedsrd.ops.privacy import epsilon_after
 
         return epsilon_after(
-            rounds, self.resolved_dp_noise_multiplier, self.num_clients, self.sampled_per_round, self.dp_delta,
-            self.dp_accountant, self.dp_sampling_accounting,
+            rounds, self.resolved_dp_noise_multiplier, self.dp_sampling_rate, self.dp_delta, self.dp_accountant,
+            self.dp_sampling_accounting, self.num_clients,
         )  # fmt: skip
 
     @property
@@ -708,9 +708,7 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
             return None
         from fedsrd.ops.privacy import accounting_summary
 
-        return accounting_summary(
-            self.num_clients, self.sampled_per_round, self.dp_sampling_accounting, self.dp_accountant
-        )
+        return accounting_summary(self.dp_sampling_rate, self.dp_sampling_accounting, self.dp_accountant)
 
     # ---- end of differential privacy ----
 

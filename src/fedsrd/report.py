@@ -107,9 +107,8 @@ def privacy_summary(history: Sequence[dict[str, Any]], fed_config: dict[str, Any
     last = spent[-1] if spent else {}
     clients = fed_config.get("num_clients") or 1
     sampling = fed_config.get("dp_sampling_accounting", STORED_RUN_SAMPLING_ACCOUNTING)
-    accounting = last.get("dp_accounting") or accounting_summary(
-        clients, fed_config.get("clients_per_round") or clients, sampling, fed_config.get("dp_accountant", "rdp")
-    )
+    rate = (fed_config.get("clients_per_round") or clients) / clients
+    accounting = last.get("dp_accounting") or accounting_summary(rate, sampling, fed_config.get("dp_accountant", "rdp"))
     return {
         "mode": mode,
         "epsilon": last.get("dp_epsilon"),
@@ -119,7 +118,7 @@ def privacy_summary(history: Sequence[dict[str, Any]], fed_config: dict[str, Any
         "noise_multiplier": (last.get("robust") or {}).get("dp_noise_multiplier")
         or fed_config.get("dp_noise_multiplier"),
         "target_epsilon": fed_config.get("dp_target_epsilon"),
-        "sampling_rate": (fed_config.get("clients_per_round") or clients) / clients,
+        "sampling_rate": rate,
         "accountant": fed_config.get("dp_accountant", "rdp"),
         "accounting": accounting,
         "budget_exhausted": bool(last.get("dp_budget_exhausted")),

@@ -54,54 +54,79 @@ def require_accountant() -> None:
         ) from err
 
 
-def check_sampling(num_clients: int, per_round: int, sampling: str, accountant: str = "rdp") -> None:
-    """ValueError unless (`num_clients`, `per_round`, `sampling`, `accountant`) is a round the accountant can bound."""
+def sample_size(sampling_rate: float, num_clients: int) -> int:
+    """m, the clients a round samples, from q = m / N and N; ValueError unless q N is a whole number in 1..N."""
     if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
-        raise ValueError(f"num_clients must be an int >= 1, got {num_clients!r}")
-    if isinstance(per_round, bool) or not isinstance(per_round, int) or per_round < 1:
-        raise ValueError(f"per_round (clients sampled each round) must be an int >= 1, got {per_round!r}")
+        raise ValueError(f"num_clients (N, the clients sampled from) must be an int >= 1, got {num_clients!r}")
+    m = round(sampling_rate * num_clients)
+    if not 1 <= m <= num_clients or abs(sampling_rate * num_clients - m) > 1e-6:
+        raise ValueError(
+            f"sampling_rate {sampling_rate!r} x num_clients {num_clients} must be a whole number of clients in "
+            f"1..{num_clients} (q = m / N)"
+        )
+    return m
+
+
+def check_sampling(
+    sampling_rate: float, sampling: str, accountant: str = "rdp", num_clients: int | None = None
+) -> int | None:
+    """ValueError unless a round of rate `sampling_rate` accounted as `sampling` by `accountant` can be bounded; the
+    round's sample size m for fixed-size sampling with q < 1 (else None)."""
     if sampling not in DP_SAMPLING_ACCOUNTINGS:
         raise ValueError(f"unknown sampling accounting {sampling!r}; expected one of {DP_SAMPLING_ACCOUNTINGS}.")
     if accountant not in DP_ACCOUNTANTS:
         raise ValueError(f"unknown privacy accountant {accountant!r}; expected one of {DP_ACCOUNTANTS}.")
-    if accountant == "pld" and sampling == "fixed_size" and per_round < num_clients:
+    if sampling_rate <= 0:
+        raise ValueError(f"sampling_rate must be > 0, got {sampling_rate!r}")
+    if sampling_rate >= 1.0 or sampling == "poisson":
+        return None
+    if num_clients is None:
         raise ValueError(
-            f"the 'pld' accountant cannot account fixed-size sampling ({per_round} of {num_clients} clients without "
-            "replacement): dp-accounting's PLD accountant has no SampledWithoutReplacementDpEvent. Use accountant "
-            "'rdp' with 'fixed_size' (a guarantee for this sampler), or 'poisson' sampling accounting with 'pld' (the "
-            "Poisson approximation)."
+            f"fixed-size sampling accounting (sampling_rate {sampling_rate:.4g} < 1) needs num_clients, the N clients "
+            "each round's m = sampling_rate x N are drawn from without replacement; or pass sampling='poisson' for the "
+            "Poisson approximation."
         )
+    if accountant == "pld":
+        raise ValueError(
+            f"the 'pld' accountant cannot account fixed-size sampling (a share {sampling_rate:.4g} of {num_clients} "
+            "clients without replacement): dp-accounting's PLD accountant has no SampledWithoutReplacementDpEvent. "
+            "Use accountant 'rdp' with 'fixed_size' (a guarantee for this sampler), or 'poisson' sampling accounting "
+            "with 'pld' (the Poisson approximation)."
+        )
+    return sample_size(sampling_rate, num_clients)
 
 
-def neighboring_relation(num_clients: int, per_round: int, sampling: str = "fixed_size") -> str:
-    """The adjacency epsilon is for: ``"replace_one"`` for fixed-size sampling of m < N clients, else
-    ``"add_or_remove_one"`` (every client every round, or the Poisson approximation)."""
-    return "replace_one" if sampling == "fixed_size" and per_round < num_clients else "add_or_remove_one"
+def neighboring_relation(sampling_rate: float, sampling: str = "fixed_size") -> str:
+    """The adjacency epsilon is for: ``"replace_one"`` for fixed-size sampling with q < 1, else ``"add_or_remove_one"``
+    (every client every round, or the Poisson approximation)."""
+    return "replace_one" if sampling == "fixed_size" and sampling_rate < 1.0 else "add_or_remove_one"
 
 
-def accounting_summary(num_clients: int, per_round: int, sampling: str = "fixed_size", accountant: str = "rdp") -> dict:
+def accounting_summary(sampling_rate: float, sampling: str = "fixed_size", accountant: str = "rdp") -> dict:
     """How epsilon is accounted, for history.json, the report and the model card: the accountant, the sampling model
     (``"full_participation"``, ``"fixed_size"`` or ``"poisson"``) and the adjacency (`neighboring_relation`)."""
     return {
         "accountant": accountant,
-        "sampling": "full_participation" if per_round >= num_clients else sampling,
-        "neighboring": neighboring_relation(num_clients, per_round, sampling),
+        "sampling": "full_participation" if sampling_rate >= 1.0 else sampling,
+        "neighboring": neighboring_relation(sampling_rate, sampling),
     }
 
 
-def round_event(noise_multiplier: float, num_clients: int, per_round: int, sampling: str = "fixed_size"):
+def round_event(
+    noise_multiplier: float, sampling_rate: float, sampling: str = "fixed_size", num_clients: int | None = None
+):
     """One round as a `dp_accounting` event (the module docstring says which, and why ``z / 2`` for fixed size)."""
     import dp_accounting
 
-    if per_round >= num_clients:
-        return dp_accounting.GaussianDpEvent(noise_multiplier)
+    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
+    if sampling_rate >= 1.0:
+        return gaussian
     if sampling == "poisson":
-        return dp_accounting.PoissonSampledDpEvent(
-            per_round / num_clients, dp_accounting.GaussianDpEvent(noise_multiplier)
-        )
+        return dp_accounting.PoissonSampledDpEvent(sampling_rate, gaussian)
     # Replace-one sensitivity of the sum of m changes clipped to C is 2 C; the noise's std is z C.
+    m = check_sampling(sampling_rate, sampling, "rdp", num_clients)
     return dp_accounting.SampledWithoutReplacementDpEvent(
-        num_clients, per_round, dp_accounting.GaussianDpEvent(noise_multiplier / 2)
+        num_clients, m, dp_accounting.GaussianDpEvent(noise_multiplier / 2)
     )
 
 
@@ -123,23 +148,24 @@ def _accountant(kind: str, relation: str = "add_or_remove_one"):
 def epsilon_after(
     rounds: int,
     noise_multiplier: float,
-    num_clients: int,
-    per_round: int,
+    sampling_rate: float,
     delta: float,
     accountant: str = "rdp",
     sampling: str = "fixed_size",
+    num_clients: int | None = None,
 ) -> float:
-    """Epsilon at `delta` after `rounds` rounds of `per_round` of `num_clients` clients (0 after none; infinity
-    without noise); `sampling` says how a round with ``per_round < num_clients`` is accounted (module docstring)."""
+    """Epsilon at `delta` after `rounds` rounds (0 after none; infinity without noise). `sampling` says how a round
+    with `sampling_rate` q < 1 is accounted (module docstring); ``"fixed_size"`` needs `num_clients` (N, with
+    m = q N sampled each round)."""
     import dp_accounting
 
-    check_sampling(num_clients, per_round, sampling, accountant)
+    check_sampling(sampling_rate, sampling, accountant, num_clients)
     if rounds <= 0:
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
-    acc = _accountant(accountant, neighboring_relation(num_clients, per_round, sampling))
-    event = round_event(noise_multiplier, num_clients, per_round, sampling)
+    acc = _accountant(accountant, neighboring_relation(sampling_rate, sampling))
+    event = round_event(noise_multiplier, sampling_rate, sampling, num_clients)
     acc.compose(dp_accounting.SelfComposedDpEvent(event, int(rounds)))
     return float(acc.get_epsilon(delta))
 
@@ -148,20 +174,20 @@ def epsilon_after(
 def noise_multiplier_for(
     target_epsilon: float,
     rounds: int,
-    num_clients: int,
-    per_round: int,
+    sampling_rate: float,
     delta: float,
     accountant: str = "rdp",
     sampling: str = "fixed_size",
+    num_clients: int | None = None,
 ) -> float:
     """The smallest noise multiplier (to a relative 1e-3, rounded up) whose epsilon after `rounds` is <= target."""
     import dp_accounting
 
-    check_sampling(num_clients, per_round, sampling, accountant)
-    relation = neighboring_relation(num_clients, per_round, sampling)
+    check_sampling(sampling_rate, sampling, accountant, num_clients)
+    relation = neighboring_relation(sampling_rate, sampling)
 
     def make_event(z: float):
-        return dp_accounting.SelfComposedDpEvent(round_event(z, num_clients, per_round, sampling), int(rounds))
+        return dp_accounting.SelfComposedDpEvent(round_event(z, sampling_rate, sampling, num_clients), int(rounds))
 
     try:
         z = dp_accounting.calibrate_dp_mechanism(
@@ -171,10 +197,10 @@ def noise_multiplier_for(
     except (ValueError, dp_accounting.mechanism_calibration.NoBracketIntervalFoundError) as err:
         raise ValueError(
             f"no noise multiplier in [0.001, 1000] reaches epsilon {target_epsilon} at delta {delta} over {rounds} "
-            f"rounds with {per_round} of {num_clients} clients a round ({sampling} sampling): {err}"
+            f"rounds with sampling rate {sampling_rate:.4g} ({sampling} sampling accounting): {err}"
         ) from err
     z = float(z)
-    while epsilon_after(rounds, z, num_clients, per_round, delta, accountant, sampling) > target_epsilon:
+    while epsilon_after(rounds, z, sampling_rate, delta, accountant, sampling, num_clients) > target_epsilon:
         z *= 1.0 + 1e-4  # calibration's tolerance
     return z
 
@@ -209,4 +235,5 @@ __all__ = [
     "noise_multiplier_for",
     "noise_std_on_mean",
     "round_event",
+    "sample_size",
 ]
