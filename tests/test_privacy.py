@@ -2,6 +2,7 @@
 independent references, the noise's calibration, clipping against a hostile client, target epsilon, the budget stop,
 the refusals, and tiny end-to-end runs with DP in both placements."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -49,10 +50,14 @@ def test_epsilon_matches_dp_accounting_computed_independently():
     reference = rdp.RdpAccountant()  # the library's default orders, not ours
     for _ in range(rounds):
         reference.compose(event)
-    ours = epsilon_after(rounds, sigma, q, delta)
+
+    def poisson(r: int, z: float) -> float:  # 1 of 10 clients a round, accounted as Poisson sampling at q = 0.1
+        return epsilon_after(r, z, 0.1, delta, sampling="poisson")
+
+    ours = poisson(rounds, sigma)
     assert ours == pytest.approx(reference.get_epsilon(delta), rel=0.03)
-    assert epsilon_after(rounds + 10, sigma, q, delta) > ours > epsilon_after(rounds - 10, sigma, q, delta)
-    assert epsilon_after(0, sigma, q, delta) == 0.0 and epsilon_after(3, 0.0, q, delta) == math.inf
+    assert poisson(rounds + 10, sigma) > ours > poisson(rounds - 10, sigma)
+    assert poisson(0, sigma) == 0.0 and poisson(3, 0.0) == math.inf
 
 
 def test_epsilon_of_full_participation_brackets_the_exact_gaussian_mechanism():
@@ -75,7 +80,7 @@ def test_epsilon_is_within_abadi_et_al_moments_accountant_example():
     # Abadi et al., "Deep Learning with Differential Privacy" (CCS 2016), Sec. 3.1: q = 0.01, sigma = 4, T = 10000
     # steps, delta = 1e-5 gives epsilon ~ 1.26 by the moments accountant (9.34 by strong composition). The RDP
     # accountant is that analysis, tightened: at most 1.26, and not far below it.
-    eps = epsilon_after(10000, 4.0, 0.01, 1e-5)
+    eps = epsilon_after(10000, 4.0, 0.01, 1e-5, sampling="poisson")
     assert 0.9 < eps <= 1.26
 
 
@@ -83,9 +88,117 @@ def test_target_epsilon_computes_a_multiplier_that_spends_at_most_the_target():
     cfg = FedSRDConfig(algorithm="fedavg", num_clients=10, clients_per_round=3, num_rounds=5, dp_mode="central",
                        dp_clip_norm=1.0, dp_target_epsilon=2.0)  # fmt: skip
     z = cfg.resolved_dp_noise_multiplier
-    assert cfg.dp_sampling_rate == pytest.approx(0.3)
-    assert cfg.dp_epsilon_after(5) <= 2.0 < epsilon_after(5, 0.99 * z, 0.3, 1e-5)  # the smallest, to 1%
-    assert z == noise_multiplier_for(2.0, 5, 0.3, 1e-5)
+    assert cfg.dp_sampling_rate == pytest.approx(0.3) and cfg.dp_sampling_accounting == "fixed_size"
+    assert cfg.dp_epsilon_after(5) <= 2.0 < epsilon_after(5, 0.99 * z, 0.3, 1e-5, num_clients=10)  # the smallest, to 1%
+    assert z == noise_multiplier_for(2.0, 5, 0.3, 1e-5, "rdp", "fixed_size", 10)
+    approx = dataclasses.replace(cfg, dp_sampling_accounting="poisson")
+    assert approx.resolved_dp_noise_multiplier == noise_multiplier_for(2.0, 5, 0.3, 1e-5, "rdp", "poisson") < z
+
+
+# ---- what the sampler does: exactly m of N clients a round, without replacement -----------------------------------
+def _fixed_size_reference(num_clients: int, per_round: int, z: float, rounds: int, delta: float, orders=None) -> float:
+    """dp-accounting on the hand-built event: m of N without replacement, replace-one adjacency, the Gaussian's
+    multiplier relative to the replace-one sensitivity 2C of the sum (z C / 2 C = z / 2)."""
+    import dp_accounting
+    from dp_accounting import rdp
+    from dp_accounting.privacy_accountant import NeighboringRelation
+
+    event = dp_accounting.SampledWithoutReplacementDpEvent(num_clients, per_round, dp_accounting.GaussianDpEvent(z / 2))
+    reference = rdp.RdpAccountant(orders, neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    for _ in range(rounds):
+        reference.compose(event)
+    return reference.get_epsilon(delta)
+
+
+def test_fixed_size_epsilon_is_dp_accountings_on_the_sampled_without_replacement_event():
+    from fedsrd.ops.privacy import RDP_ORDERS
+
+    ours = epsilon_after(100, 1.0, 0.1, 1e-5, num_clients=100)  # N = 100, m = 10, z = 1, 100 rounds
+    assert ours == pytest.approx(_fixed_size_reference(100, 10, 1.0, 100, 1e-5, list(RDP_ORDERS)), rel=1e-9)
+    assert ours == pytest.approx(_fixed_size_reference(100, 10, 1.0, 100, 1e-5), rel=0.03)  # the library's orders
+    assert ours == pytest.approx(83.937, abs=1e-3)  # docs/privacy.md's table
+    assert epsilon_after(100, 1.0, 0.1, 1e-5, "rdp", "fixed_size", 100) == ours
+
+
+@pytest.mark.parametrize(("num_clients", "per_round", "rounds"), [(4, 2, 20), (100, 10, 100), (1000, 50, 200)])
+def test_fixed_size_epsilon_is_at_least_the_poisson_approximations(num_clients, per_round, rounds):
+    # Replace-one doubles the sensitivity (2 C) and the without-replacement bound is looser: 76.98 vs 16.79, 83.94 vs
+    # 7.97 and 58.40 vs 5.37 at z = 1 for these three settings.
+    for z in (1.0, 3.0):
+        fixed = epsilon_after(rounds, z, per_round / num_clients, 1e-5, num_clients=num_clients)
+        assert fixed >= epsilon_after(rounds, z, per_round / num_clients, 1e-5, sampling="poisson")
+
+
+def test_full_participation_is_the_gaussian_mechanism_under_either_accounting():
+    import dp_accounting
+    from dp_accounting import rdp
+
+    from fedsrd.ops.privacy import RDP_ORDERS, accounting_summary, round_event
+
+    reference = rdp.RdpAccountant(list(RDP_ORDERS))  # add/remove, sensitivity C: what every release so far reported
+    reference.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.0), 20))
+    for sampling in ("fixed_size", "poisson"):
+        assert round_event(1.0, 1.0, sampling) == dp_accounting.GaussianDpEvent(1.0)
+        assert epsilon_after(20, 1.0, 1.0, 1e-5, "rdp", sampling) == reference.get_epsilon(1e-5)
+        assert accounting_summary(1.0, sampling)["neighboring"] == "add_or_remove_one"
+    assert epsilon_after(20, 1.0, 1.0, 1e-5) == pytest.approx(30.1266, abs=1e-4)  # the docs table's q = 1 row
+    assert noise_multiplier_for(4.0, 20, 1.0, 1e-5) == pytest.approx(5.178, abs=1e-3)
+    assert epsilon_after(20, 1.0, 1.0, 1e-5, "pld") == epsilon_after(20, 1.0, 1.0, 1e-5, "pld", "poisson")
+
+
+def test_fixed_size_calibration_spends_at_most_the_target_and_close_to_it():
+    z = noise_multiplier_for(4.0, 100, 0.1, 1e-5, num_clients=100)
+    eps = [epsilon_after(100, z * f, 0.1, 1e-5, num_clients=100) for f in (1.0, 0.99)]
+    assert eps[0] <= 4.0 < eps[1]
+    assert z == pytest.approx(5.024, abs=1e-3)  # docs/privacy.md's table; Poisson's approximation asks for 1.483
+    assert z > noise_multiplier_for(4.0, 100, 0.1, 1e-5, sampling="poisson")
+
+
+def test_pld_with_fixed_size_sampling_is_refused_naming_what_works():
+    settings = {"algorithm": "fedavg", "num_clients": 10, "clients_per_round": 3, "dp_mode": "central",
+                "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0}  # fmt: skip
+    with pytest.raises(ValueError, match=r"dp_accountant: 'pld' cannot account fixed-size.*'rdp'.*'poisson'"):
+        FedSRDConfig(**settings, dp_accountant="pld")
+    with pytest.raises(ValueError, match="'pld' accountant cannot account fixed-size sampling"):
+        epsilon_after(5, 1.0, 0.3, 1e-5, "pld", num_clients=10)
+    assert FedSRDConfig(**settings, dp_accountant="pld", dp_sampling_accounting="poisson").dp_epsilon_after(2) > 0
+    assert FedSRDConfig(**{**settings, "clients_per_round": 10}, dp_accountant="pld").dp_epsilon_after(2) > 0
+    with pytest.raises(ValueError, match=r"dp_sampling_accounting: must be one of \('fixed_size', 'poisson'\)"):
+        FedSRDConfig(**settings, dp_sampling_accounting="uniform")
+    with pytest.raises(ValueError, match="fixed-size sampling accounting .* needs num_clients.*sampling='poisson'"):
+        epsilon_after(5, 1.0, 0.3, 1e-5)  # a rate below 1 without N: no silent Poisson
+    with pytest.raises(ValueError, match="must be a whole number of clients"):
+        epsilon_after(5, 1.0, 0.15, 1e-5, num_clients=10)
+
+
+def test_a_stored_run_without_the_option_reads_as_poisson_and_resumes_only_so():
+    from fedsrd.checkpoint import check_resume
+
+    cfg = FedSRDConfig(algorithm="fedavg", num_clients=10, clients_per_round=3, dp_mode="central", dp_clip_norm=1.0,
+                       dp_noise_multiplier=1.0)  # fmt: skip
+    old = {k: v for k, v in cfg.to_dict().items() if k != "dp_sampling_accounting"}  # written before the option
+    with pytest.raises(ValueError, match="dp_sampling_accounting 'poisson' .*--dp_sampling_accounting poisson"):
+        check_resume(old, cfg.to_dict(), "out/checkpoints")
+    check_resume(old, dataclasses.replace(cfg, dp_sampling_accounting="poisson").to_dict(), "out/checkpoints")
+    check_resume(cfg.to_dict(), cfg.to_dict(), "out/checkpoints")
+    every = dataclasses.replace(cfg, clients_per_round=10).to_dict()  # q = 1: both accountings are one mechanism
+    check_resume({k: v for k, v in every.items() if k != "dp_sampling_accounting"}, every, "out/checkpoints")
+    plain = FedSRDConfig(algorithm="fedavg", num_clients=10, clients_per_round=3).to_dict()
+    check_resume({k: v for k, v in plain.items() if k != "dp_sampling_accounting"}, plain, "out/checkpoints")
+
+
+def test_fed_config_json_of_an_old_private_run_loads_as_it_was_accounted(tmp_path):
+    from fedsrd.cli import _read_fed_config
+    from fedsrd.report import privacy_summary
+
+    cfg = FedSRDConfig(algorithm="fedavg", num_clients=10, clients_per_round=3, dp_mode="central", dp_clip_norm=1.0,
+                       dp_noise_multiplier=1.0, dp_accountant="pld", dp_sampling_accounting="poisson")  # fmt: skip
+    old = {k: v for k, v in cfg.to_dict().items() if k != "dp_sampling_accounting"}
+    (tmp_path / "fed_config.json").write_text(json.dumps(old))
+    loaded = FedSRDConfig(**_read_fed_config(tmp_path / "fed_config.json"))  # PLD and q < 1: valid only as Poisson
+    assert loaded.dp_sampling_accounting == "poisson"
+    assert privacy_summary([], old)["accounting"] == {"accountant": "pld", "sampling": "poisson",
+                                                      "neighboring": "add_or_remove_one"}  # fmt: skip
 
 
 # ---- the noise and the clip, at the roles --------------------------------------------------------------------------
@@ -312,6 +425,8 @@ def test_tiny_run_with_central_dp_on_fedsrd_records_epsilon_and_stops_at_the_bud
     assert [r["round"] for r in history] == [0, 1, 2]
     for r in history[1:]:
         assert r["dp_epsilon"] == pytest.approx(epsilon_after(r["round"], 1.0, 1.0, 1e-5)) and r["dp_delta"] == 1e-5
+        assert r["dp_accounting"] == {"accountant": "rdp", "sampling": "full_participation",
+                                      "neighboring": "add_or_remove_one"}  # fmt: skip
     assert history[1]["dp_budget_exhausted"] is False and history[2]["dp_budget_exhausted"] is True
     assert history[2]["should_training_stop"] is True and history[2]["dp_epsilon"] <= 8 < epsilon_after(3, 1, 1, 1e-5)
     config = json.loads((tmp_path / "fed_config.json").read_text())
@@ -324,6 +439,29 @@ def test_tiny_run_with_local_dp_records_epsilon_and_repeats_bit_for_bit(tmp_path
     assert [r["dp_epsilon"] is None for r in history] == [True, False, False]
     assert history[2]["dp_epsilon"] == pytest.approx(epsilon_after(2, 1.0, 1.0, 1e-5))
     assert wire.state_digest(first.global_state) == wire.state_digest(again.global_state)
+
+
+def test_tiny_run_of_one_client_in_two_accounts_the_fixed_size_sample_and_an_old_checkpoint_resumes_as_poisson(
+    tmp_path,
+):
+    from fedsrd.checkpoint import CHECKPOINTS, LATEST, META
+
+    one_of_two = ("--dp_mode", "central", "--clients_per_round", "1")
+    _, history = _tiny(tmp_path, *one_of_two, "--num_rounds", "1")
+    assert history[1]["dp_accounting"] == {"accountant": "rdp", "sampling": "fixed_size", "neighboring": "replace_one"}
+    assert history[1]["dp_epsilon"] == pytest.approx(epsilon_after(1, 1.0, 0.5, 1e-5, "rdp", "fixed_size", 2))
+    # The checkpoint becomes one written before dp_sampling_accounting existed (its run accounted Poisson).
+    root = tmp_path / CHECKPOINTS
+    meta_path = root / (root / LATEST).read_text().strip() / META
+    meta = json.loads(meta_path.read_text())
+    del meta["fed_config"]["dp_sampling_accounting"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="resume with --dp_sampling_accounting poisson"):
+        _tiny(tmp_path, *one_of_two, "--num_rounds", "2", "--resume", "true")
+    _, resumed = _tiny(tmp_path, *one_of_two, "--num_rounds", "2", "--resume", "true", "--dp_sampling_accounting",
+                       "poisson")  # fmt: skip
+    assert [r["round"] for r in resumed] == [0, 1, 2] and resumed[2]["dp_accounting"]["sampling"] == "poisson"
+    assert resumed[2]["dp_epsilon"] == pytest.approx(epsilon_after(2, 1.0, 0.5, 1e-5, "rdp", "poisson"))
 
 
 def test_budget_that_no_round_fits_is_refused_before_training(tmp_path):
@@ -361,11 +499,20 @@ def test_round_table_report_and_model_card_show_epsilon(tmp_path, capsys):
     run.mkdir()
     (run / "history.json").write_text(json.dumps(history))
     (run / "fed_config.json").write_text(json.dumps(cfg.to_dict()))
-    report = write_report([run], tmp_path / "report").read_text()
-    assert "DP epsilon (delta)" in report and "7.0879 (1e-05, central)" in report
+    old = tmp_path / "old"  # a run from before dp_sampling_accounting: its epsilon was Poisson's approximation
+    old.mkdir()
+    (old / "history.json").write_text(json.dumps(history))
+    (old / "fed_config.json").write_text(json.dumps({k: v for k, v in cfg.to_dict().items()
+                                                     if k != "dp_sampling_accounting"}))  # fmt: skip
+    report = write_report([run, old], tmp_path / "report").read_text()
+    assert "DP epsilon (delta)" in report and "7.0879 (1e-05, central, replace-one)" in report
+    assert "7.0879 (1e-05, central, add/remove, Poisson approx.)" in report
     card = str(build_model_card(run, cfg, history, repo_id="me/dp"))
     assert "**epsilon = 7.088** at delta = 1e-05 after 2 rounds" in card and "Clip bound 0.5" in card
     assert "sampling rate 0.5" in card and "next round would have exceeded `dp_stop_at_epsilon`" in card
+    assert "fixed-size sample of clients without replacement" in card and "replacing one client's data" in card
+    old_card = str(build_model_card(old, json.loads((old / "fed_config.json").read_text()), history))
+    assert "Poisson-subsampled" in old_card and "not a guarantee" in old_card
     plain = str(build_model_card(run, FedSRDConfig(), history[:1], repo_id="me/plain"))
     assert "Trained without differential privacy" in plain
 
@@ -396,7 +543,7 @@ def test_flower_private_run_is_the_simulation_run_bit_for_bit(settings, tmp_path
     # server could redraw from the run seed (the simulation's) is not the noise the nodes added
     assert (_final_digest(tmp_path / "server") == digest) is not local
     simulated = json.loads((sim_dir / "history.json").read_text())
-    eps = [epsilon_after(r, 1.0, 0.5, 1e-5) for r in (1, 2)]  # one of two clients a round: q = 0.5
+    eps = [epsilon_after(r, 1.0, 0.5, 1e-5, num_clients=2) for r in (1, 2)]  # one of two clients a round
     assert [r["dp_epsilon"] for r in history[1:]] == [r["dp_epsilon"] for r in simulated[1:]] == eps
 
 

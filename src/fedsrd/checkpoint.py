@@ -208,6 +208,32 @@ def check_resume(saved: dict[str, Any], current: dict[str, Any], where: str | Pa
             f"resume: the checkpoint in {where} was written by a run with different settings ({settings}); resume "
             "with the same settings, or start a new run in another output directory."
         )
+    _check_resume_dp_accounting(saved, current, where)
+
+
+# ---- differential privacy: the epsilon curve of a resumed run is accounted one way (docs/privacy.md) ----
+def _check_resume_dp_accounting(saved: dict[str, Any], current: dict[str, Any], where: str | Path) -> None:
+    """A private run that samples fewer than all clients resumes only with the sampling accounting it started with:
+    its epsilon after round t (and, with dp_target_epsilon, its noise multiplier) depends on it. A checkpoint written
+    before ``dp_sampling_accounting`` existed was accounted as Poisson."""
+    from fedsrd.ops.privacy import STORED_RUN_SAMPLING_ACCOUNTING
+
+    def subsampled_dp(cfg: dict[str, Any]) -> bool:
+        clients = cfg.get("num_clients") or 0
+        return (cfg.get("dp_mode") or "off") != "off" and 0 < (cfg.get("clients_per_round") or clients) < clients
+
+    if not (subsampled_dp(saved) and subsampled_dp(current)):
+        return
+    before = saved.get("dp_sampling_accounting", STORED_RUN_SAMPLING_ACCOUNTING)
+    now = current.get("dp_sampling_accounting")
+    if before != now:
+        raise ValueError(
+            f"resume: the checkpoint in {where} was written by a run whose epsilon was accounted with "
+            f"dp_sampling_accounting {before!r}"
+            + (" (runs from before that option existed were)" if "dp_sampling_accounting" not in saved else "")
+            + f", this run has {now!r}; resume with --dp_sampling_accounting {before} so that its epsilon curve and "
+            "noise stay one analysis, or start a new run in another output directory."
+        )
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -80,6 +80,10 @@ def _read_fed_config(path: Path) -> dict:
     unknown = sorted(set(config) - {f.name for f in fields(FedSRDConfig)})
     if unknown:
         raise ValueError(f"{path}: unknown FedSRDConfig field(s) {unknown}.")
+    if config.get("dp_mode", "off") != "off" and "dp_sampling_accounting" not in config:
+        from fedsrd.ops.privacy import STORED_RUN_SAMPLING_ACCOUNTING
+
+        config["dp_sampling_accounting"] = STORED_RUN_SAMPLING_ACCOUNTING  # how runs before the option accounted
     return config
 
 

@@ -47,6 +47,7 @@ SERVER_STREAMING_MODES = ("off", "on")  # many clients per round
 # ---- differential privacy (fedsrd.ops.privacy; docs/privacy.md) ----
 DP_MODES = ("off", "central", "local")
 DP_ACCOUNTANTS = ("rdp", "pld")
+DP_SAMPLING_ACCOUNTINGS = ("fixed_size", "poisson")  # how a round of m < N sampled clients is accounted (issue #18)
 UPLOAD_MASKS = ("importance", "random")
 SECURE_AGGREGATIONS = ("off", "secaggplus")  # secure aggregation on Flower
 
@@ -191,14 +192,26 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
     )
     dp_target_epsilon: float | None = field(
         default=None,
-        metadata={"help": "DP: compute the smallest noise multiplier whose epsilon after num_rounds rounds, at "
-                  "sampling rate clients_per_round / num_clients, is at most this (instead of dp_noise_multiplier)."},
+        metadata={"help": "DP: compute the smallest noise multiplier whose epsilon after num_rounds rounds, with "
+                  "clients_per_round of num_clients sampled each round (accounted as dp_sampling_accounting says), is "
+                  "at most this (instead of dp_noise_multiplier)."},
     )
     dp_delta: float = field(default=1e-5, metadata={"help": "DP: the delta epsilon is reported at."})
     dp_accountant: str = field(
         default="rdp",
         metadata={"help": "DP: the dp-accounting accountant, 'rdp' (Renyi DP, fast) or 'pld' (privacy loss "
-                  "distributions, tighter, slower); rounds are Poisson-subsampled Gaussian mechanisms."},
+                  "distributions, tighter, slower; with clients_per_round < num_clients only with "
+                  "dp_sampling_accounting 'poisson')."},
+    )
+    # ---- DP accounting of the fixed-size client sampler (issue #18; fedsrd.ops.privacy.round_event) ----
+    dp_sampling_accounting: str = field(
+        default="fixed_size",
+        metadata={"help": "DP: how a round that samples clients_per_round < num_clients clients is accounted. "
+                  "'fixed_size' (what the sampler does: exactly m of N without replacement; epsilon under "
+                  "replace-one adjacency, Wang et al., AISTATS 2019; 'rdp' accountant only) or 'poisson' (the "
+                  "Poisson-subsampled approximation of DP-FedAvg and TensorFlow Privacy, under add/remove; not a "
+                  "guarantee for this sampler; what runs before this option used). With every client every round "
+                  "both are the plain Gaussian mechanism."},
     )
     dp_stop_at_epsilon: float | None = field(
         default=None,
@@ -559,6 +572,11 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
             f"must be one of {DP_ACCOUNTANTS}, got {self.dp_accountant!r}",
         )
         _require(0.0 < self.dp_delta < 1.0, "dp_delta", f"must be in (0, 1), got {self.dp_delta}")
+        _require(
+            self.dp_sampling_accounting in DP_SAMPLING_ACCOUNTINGS,
+            "dp_sampling_accounting",
+            f"must be one of {DP_SAMPLING_ACCOUNTINGS}, got {self.dp_sampling_accounting!r}",
+        )
         from fedsrd.algorithms import get_algorithm_class, list_algorithms
 
         cls = get_algorithm_class(self.algorithm)
@@ -573,6 +591,18 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
         from fedsrd.ops.privacy import require_accountant
 
         require_accountant()
+        _require(
+            not (
+                self.dp_accountant == "pld"
+                and self.dp_sampling_accounting == "fixed_size"
+                and self.sampled_per_round < self.num_clients
+            ),
+            "dp_accountant",
+            f"'pld' cannot account fixed-size client sampling ({self.sampled_per_round} of {self.num_clients} clients "
+            "a round without replacement: dp-accounting's PLD accountant has no such event); use dp_accountant 'rdp' "
+            "with dp_sampling_accounting 'fixed_size' (a guarantee for this sampler), or dp_sampling_accounting "
+            "'poisson' with 'pld' (the Poisson approximation)",
+        )
         if self.dp_mode not in cls.dp_support:
             able = [a for a in list_algorithms() if self.dp_mode in get_algorithm_class(a).dp_support]
             why = cls.dp_refusal or "its server step is not a sum of per-client changes whose norm can be bounded"
@@ -649,8 +679,9 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
         from fedsrd.ops.privacy import noise_multiplier_for
 
         return noise_multiplier_for(
-            float(self.dp_target_epsilon), self.num_rounds, self.dp_sampling_rate, self.dp_delta, self.dp_accountant
-        )
+            float(self.dp_target_epsilon), self.num_rounds, self.dp_sampling_rate, self.dp_delta, self.dp_accountant,
+            self.dp_sampling_accounting, self.num_clients,
+        )  # fmt: skip
 
     def dp_epsilon_after(self, rounds: int) -> float | None:
         """Epsilon (at dp_delta) after `rounds` rounds; None when differential privacy is off."""
@@ -659,8 +690,19 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
         from fedsrd.ops.privacy import epsilon_after
 
         return epsilon_after(
-            rounds, self.resolved_dp_noise_multiplier, self.dp_sampling_rate, self.dp_delta, self.dp_accountant
-        )
+            rounds, self.resolved_dp_noise_multiplier, self.dp_sampling_rate, self.dp_delta, self.dp_accountant,
+            self.dp_sampling_accounting, self.num_clients,
+        )  # fmt: skip
+
+    @property
+    def dp_accounting(self) -> dict[str, str] | None:
+        """How epsilon is accounted (accountant, sampling model, adjacency: `fedsrd.ops.privacy.accounting_summary`);
+        None when differential privacy is off."""
+        if self.dp_mode == "off":
+            return None
+        from fedsrd.ops.privacy import accounting_summary
+
+        return accounting_summary(self.dp_sampling_rate, self.dp_sampling_accounting, self.dp_accountant)
 
     # ---- end of differential privacy ----
 

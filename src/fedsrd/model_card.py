@@ -236,6 +236,16 @@ def _base_delta_lines(model_dir: Path, name: str, repo_id: str | None, ref: str)
     return lines
 
 
+# How epsilon was accounted, by sampling model (fedsrd.ops.privacy.accounting_summary; docs/privacy.md, "Accounting").
+_ACCOUNTING_TEXT = {
+    "full_participation": "every client every round: the Gaussian mechanism, epsilon for adding or removing one client",
+    "fixed_size": "each round a fixed-size sample of clients without replacement, Wang et al., AISTATS 2019; "
+                  "epsilon for replacing one client's data by another's",
+    "poisson": "rounds accounted as Poisson-subsampled Gaussian mechanisms, epsilon for adding or removing one client: "
+               "the usual approximation for this library's fixed-size client sample, not a guarantee for it",
+}
+
+
 def _privacy_lines(privacy: dict[str, Any] | None) -> list[str]:
     """The card's privacy section (docs/privacy.md): what the run can claim, or that it claims nothing."""
     if privacy is None:
@@ -262,7 +272,7 @@ def _privacy_lines(privacy: dict[str, Any] | None) -> list[str]:
         f"{_num(privacy['noise_multiplier'])}"
         + (f" (computed for a target epsilon of {privacy['target_epsilon']:g})" if privacy["target_epsilon"] else "")
         + f", sampling rate {privacy['sampling_rate']:.3g} per round, `{privacy['accountant']}` accountant "
-        "(dp-accounting, Poisson-subsampled Gaussian rounds).",
+        f"(dp-accounting; {_ACCOUNTING_TEXT[privacy['accounting']['sampling']]}).",
         "",
     ]
     if privacy["budget_exhausted"]:

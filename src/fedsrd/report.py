@@ -95,14 +95,20 @@ def comm_summary(history: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 def privacy_summary(history: Sequence[dict[str, Any]], fed_config: dict[str, Any]) -> dict[str, Any] | None:
     """What a run with differential privacy can claim (docs/privacy.md), None without: the placement, epsilon after
-    the last round at delta, the clip bound, the noise multiplier, the sampling rate, the accountant, and whether the
-    budget ended the run."""
+    the last round at delta, the clip bound, the noise multiplier, the sampling rate, the accountant, how epsilon was
+    accounted (`fedsrd.ops.privacy.accounting_summary`; a run from before ``dp_sampling_accounting`` existed was
+    accounted as Poisson), and whether the budget ended the run."""
+    from fedsrd.ops.privacy import STORED_RUN_SAMPLING_ACCOUNTING, accounting_summary
+
     mode = fed_config.get("dp_mode") or "off"
     if mode == "off":
         return None
     spent = [r for r in history if isinstance(r.get("dp_epsilon"), (int, float))]
     last = spent[-1] if spent else {}
     clients = fed_config.get("num_clients") or 1
+    sampling = fed_config.get("dp_sampling_accounting", STORED_RUN_SAMPLING_ACCOUNTING)
+    rate = (fed_config.get("clients_per_round") or clients) / clients
+    accounting = last.get("dp_accounting") or accounting_summary(rate, sampling, fed_config.get("dp_accountant", "rdp"))
     return {
         "mode": mode,
         "epsilon": last.get("dp_epsilon"),
@@ -112,10 +118,18 @@ def privacy_summary(history: Sequence[dict[str, Any]], fed_config: dict[str, Any
         "noise_multiplier": (last.get("robust") or {}).get("dp_noise_multiplier")
         or fed_config.get("dp_noise_multiplier"),
         "target_epsilon": fed_config.get("dp_target_epsilon"),
-        "sampling_rate": (fed_config.get("clients_per_round") or clients) / clients,
+        "sampling_rate": rate,
         "accountant": fed_config.get("dp_accountant", "rdp"),
+        "accounting": accounting,
         "budget_exhausted": bool(last.get("dp_budget_exhausted")),
     }
+
+
+def adjacency_label(accounting: dict[str, Any]) -> str:
+    """What an epsilon means, in a few words: the adjacency it is for, and whether it is the Poisson approximation."""
+    if accounting.get("sampling") == "poisson":
+        return "add/remove, Poisson approx."
+    return "replace-one" if accounting.get("neighboring") == "replace_one" else "add/remove"
 
 
 def final_scores(history: Sequence[dict[str, Any]]) -> dict[str, tuple[float, int]]:
@@ -205,7 +219,8 @@ def _summary_table(runs: Sequence[Run]) -> list[str]:
                  _fmt_mb(comm["total_upload_mb"]), _fmt_mb(comm["total_download_mb"]), _fmt_mb(comm["cumulative_mb"]),
                  _fmt(loss[0]) if loss else "-")
         if any(privacy):
-            cells = (*cells, f"{_fmt(dp['epsilon'])} ({dp['delta']:g}, {dp['mode']})" if dp else "no DP")
+            how = f"{dp['delta']:g}, {dp['mode']}, {adjacency_label(dp['accounting'])}" if dp else ""
+            cells = (*cells, f"{_fmt(dp['epsilon'])} ({how})" if dp else "no DP")
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     return rows
 

@@ -56,6 +56,7 @@ HISTORY_KEYS = frozenset(
         "dp_epsilon",  # epsilon spent after this round, at dp_delta (the accountant's, over rounds 1..this)
         "dp_delta",
         "dp_budget_exhausted",  # true on the last round run when dp_stop_at_epsilon ended the federation
+        "dp_accounting",  # how dp_epsilon is accounted: {accountant, sampling, neighboring} (ops.privacy)
         "per_client",  # {client id: rank, upload_bytes, download_bytes, trainable_param_bytes}: `per_client_costs`
     }
 )
@@ -79,6 +80,7 @@ def round_record(
     robust: Mapping[str, Any] | None = None,
     dp_epsilon: float | None = None,
     dp_delta: float | None = None,
+    dp_accounting: Mapping[str, str] | None = None,
     per_client: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A round's record with every key of `HISTORY_KEYS` (``seconds`` and ``should_training_stop`` are filled in when
@@ -107,6 +109,7 @@ def round_record(
         "dp_epsilon": dp_epsilon,
         "dp_delta": dp_delta,
         "dp_budget_exhausted": None if dp_delta is None else False,
+        "dp_accounting": None if dp_accounting is None else dict(dp_accounting),
         "per_client": dict(per_client or {}),
     }
 

@@ -172,7 +172,7 @@ class Federation:
             download_bytes=download, broadcast_bytes=len(result.broadcast), num_uploads=uploads,
             cumulative_mb=total_mb(self.history) + (upload + download) / MB, robust=result.robust,
             transport=delivery.transport, dp_epsilon=cfg.dp_epsilon_after(round),
-            dp_delta=None if cfg.dp_mode == "off" else cfg.dp_delta,
+            dp_delta=None if cfg.dp_mode == "off" else cfg.dp_delta, dp_accounting=cfg.dp_accounting,
             per_client=per_client_costs(
                 delivery.senders,
                 delivery.updates if len(delivery.updates) == len(delivery.senders) else [None] * len(delivery.senders),
@@ -231,10 +231,12 @@ class Federation:
                 f"sampling rate {cfg.dp_sampling_rate:.4g}); no round can run within the budget."
             )
         if self.transport.is_main:
+            how = cfg.dp_accounting
             logger.info(
                 "differential privacy (%s): noise multiplier %.4g, clip %g, sampling rate %.4g; epsilon after %d "
-                "rounds: %.4g at delta %g", cfg.dp_mode, z, cfg.dp_clip_norm, cfg.dp_sampling_rate, cfg.num_rounds,
-                cfg.dp_epsilon_after(cfg.num_rounds), cfg.dp_delta,
+                "rounds: %.4g at delta %g (%s accountant, %s sampling, %s adjacency)", cfg.dp_mode, z, cfg.dp_clip_norm,
+                cfg.dp_sampling_rate, cfg.num_rounds, cfg.dp_epsilon_after(cfg.num_rounds), cfg.dp_delta,
+                how["accountant"], how["sampling"], how["neighboring"],
             )  # fmt: skip
 
 
