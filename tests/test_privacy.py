@@ -187,6 +187,22 @@ def test_a_stored_run_without_the_option_reads_as_poisson_and_resumes_only_so():
     check_resume({k: v for k, v in plain.items() if k != "dp_sampling_accounting"}, plain, "out/checkpoints")
 
 
+def test_resuming_a_private_run_with_other_privacy_settings_is_refused():
+    from fedsrd.checkpoint import check_resume
+
+    cfg = FedSRDConfig(algorithm="fedavg", num_clients=4, dp_mode="central", dp_clip_norm=1.0, dp_target_epsilon=8.0,
+                       num_rounds=10)  # fmt: skip
+    check_resume(cfg.to_dict(), cfg.to_dict(), "out/checkpoints")
+    for change in ({"dp_clip_norm": 0.5}, {"dp_target_epsilon": 4.0}, {"dp_delta": 1e-6}, {"num_rounds": 20},
+                   {"dp_mode": "off", "dp_target_epsilon": None}):  # fmt: skip
+        with pytest.raises(ValueError, match=f"other privacy settings \\({next(iter(change))}: checkpoint"):
+            check_resume(cfg.to_dict(), {**cfg.to_dict(), **change}, "out/checkpoints")
+    fixed_z = dataclasses.replace(cfg, dp_target_epsilon=None, dp_noise_multiplier=1.0)
+    check_resume(fixed_z.to_dict(), {**fixed_z.to_dict(), "num_rounds": 20}, "out/checkpoints")  # z does not move
+    plain = FedSRDConfig(algorithm="fedavg", num_clients=4, num_rounds=10).to_dict()
+    check_resume(plain, {**plain, "num_rounds": 20}, "out/checkpoints")
+
+
 def test_fed_config_json_of_an_old_private_run_loads_as_it_was_accounted(tmp_path):
     from fedsrd.cli import _read_fed_config
     from fedsrd.report import privacy_summary

@@ -209,6 +209,7 @@ def check_resume(saved: dict[str, Any], current: dict[str, Any], where: str | Pa
             "with the same settings, or start a new run in another output directory."
         )
     _check_resume_dp_accounting(saved, current, where)
+    _check_resume_dp_settings(saved, current, where)
 
 
 # ---- differential privacy: the epsilon curve of a resumed run is accounted one way (docs/privacy.md) ----
@@ -233,6 +234,28 @@ def _check_resume_dp_accounting(saved: dict[str, Any], current: dict[str, Any], 
             + (" (runs from before that option existed were)" if "dp_sampling_accounting" not in saved else "")
             + f", this run has {now!r}; resume with --dp_sampling_accounting {before} so that its epsilon curve and "
             "noise stay one analysis, or start a new run in another output directory."
+        )
+
+
+# The settings a private run's noise and epsilon curve are computed from: the accountant composes every round with one
+# noise multiplier and clip bound, so a resumed run must keep them (and, when z is derived from dp_target_epsilon over
+# num_rounds, keep num_rounds too).
+DP_RESUME_KEYS = ("dp_mode", "dp_clip_norm", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta", "dp_accountant")
+
+
+def _check_resume_dp_settings(saved: dict[str, Any], current: dict[str, Any], where: str | Path) -> None:
+    """Refuse a resume that changes the differential-privacy settings of a private run (either side private)."""
+    if (saved.get("dp_mode") or "off") == "off" and (current.get("dp_mode") or "off") == "off":
+        return
+    keys = DP_RESUME_KEYS + (("num_rounds",) if current.get("dp_target_epsilon") is not None else ())
+    differing = [k for k in keys if k in saved and saved.get(k) != current.get(k)]
+    if differing:
+        settings = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in differing)
+        raise ValueError(
+            f"resume: the checkpoint in {where} was written by a private run with other privacy settings ({settings}); "
+            "its noise and its epsilon after each round are one analysis over the whole run (with dp_target_epsilon, "
+            "the noise multiplier is computed for num_rounds), so resume with the same settings, or start a new run "
+            "in another output directory."
         )
 
 
