@@ -304,11 +304,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--out", default=None, help="Working dirs (checkpoints). Default outputs/bench/<the results folder's name>."
     )
-    p.add_argument("--report-only", action="store_true", help="Read stored results; train nothing.")
+    p.add_argument("--report-only", action="store_true",
+                   help="Read stored results; train nothing (every stored method, or only those --methods names).")
     p.add_argument("--seconds-per-round", type=float, default=165.0,
                    help="For the printed cost estimate (measured here: 32-36 min per 12-round run incl. evaluation, "
                         "single-threaded, two runs sharing 2 cores).")  # fmt: skip
-    p.add_argument("--plot-dir", default=None, help="Write frontier_loss_vs_mb.png and frontier_loss_vs_round.png.")
+    p.add_argument("--plot-dir", default=None, help="Write <prefix>_loss_vs_mb.png and <prefix>_loss_vs_round.png.")
+    p.add_argument("--plot-prefix", default=None,
+                   help="The plots' file name prefix (default: the results folder's name, e.g. frontier).")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     a.results = a.results or str(RESULTS_HETRANK if a.client_ranks else RESULTS)
@@ -319,6 +322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.client_ranks = stored_client_ranks(a.results)  # the stored runs' ranks, for the report's defaults
     a.lora_r = a.lora_r or (max(a.client_ranks) if a.client_ranks else 8)
     a.reference = a.reference or (f"{REFERENCE}+lora_r={min(a.client_ranks)}" if a.client_ranks else REFERENCE)
+    a.methods_named = a.methods is not None  # --report-only: only these; without --methods, everything stored
     a.methods = a.methods or ([a.reference, *HETRANK_METHODS] if a.client_ranks else METHODS)
     if not a.report_only:
         if a.data is None:
@@ -468,7 +472,7 @@ def load_all_stored(a: argparse.Namespace) -> dict[str, dict[int, list[dict]]]:
             history = stored(a, method, seed)
             if history is not None:
                 runs.setdefault(method, {})[seed] = history
-    if a.report_only and root.is_dir():  # everything stored, also methods not named
+    if a.report_only and not getattr(a, "methods_named", False) and root.is_dir():  # without --methods: all stored
         for settings_file in sorted(root.glob("*/seed*/settings.json")):
             s = json.loads(settings_file.read_text())
             if s["seed"] in a.seeds and s["method"] not in runs:
@@ -662,7 +666,7 @@ def main(argv: list[str] | None = None) -> dict:
         title = "Gemma-3-270M, 4 clients (code, medical, finance, math)"
         if a.client_ranks:
             title += f", client ranks {', '.join(map(str, a.client_ranks))}"
-        for path in plot(result, a.plot_dir, prefix=Path(a.results).name, title=title):
+        for path in plot(result, a.plot_dir, prefix=a.plot_prefix or Path(a.results).name, title=title):
             print(f"\nplot: {path}")
     summary = summary_json(a, result)
     if a.json:

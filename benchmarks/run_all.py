@@ -57,6 +57,14 @@ def sections(data: str, quick: bool) -> dict[str, dict]:
             "needs_data": False,
             "needs_results": "benchmarks/results/frontier_hetrank",
         },  # fmt: skip
+        # issue 18: central DP on the frontier's settings, against the same methods without privacy (seed 1)
+        "privacy": {
+            "cmd": ["frontier.py", "--report-only", "--seeds", "1", "--plot-dir", "docs/img",
+                    "--plot-prefix", "privacy", "--methods", "fedavg", "fedsrd",
+                    "fedavg+dp_mode=central+dp_clip_norm=0.5+dp_target_epsilon=8",
+                    "fedsrd+dp_mode=central+dp_clip_norm=0.5+dp_target_epsilon=8+upload_mask=random"],
+            "needs_data": False,
+        },  # fmt: skip
         "comm": {"cmd": ["comm_table.py", "--sample-layers", "1" if quick else "2", "--compact"], "needs_data": False},
         "comm_bitmap": {
             "cmd": ["comm_table.py", "--sample-layers", "1" if quick else "2", "--positions", "bitmap", "--compact",
