@@ -35,50 +35,16 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-class InProcessGrid:
-    """A Flower Grid that hands each message to our ClientApp in this process (one Context per SuperNode): the same
-    messages and bytes as a deployment, without its transport latency."""
-
-    def __init__(self, run_config: dict, node_configs: list[dict]) -> None:
-        from flwr.app import Context, RecordDict
-
-        from fedsrd.integrations.flower import make_client_app
-
-        self.app = make_client_app()
-        self.contexts = {
-            100 + i: Context(run_id=1, node_id=100 + i, node_config=c, state=RecordDict(), run_config=run_config)
-            for i, c in enumerate(node_configs)
-        }
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        from flwr.app import Error, Message
-
-        replies = []
-        for msg in messages:
-            try:
-                replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
-            except Exception as err:  # what a SuperNode does when the ClientApp raises
-                replies.append(Message(Error(code=1, reason=repr(err)), reply_to=msg))
-        return replies
-
-
 def _run_in_process(app_config: dict, run: dict, node_configs: list[dict]) -> dict:
     import time
 
-    from flwr.supercore.task_identity import TaskIdentity
-
     from fedsrd.integrations.flower import run_server
+    from fedsrd.integrations.inprocess import InProcessGrid, serverapp_task_identity
 
     rc = {**app_config, **run}
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a ServerApp process has
     start = time.monotonic()
-    try:
+    with serverapp_task_identity():  # the same messages and bytes as a deployment, without its transport latency
         run_server(InProcessGrid(rc, node_configs), rc)
-    finally:
-        TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
     return {"status": "finished:completed", "seconds": round(time.monotonic() - start, 1), "log": ""}
 
 

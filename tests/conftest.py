@@ -23,3 +23,13 @@ def _autograd_left_on():
     if not torch.is_grad_enabled():
         torch.set_grad_enabled(True)
         pytest.fail("this test left torch's grad mode disabled (use torch.no_grad() as a context or decorator)")
+
+
+# ---- Flower: the task identity a ServerApp process has, for ServerApps run in this process (InProcessGrid) ----------
+@pytest.fixture
+def task_identity():
+    pytest.importorskip("flwr")
+    from fedsrd.integrations.inprocess import serverapp_task_identity
+
+    with serverapp_task_identity():
+        yield

@@ -1,9 +1,9 @@
 """Flower runtime: catch-up of clients that were not sampled, server checkpoints, and whole runs.
 
-The whole-run tests drive the real ServerApp loop and ClientApp handlers: in one process through a loopback Grid
-(fast), and once as a real deployment (SuperLink + 2 SuperNodes as subprocesses on 127.0.0.1, inside a fresh network
-namespace when running as root). Both must end on the same global adapter, bit for bit, as the single-process
-simulation with the same settings.
+The whole-run tests drive the real ServerApp loop and ClientApp handlers: in one process through
+`fedsrd.integrations.inprocess.InProcessGrid` (fast), and once as a real deployment (SuperLink + 2 SuperNodes as
+subprocesses on 127.0.0.1, inside a fresh network namespace when running as root). Both must end on the same global
+adapter, bit for bit, as the single-process simulation with the same settings.
 """
 
 from __future__ import annotations
@@ -254,59 +254,72 @@ def test_node_store_ignores_a_state_that_does_not_match_its_digest(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# whole runs, in one process: the ServerApp loop and the ClientApp on a loopback Grid
+# whole runs, in one process: the ServerApp loop and the ClientApp on an InProcessGrid
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class LoopbackGrid:
-    """A Flower Grid that hands each message to the ClientApp in this process, one Context per SuperNode."""
+@needs_flwr
+def test_the_in_process_grid_answers_as_supernodes_do(task_identity):
+    """Node i is node id 100 + i with its node config; a ClientApp that raises, a node that `fail` drops and an
+    unknown node are answered with Flower's errors; the ClientApp edits its own copy of the message."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.common.constant import ErrorCode
 
-    def __init__(self, run_config: dict, node_configs: list[dict], app=None) -> None:
-        from flwr.app import Context, RecordDict
+    from fedsrd.integrations.inprocess import InProcessGrid
 
-        from fedsrd.integrations.flower import make_client_app
+    def app(msg, context):
+        if msg.metadata.message_type == "query.raise":
+            raise ValueError("no such query")
+        got = msg.content["c"].pop("x")  # as secaggplus_mod takes the stage out of the message it receives
+        content = RecordDict({"c": ConfigRecord({"x": got, "partition": context.node_config["partition-id"]})})
+        return Message(content, reply_to=msg)
 
-        self.app = app or make_client_app()
-        self.contexts = {
-            100 + i: Context(run_id=1, node_id=100 + i, node_config=c, state=RecordDict(), run_config=run_config)
-            for i, c in enumerate(node_configs)
-        }
-        self.sent: list[str] = []
+    def fail(node_id, msg):
+        return node_id == 101 and msg.metadata.message_type == "train"
 
-    def get_node_ids(self):
-        return list(self.contexts)
+    grid = InProcessGrid({}, [{"partition-id": 0}, {"partition-id": 1}], app=app, fail=fail)
+    assert grid.get_node_ids() == [100, 101]
+    sends = [(100, "train"), (101, "train"), (101, "query.x"), (100, "query.raise"), (102, "train")]
+    messages = [Message(RecordDict({"c": ConfigRecord({"x": n})}), n, kind) for n, kind in sends]
+    replies = grid.send_and_receive(messages)
+    assert grid.sent == [kind for _, kind in sends] and [m for m, _ in grid.exchanges] == messages
+    assert [r for _, r in grid.exchanges] == replies
+    answered = [dict(r.content["c"]) for r in (replies[0], replies[2])]
+    assert answered == [{"x": 100, "partition": 0}, {"x": 101, "partition": 1}]
+    assert all(dict(m.content["c"]) == {"x": m.metadata.dst_node_id} for m in messages)  # the server's are intact
+    assert [r.error.code for r in replies[1:2] + replies[3:]] == [
+        ErrorCode.NODE_UNAVAILABLE,
+        ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+        ErrorCode.NODE_UNAVAILABLE,
+    ]
+    assert "no such query" in replies[3].error.reason and "no SuperNode 102" in replies[4].error.reason
+    assert [r.metadata.src_node_id for r in replies[:4]] == [100, 101, 101, 100]
 
-    def send_and_receive(self, messages, *, timeout=None):
-        from flwr.app import Error, Message
 
-        replies = []
-        for msg in messages:
-            self.sent.append(msg.metadata.message_type)
-            try:
-                replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
-            except Exception as err:  # what a SuperNode does when the ClientApp raises
-                replies.append(Message(Error(code=1, reason=repr(err)), reply_to=msg))
-        return replies
-
-
-@pytest.fixture
-def task_identity():
+@needs_flwr
+def test_the_serverapp_task_identity_is_unset_after_the_run():
+    from flwr.app import Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a ServerApp process has
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+    from fedsrd.integrations.inprocess import serverapp_task_identity
+
+    with pytest.raises(ZeroDivisionError), serverapp_task_identity(run_id=7):
+        assert Message(RecordDict(), 100, "train").metadata.run_id == TaskIdentity.run_id == 7
+        _ = 1 / 0
+    with pytest.raises(RuntimeError, match="run_id is not set"):
+        Message(RecordDict(), 100, "train")
 
 
 def _run_in_process(root: Path, node_extra: dict | None = None, **overrides):
     """A run through the in-process Grid with two nodes; `node_extra` (client id -> keys) joins their node configs."""
     from fedsrd.integrations.flower import run_server
+    from fedsrd.integrations.inprocess import InProcessGrid
 
     rc = {**RUN_CONFIG, "output-dir": str(root / "server"), **overrides}
     extra = node_extra or {}
     nodes = [{"partition-id": i, "num-partitions": 2, "state-dir": str(root / f"node{i}"), **extra.get(i, {})}
              for i in range(2)]  # fmt: skip
-    grid = LoopbackGrid(rc, nodes)
+    grid = InProcessGrid(rc, nodes)
     return run_server(grid, rc), grid
 
 
@@ -353,14 +366,11 @@ def _node_digests(root: Path) -> dict[int, tuple[int, str]]:
 def fedsrd_run(tmp_path_factory):
     if not HAS_FLWR:
         pytest.skip("flwr is not installed")
-    from flwr.supercore.task_identity import TaskIdentity
+    from fedsrd.integrations.inprocess import serverapp_task_identity
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    try:
-        root = tmp_path_factory.mktemp("flower-fedsrd")
+    root = tmp_path_factory.mktemp("flower-fedsrd")
+    with serverapp_task_identity():
         history, grid = _run_in_process(root)
-    finally:
-        TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
     return root, history, grid
 
 
@@ -412,11 +422,12 @@ class _StopAfterRound1:
 @needs_flwr
 def test_a_callback_stops_the_federation_on_flower(tmp_path, task_identity):
     from fedsrd.integrations.flower import run_server
+    from fedsrd.integrations.inprocess import InProcessGrid
 
     callback = _StopAfterRound1()
     rc = {**RUN_CONFIG, "output-dir": str(tmp_path / "server")}
     nodes = [{"partition-id": i, "num-partitions": 2, "state-dir": str(tmp_path / f"node{i}")} for i in range(2)]
-    grid = LoopbackGrid(rc, nodes)
+    grid = InProcessGrid(rc, nodes)
     history = run_server(grid, rc, callbacks=[callback])
     assert [r["round"] for r in history] == [0, 1] and history[-1]["should_training_stop"] is True
     assert callback.events == ["on_train_begin", "on_round_end 1", "on_train_end"]
@@ -530,9 +541,10 @@ def test_every_hostile_train_reply_is_refused_with_a_reason(task_identity):
     from flwr.app import ConfigRecord, RecordDict
 
     from fedsrd.integrations.flower import CONFIG, FlowerCoordinator, _parse_reply, bytes_record
+    from fedsrd.integrations.inprocess import InProcessGrid
 
     _, attacks, _ = _hostile_client_app()
-    coordinator = FlowerCoordinator(LoopbackGrid({}, []), parse_run_config({**RUN_CONFIG, **HOSTILE_RUN}))
+    coordinator = FlowerCoordinator(InProcessGrid({}, []), parse_run_config({**RUN_CONFIG, **HOSTILE_RUN}))
     config, algo, init, server, _ = _federation("fedavg", 0)
     coordinator.server = FederatedServer(algo, dict(init), config)
     coordinator.ledger = SyncLedger({0: wire.state_digest(init)})
@@ -562,13 +574,14 @@ def test_hostile_supernodes_cost_only_their_own_updates(tmp_path, task_identity)
     """Three clients, client 2 hostile in every reply, a fourth SuperNode posing as client 0 with a forged PEFT
     config: the run completes with clients 0 and 1, and the server's adapter_config.json is its own."""
     from fedsrd.integrations.flower import run_server
+    from fedsrd.integrations.inprocess import InProcessGrid
 
     app, _, _ = _hostile_client_app()
     rc = {**RUN_CONFIG, **HOSTILE_RUN, "output-dir": str(tmp_path / "server")}
     nodes = [{"partition-id": i, "num-partitions": 3, "state-dir": str(tmp_path / f"node{i}")} for i in range(3)]
     nodes[2]["hostile"] = "no-round payload-config-record"
     nodes.append({"partition-id": 0, "num-partitions": 3, "hostile-hello": "claim-0"})
-    history = run_server(LoopbackGrid(rc, nodes, app=app), rc)
+    history = run_server(InProcessGrid(rc, nodes, app=app), rc)
     assert [r["round"] for r in history] == [0, 1, 2]
     for record in history[1:]:
         assert record["accepted"] == [0, 1] and list(record["rejected"]) == ["2"]

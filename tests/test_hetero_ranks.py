@@ -378,18 +378,15 @@ def test_two_accelerate_processes_give_the_single_process_run_with_unequal_ranks
 
 @pytest.mark.skipif(importlib.util.find_spec("flwr") is None, reason="flwr is not installed")
 def test_flower_loopback_with_unequal_ranks_is_the_simulation(tmp_path, tmp_path_factory):
-    from flwr.supercore.task_identity import TaskIdentity
+    from fedsrd.integrations.inprocess import serverapp_task_identity
 
     spec = importlib.util.spec_from_file_location("flower_helpers", REPO / "tests" / "test_flower.py")
     helpers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(helpers)
     overrides = {"algorithm": "hetlora", "num-rounds": 2, "clients-per-round": 2, "lora-r": 4,
                  "client-lora-ranks": "2 4"}  # fmt: skip
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    try:
+    with serverapp_task_identity():
         history, _ = helpers._run_in_process(tmp_path, **overrides)
-    finally:
-        TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
     assert helpers._final_digest(tmp_path / "server") == helpers._simulated_digest(tmp_path_factory, **overrides)
     assert {c: v["rank"] for c, v in history[-1]["per_client"].items()} == {"0": 2, "1": 4}
     for i, rank in enumerate([2, 4]):  # each data owner's own adapter: a PEFT folder of its own rank

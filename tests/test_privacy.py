@@ -543,17 +543,15 @@ def test_round_table_report_and_model_card_show_epsilon(tmp_path, capsys):
 )
 def test_flower_private_run_is_the_simulation_run_bit_for_bit(settings, tmp_path, tmp_path_factory):
     pytest.importorskip("flwr")
-    from flwr.supercore.task_identity import TaskIdentity
     from test_flower import _final_digest, _run_in_process, _simulated_run
+
+    from fedsrd.integrations.inprocess import serverapp_task_identity
 
     dp = {**settings, "num-rounds": 2, "dp-clip-norm": 0.5, "dp-noise-multiplier": 1.0}
     local = settings["dp-mode"] == "local"  # each node mixes its own secret into its noise share (required on Flower)
     secrets = {i: {"dp-noise-secret": f"node-{i}-secret-0123456789abcdef"} for i in range(2)} if local else None
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a ServerApp process has
-    try:
+    with serverapp_task_identity():
         history, _ = _run_in_process(tmp_path, node_extra=secrets, **dp)
-    finally:
-        TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
     digest, sim_dir = _simulated_run(tmp_path_factory, **dp)
     # central: the same bits as the simulation; local: the nodes' secrets change their shares, so the noise the
     # server could redraw from the run seed (the simulation's) is not the noise the nodes added

@@ -110,66 +110,59 @@ def test_the_simulation_refuses_secure_aggregation():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+def _stage(msg) -> str | None:
+    """The SecAgg+ stage a message asks for; None for fedsrd's own messages (hello, train without SecAgg+, sync)."""
+    return msg.content["secaggplus_configs"]["stage"] if "secaggplus_configs" in msg.content else None
 
 
-class ModGrid:
-    """A Grid whose nodes run Flower's `secaggplus_mod` around a fixed upload (FitRes-shaped, as our ClientApp's);
-    `fail`: (node id, stage) pairs where that node's ClientApp raises, `garble`: nodes whose masked vector is cut."""
+if HAS_FLWR:
+    from fedsrd.integrations.inprocess import InProcessGrid
 
-    def __init__(self, uploads: dict[int, list[np.ndarray]], weights: dict[int, float], fail=(), garble=()):
-        from flwr.app import Context, RecordDict
+    class StageGrid(InProcessGrid):
+        """An InProcessGrid where `fail` holds (node id, stage) pairs whose delivery fails as a node that went away;
+        `replies` are (stage, reply) pairs."""
 
-        self.uploads, self.weights, self.fail, self.garble = uploads, weights, set(fail), set(garble)
-        self.contexts = {
-            n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in uploads
-        }
-        self.replies = []
+        def __init__(self, run_config: dict, node_configs: list[dict], app=None, fail=()) -> None:
+            failing = set(fail)
+            super().__init__(run_config, node_configs, app, fail=lambda node, msg: (node, _stage(msg)) in failing)
 
-    def get_node_ids(self):
-        return list(self.contexts)
+        @property
+        def replies(self) -> list:
+            return [(_stage(msg), reply) for msg, reply in self.exchanges]
 
-    def _train(self, msg, context):
-        from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    class ModGrid(StageGrid):
+        """A Grid whose nodes run Flower's `secaggplus_mod` around a fixed upload (FitRes-shaped, as our ClientApp's);
+        `garble`: nodes whose masked vector is cut."""
 
-        nid = msg.metadata.dst_node_id
-        return Message(
-            RecordDict(
-                {
-                    "fitres.parameters": ArrayRecord([a.copy() for a in self.uploads[nid]]),
-                    "fitres.num_examples": MetricRecord({"num_examples": self.weights[nid]}),
-                    "fitres.metrics": ConfigRecord({}),
-                    "fitres.status": ConfigRecord({"code": 0, "message": ""}),
-                }
-            ),
-            reply_to=msg,
-        )
+        def __init__(self, uploads: dict[int, list[np.ndarray]], weights: dict[int, float], fail=(), garble=()):
+            self.uploads, self.weights, self.garble = uploads, weights, set(garble)
+            super().__init__({}, [{} for _ in uploads], app=self._app, fail=fail)
+            assert list(self.contexts) == list(uploads)  # node ids 100, 101, ...
 
-    def send_and_receive(self, messages, *, timeout=None):
-        from flwr.app import Error, Message
-        from flwr.client.mod import secaggplus_mod
+        def _train(self, msg, context):
+            from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-        out = []
-        for msg in messages:
             nid = msg.metadata.dst_node_id
-            stage = msg.content["secaggplus_configs"]["stage"]
-            try:
-                if (nid, stage) in self.fail:
-                    raise ConnectionError("node went away")
-                reply = secaggplus_mod(msg, self.contexts[nid], self._train)
-                if nid in self.garble and stage == "collect_masked_vectors":
-                    reply.content["secaggplus_configs"]["masked_params"] = [b"\x93NUMPY"]
-            except Exception as err:
-                reply = Message(Error(code=1, reason=repr(err)), reply_to=msg)
-            self.replies.append((stage, reply))
-            out.append(reply)
-        return out
+            return Message(
+                RecordDict(
+                    {
+                        "fitres.parameters": ArrayRecord([a.copy() for a in self.uploads[nid]]),
+                        "fitres.num_examples": MetricRecord({"num_examples": self.weights[nid]}),
+                        "fitres.metrics": ConfigRecord({}),
+                        "fitres.status": ConfigRecord({"code": 0, "message": ""}),
+                    }
+                ),
+                reply_to=msg,
+            )
+
+        def _app(self, msg, context):
+            from flwr.client.mod import secaggplus_mod
+
+            stage = _stage(msg)  # before the mod, which takes it out of the message
+            reply = secaggplus_mod(msg, context, self._train)
+            if context.node_id in self.garble and stage == "collect_masked_vectors":
+                reply.content["secaggplus_configs"]["masked_params"] = [b"\x93NUMPY"]
+            return reply
 
 
 def _protocol(num_nodes=4, weights=None, seed=0, **cfg):
@@ -281,46 +274,8 @@ def test_protocol_sizes_follow_flowers_workflow():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# whole runs in one process: our ServerApp loop and ClientApp (with Flower's mod) on a loopback Grid
+# whole runs in one process: our ServerApp loop and ClientApp (with Flower's mod) on an InProcessGrid
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-class LoopbackGrid:
-    """A Flower Grid that hands each message to the ClientApp in this process, one Context per SuperNode; it keeps
-    every reply, and `fail` holds (node, stage) pairs where that node's ClientApp is made to fail."""
-
-    def __init__(self, run_config: dict, node_configs: list[dict], fail=()) -> None:
-        from flwr.app import Context, RecordDict
-
-        from fedsrd.integrations.flower import make_client_app
-
-        self.app = make_client_app()
-        self.contexts = {
-            100 + i: Context(run_id=1, node_id=100 + i, node_config=c, state=RecordDict(), run_config=run_config)
-            for i, c in enumerate(node_configs)
-        }
-        self.fail = set(fail)
-        self.replies = []
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        from flwr.app import Error, Message
-
-        out = []
-        for msg in messages:
-            nid = msg.metadata.dst_node_id
-            stage = msg.content["secaggplus_configs"]["stage"] if "secaggplus_configs" in msg.content else None
-            try:
-                if (nid, stage) in self.fail:
-                    raise ConnectionError("node went away")
-                reply = self.app(msg, self.contexts[nid])
-            except Exception as err:
-                reply = Message(Error(code=1, reason=repr(err)), reply_to=msg)
-            self.replies.append((stage, reply))
-            out.append(reply)
-        return out
 
 
 def _in_process(root: Path, fail=(), node_extra=None, **overrides):
@@ -331,7 +286,7 @@ def _in_process(root: Path, fail=(), node_extra=None, **overrides):
         {"partition-id": i, "num-partitions": 3, "state-dir": str(root / f"node{i}"), **(node_extra or {}).get(i, {})}
         for i in range(3)
     ]
-    grid = LoopbackGrid(rc, nodes, fail)
+    grid = StageGrid(rc, nodes, fail=fail)
     return run_server(grid, rc), grid
 
 
