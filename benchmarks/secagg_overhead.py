@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import socket
 import sys
 import tempfile
@@ -138,7 +139,8 @@ def report(result: dict) -> dict:
     print("| per round (mean) | plain | SecAgg+ | ratio |\n|---|---:|---:|---:|")
     for label, a, b, ratio in rows:
         fmt = "{:,.0f}" if "bytes" in label else "{:.1f}"
-        print(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio:.2f}x |")
+        shown = f"{ratio:.2f}x" if math.isfinite(ratio) else "- (plain is 0)"
+        print(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {shown} |")
     print(
         f"\nSecAgg+ upload = masked vectors {summary['masked_vector_bytes_per_round']:,.0f} B (int64, vs the "
         f"float32 updates) + keys and shares {summary['protocol_upload_bytes_per_round']:,.0f} B; download adds "
