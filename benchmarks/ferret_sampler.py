@@ -3,12 +3,15 @@
 
     OMP_NUM_THREADS=1 python benchmarks/ferret_sampler.py                      # MiniLM's 384 x 1536 matrix
     OMP_NUM_THREADS=1 python benchmarks/ferret_sampler.py --rows 384 --cols 384 --repeats 40
+    OMP_NUM_THREADS=1 python benchmarks/ferret_sampler.py --layer   # project + reconstruct one MiniLM layer, K = 200
 
 A basis is d = rows x cols numbers drawn on [-1/sqrt(d), 1/sqrt(d)]. "project" is one coordinate of
 `ferret.project` (draw + dot), "reconstruct" one term of `ferret.reconstruct_block` (draw + norm + add); the
 "before" rows time the previous code (``trunc_normal_``, then a rescale pass, then the dot, or the multiply, norm and
-add). Prints a table: per row the fastest of `--repeats` timings (the least disturbed by other load), the rows
-timed in turn. Times depend on the machine.
+add). `--layer` instead times `ferret.project` and `ferret.reconstruct_block` as a round calls them, with all K = 200
+bases on each of one MiniLM layer's six block matrices (4 of 384 x 384, 2 of 384 x 1536), once. Otherwise prints a
+table: per row the fastest of `--repeats` timings (the least disturbed by other load), the rows timed in turn. Times
+depend on the machine.
 """
 
 from __future__ import annotations
@@ -19,7 +22,29 @@ import time
 
 import torch
 
-from fedsrd.algorithms.ferret import basis_scale, reconstruct_block, truncated_normal
+from fedsrd.algorithms.ferret import basis_scale, project, reconstruct_block, truncated_normal
+
+MINILM_LAYER = [(384, 384)] * 4 + [(1536, 384), (384, 1536)]  # q, k, v, attention out; FFN in, FFN out
+
+
+def layer(pool_size: int = 200) -> dict[str, float]:
+    """ns per basis number of `project` (all K bases) and `reconstruct_block` (K non-zero coordinates), one layer."""
+    pool = list(range(1000, 1000 + pool_size))
+    g = torch.Generator().manual_seed(0)
+    spent = {"project": 0.0, "reconstruct": 0.0}
+    for i, shape in enumerate(MINILM_LAYER):
+        delta = 1e-3 * torch.randn(shape, generator=g)
+        start = time.perf_counter()
+        coords = project(delta, f"layer.{i}", pool, list(range(pool_size)))
+        spent["project"] += time.perf_counter() - start
+        start = time.perf_counter()
+        reconstruct_block(coords, f"layer.{i}", pool, shape)
+        spent["reconstruct"] += time.perf_counter() - start
+    numbers = pool_size * sum(rows * cols for rows, cols in MINILM_LAYER)
+    print(f"torch {torch.__version__}, one MiniLM layer, K = {pool_size}, 1 thread: {numbers:.3g} basis numbers each")
+    for name, seconds in spent.items():
+        print(f"{name:12s} {seconds:6.2f} s  {seconds / numbers * 1e9:6.2f} ns per number")
+    return {name: seconds / numbers * 1e9 for name, seconds in spent.items()}
 
 
 def per_number(rows: dict, numel: int, repeats: int) -> dict[str, float]:
@@ -39,8 +64,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--rows", type=int, default=384)
     parser.add_argument("--cols", type=int, default=1536)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--layer", action="store_true", help="time project + reconstruct on one MiniLM layer")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.layer:
+        return layer()
     d = args.rows * args.cols
     bound = 1.0 / math.sqrt(d)
     g = torch.Generator().manual_seed(0)
