@@ -82,8 +82,9 @@ def truncated_normal(numel: int, bound: float, generator: torch.Generator) -> to
 
     Every number comes from `generator` in a fixed order (per batch: the u, then the gaps, then the w at the gaps),
     so the same generator state gives the same bits on any machine and any torch version with the same
-    ``uniform_``; ``trunc_normal_`` changed its method across torch versions (inverse CDF, then rejection), so its
-    bits did not. Resolution: the u are float32 uniforms (2^24 levels across [-b, b)), as trunc_normal_'s are.
+    ``uniform_`` (short of a float64 exp one ulp apart deciding a test at w's exact value, chance ~1e-16 per test);
+    ``trunc_normal_`` changed its method across torch versions (inverse CDF, then rejection), so its bits did not.
+    Resolution: the u are float32 uniforms (2^24 levels across [-b, b)), as trunc_normal_'s are.
     """
     b = float(torch.tensor(bound, dtype=torch.float32))  # the float32 bound the uniforms use: |u| <= b exactly
     t = math.exp(-0.5 * b * b)  # the squeeze: w <= t keeps u for every u in [-b, b]
