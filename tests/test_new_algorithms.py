@@ -421,6 +421,76 @@ def test_ferret_round_through_the_wire_averages_coordinates():
     assert nnz[-1] == 16 and nnz[0] >= 2
 
 
+def test_ferret_truncated_normal_has_trunc_normals_distribution():
+    """`truncated_normal` (rejection from the uniform) against torch's trunc_normal_ and scipy's truncnorm."""
+    from scipy import stats
+
+    from fedsrd.algorithms.ferret import truncated_normal, truncated_normal_variance
+
+    n = 100_000
+    for bound in (1.0, 2.5):  # bounds where the truncated normal is far from uniform, and many pairs are rejected
+        ours = truncated_normal(n, bound, torch.Generator().manual_seed(1)).double().numpy()
+        reference = torch.nn.init.trunc_normal_(torch.empty(n), 0, 1, -bound, bound,
+                                                generator=torch.Generator().manual_seed(2)).double().numpy()
+        assert ours.shape == (n,) and abs(ours).max() <= bound
+        assert stats.kstest(ours, stats.truncnorm(-bound, bound).cdf).pvalue > 1e-3
+        assert stats.ks_2samp(ours, reference).pvalue > 1e-3
+        # the test has the power to tell: a plain uniform on the same bound fails it
+        g = torch.Generator().manual_seed(3)
+        uniform = torch.empty(n, dtype=torch.float64).uniform_(-bound, bound, generator=g)
+        assert stats.kstest(uniform.numpy(), stats.truncnorm(-bound, bound).cdf).pvalue < 1e-6
+    # a weight matrix's bound 1/sqrt(d): the moments of the truncated normal (nearly uniform there)
+    d = 147_456
+    bound = 1 / math.sqrt(d)
+    ours = truncated_normal(d * 4, bound, torch.Generator().manual_seed(4)).double()
+    var = truncated_normal_variance(float(torch.tensor(bound, dtype=torch.float32)))
+    assert abs(float(ours.mean())) < 4 * math.sqrt(var / ours.numel())
+    assert float(ours.var()) == pytest.approx(var, rel=0.01)
+    assert float(ours.pow(4).mean()) / var**2 == pytest.approx(9 / 5, rel=0.02)  # (a uniform's kurtosis)
+    assert float(ours.abs().max()) <= bound * (1 + 1e-6)
+
+
+def test_ferret_truncated_normal_is_deterministic_and_fills_any_size():
+    from fedsrd.algorithms.ferret import ferret_direction, truncated_normal
+
+    for numel, bound in ((1, 1.0), (3, 4.0), (1000, 3.0), (5000, 1 / math.sqrt(5000))):
+        a = truncated_normal(numel, bound, torch.Generator().manual_seed(7))
+        b = truncated_normal(numel, bound, torch.Generator().manual_seed(7))
+        assert a.shape == (numel,) and a.dtype == torch.float32 and torch.equal(a, b)
+        assert not torch.equal(a, truncated_normal(numel, bound, torch.Generator().manual_seed(8))) or numel == 1
+    # the same (seed, name) gives the same bits from a fresh generator, another name others
+    assert torch.equal(ferret_direction(5, "w", 4096), ferret_direction(5, "w", 4096))
+    assert not torch.equal(ferret_direction(5, "w", 4096), ferret_direction(5, "u", 4096))
+
+
+def test_ferret_reconstructs_once_per_round_in_one_process(monkeypatch):
+    """Server and client copy share the algorithm (as in the simulation): each block's bases are drawn once per round,
+    and the reused step is the one a fresh reconstruction gives, bit for bit."""
+    from fedsrd.algorithms import ferret
+
+    calls = []
+    original = ferret.reconstruct_block
+    monkeypatch.setattr(ferret, "reconstruct_block", lambda *a: calls.append(a[1]) or original(*a))
+    state = {"model.layers.0.mlp.up_proj.weight": torch.zeros(6, 4), "model.layers.0.mlp.down_proj.weight":
+             torch.zeros(4, 6)}  # fmt: skip
+    locals_ = [{k: 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(s)) for k, v in state.items()}
+               for s in (1, 2)]  # fmt: skip
+    server, client, _, result = _round("ferret", state, locals_, ferret_num_seeds=16)
+    assert sorted(calls) == sorted(state)  # one reconstruction per block: the server's; the client copy reused it
+    assert server.algorithm._steps == {}  # nothing kept between rounds
+    fresh = get_algorithm("ferret", server.config)  # a process of its own recomputes: the same bits
+    recomputed = fresh.apply(state, wire.decode(result.broadcast).tensors)
+    assert all(torch.equal(recomputed[k], client.state[k]) for k in state) and len(calls) == 2 * len(state)
+    # a different broadcast for the same block is not taken for the kept one
+    broadcast = dict(wire.decode(result.broadcast).tensors)
+    key = ferret.coord_name("model.layers.0.mlp.up_proj.weight")
+    fresh.apply(state, broadcast)
+    broadcast[key] = broadcast[key].to_dense() * 2
+    doubled = fresh.apply(state, broadcast)
+    torch.testing.assert_close(doubled["model.layers.0.mlp.up_proj.weight"],
+                               2 * recomputed["model.layers.0.mlp.up_proj.weight"])  # fmt: skip
+
+
 # ---- end to end ----------------------------------------------------------------------------------------------------
 def _logits(model, ids):
     model.eval()
