@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -439,3 +440,14 @@ def test_trainer_builds_one_adapter_per_rank_and_refuses_a_global_adapter_of_ano
     other = get_peft_model(build_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="the model's adapter has rank 4, but lora_r=8"):
         FederatedTrainer(model=other, **kwargs)
+
+
+def test_fedsrd_with_unequal_ranks_and_no_ridge_warns_with_the_measured_divergence(caplog):
+    with caplog.at_level(logging.WARNING, logger="fedsrd.config"):
+        FedSRDConfig(algorithm="fedsrd", num_clients=3, lora_r=8, client_lora_ranks=[2, 4, 8])
+    assert "decompose_ridge 0.1 trained stably" in caplog.text and "[2, 4, 8]" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedsrd.config"):
+        FedSRDConfig(algorithm="fedsrd", num_clients=3, lora_r=8, client_lora_ranks=[2, 4, 8], decompose_ridge=0.1)
+        FedSRDConfig(algorithm="fedsrd", num_clients=3, lora_r=8)  # equal ranks: the paper's setting, no warning
+    assert "decompose_ridge" not in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -730,6 +731,13 @@ class FedSRDConfig(*ALGORITHM_OPTIONS):
                 f"rank (lora_r={self.lora_r}), got ranks {sorted(set(self.client_lora_ranks))}; the algorithms that "
                 f"handle clients of different ranks: {', '.join(able)}."
             )
+        if self.algorithm in ("fedsrd", "fedsrd_e") and self.decompose_ridge == 0:  # measured: docs/benchmarks.md
+            logging.getLogger(__name__).warning(
+                "FedSRDConfig: %s with clients of different ranks %s and the paper's undamped solve "
+                "(decompose_ridge 0) diverged on Gemma-3-270M (held-out loss 2.14 -> 3.84 in 12 rounds; "
+                "docs/benchmarks.md, 'Clients of different LoRA ranks'); decompose_ridge 0.1 trained stably there.",
+                self.algorithm, sorted(set(self.client_lora_ranks)),
+            )  # fmt: skip
 
     @property
     def has_unequal_ranks(self) -> bool:
