@@ -475,6 +475,8 @@ def load_all_stored(a: argparse.Namespace) -> dict[str, dict[int, list[dict]]]:
     if a.report_only and not getattr(a, "methods_named", False) and root.is_dir():  # without --methods: all stored
         for settings_file in sorted(root.glob("*/seed*/settings.json")):
             s = json.loads(settings_file.read_text())
+            if "dp_mode=" in s["method"]:  # private runs: their own report (--methods; run_all's privacy section)
+                continue
             if s["seed"] in a.seeds and s["method"] not in runs:
                 runs[s["method"]] = {}
             if s["seed"] in a.seeds and s["seed"] not in runs[s["method"]]:
