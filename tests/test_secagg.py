@@ -561,10 +561,19 @@ def test_deployment_on_loopback_secure_equals_plain(tmp_path):
         "domains": "arithmetic percent units",
     }
     node_configs = [{"partition-id": i, "num-partitions": 3, "state-dir": str(tmp_path / f"node{i}")} for i in range(3)]
-    runs = [
-        {**app_config, "output-dir": str(tmp_path / "plain")},
-        {**app_config, "output-dir": str(tmp_path / "secure"), "args": SECAGG},
-    ]
+    # the plain reference runs in process (the same ServerApp and ClientApp messages, and bits, as a deployment:
+    # test_flower), so the loopback deployment runs only the secure federation
+    import tomllib
+
+    from fedsrd.integrations.flower import run_server
+    from fedsrd.integrations.inprocess import InProcessGrid, serverapp_task_identity
+
+    defaults = dict(tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    plain_rc = {**defaults, **app_config, "output-dir": str(tmp_path / "plain")}
+    plain_nodes = [{**c, "state-dir": str(tmp_path / f"plain_node{i}")} for i, c in enumerate(node_configs)]
+    with serverapp_task_identity():
+        run_server(InProcessGrid(plain_rc, plain_nodes), plain_rc)
+    runs = [{**app_config, "output-dir": str(tmp_path / "secure"), "args": SECAGG}]
     isolated = _isolated_network()
     link_port, node_port = (9092, 9094) if isolated else _free_ports(2)
     driver = [
@@ -587,7 +596,7 @@ def test_deployment_on_loopback_secure_equals_plain(tmp_path):
     ]
     out = run_loopback_driver(driver, isolated, timeout=1500)
     statuses = [json.loads(line)["status"] for line in out.splitlines() if line.startswith('{"run_id"')]
-    assert statuses == ["finished:completed", "finished:completed"]
+    assert statuses == ["finished:completed"]
     plain, secure = _final_state(tmp_path / "plain"), _final_state(tmp_path / "secure")
     worst = max(float((plain[k] - secure[k]).abs().max()) for k in plain)
     assert 0 < worst <= STEP * 1.001 + 1e-7
