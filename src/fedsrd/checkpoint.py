@@ -201,9 +201,8 @@ def _read_checkpoint(path: Path) -> tuple[int, dict[str, torch.Tensor], dict[str
 def check_resume(saved: dict[str, Any], current: dict[str, Any], where: str | Path) -> None:
     """Raise ValueError naming every `RESUME_KEYS` setting in which this run (`current`, `FedSRDConfig.to_dict()`)
     differs from the run that wrote the checkpoint in `where` (`saved`)."""
-    differing = [k for k in RESUME_KEYS if k in saved and saved.get(k) != current.get(k)]
-    if differing:
-        settings = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in differing)
+    settings = _differing_settings(saved, current, RESUME_KEYS)
+    if settings:
         raise ValueError(
             f"resume: the checkpoint in {where} was written by a run with different settings ({settings}); resume "
             "with the same settings, or start a new run in another output directory."
@@ -248,15 +247,20 @@ def _check_resume_dp_settings(saved: dict[str, Any], current: dict[str, Any], wh
     if (saved.get("dp_mode") or "off") == "off" and (current.get("dp_mode") or "off") == "off":
         return
     keys = DP_RESUME_KEYS + (("num_rounds",) if current.get("dp_target_epsilon") is not None else ())
-    differing = [k for k in keys if k in saved and saved.get(k) != current.get(k)]
-    if differing:
-        settings = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in differing)
+    settings = _differing_settings(saved, current, keys)
+    if settings:
         raise ValueError(
             f"resume: the checkpoint in {where} was written by a private run with other privacy settings ({settings}); "
             "its noise and its epsilon after each round are one analysis over the whole run (with dp_target_epsilon, "
             "the noise multiplier is computed for num_rounds), so resume with the same settings, or start a new run "
             "in another output directory."
         )
+
+
+def _differing_settings(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """"key: checkpoint X, this run Y" for each of `keys` the checkpoint has and this run changes ("" when none)."""
+    differing = [k for k in keys if k in saved and saved.get(k) != current.get(k)]
+    return "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}" for k in differing)
 
 
 def _write_json(path: Path, obj: Any) -> None:
