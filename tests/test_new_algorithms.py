@@ -39,10 +39,12 @@ def _local(state, seed, scale=0.3, only=None):
     }
 
 
-def _round(name, state, locals_, round=1, **cfg_kwargs):
-    """One round through the roles, every message encoded and decoded: (server, client view, uploads, result)."""
+def _round(name, state, locals_, round=1, shared=False, **cfg_kwargs):
+    """One round through the roles, every message encoded and decoded: (server, client view, uploads, result).
+    `shared`: the server and the client view share one algorithm object, as in the simulation."""
     cfg = FedSRDConfig(algorithm=name, num_clients=max(len(locals_), 1), **cfg_kwargs)
     algo = get_algorithm(name, cfg)
+    algo.shared_by_server_and_client = shared
     client = FederatedClient(algo, dict(state), cfg)
     server = FederatedServer(algo, dict(state), cfg)
     blobs = [client.make_update(loc, round=round, client_id=i, num_samples=10) for i, loc in enumerate(locals_)]
@@ -475,7 +477,7 @@ def test_ferret_reconstructs_once_per_round_in_one_process(monkeypatch):
              torch.zeros(4, 6)}  # fmt: skip
     locals_ = [{k: 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(s)) for k, v in state.items()}
                for s in (1, 2)]  # fmt: skip
-    server, client, _, result = _round("ferret", state, locals_, ferret_num_seeds=16)
+    server, client, _, result = _round("ferret", state, locals_, ferret_num_seeds=16, shared=True)
     assert sorted(calls) == sorted(state)  # one reconstruction per block: the server's; the client copy reused it
     assert server.algorithm._steps == {}  # nothing kept between rounds
     fresh = get_algorithm("ferret", server.config)  # a process of its own recomputes: the same bits
@@ -484,11 +486,29 @@ def test_ferret_reconstructs_once_per_round_in_one_process(monkeypatch):
     # a different broadcast for the same block is not taken for the kept one
     broadcast = dict(wire.decode(result.broadcast).tensors)
     key = ferret.coord_name("model.layers.0.mlp.up_proj.weight")
+    fresh.shared_by_server_and_client = True
     fresh.apply(state, broadcast)
     broadcast[key] = broadcast[key].to_dense() * 2
     doubled = fresh.apply(state, broadcast)
     torch.testing.assert_close(doubled["model.layers.0.mlp.up_proj.weight"],
                                2 * recomputed["model.layers.0.mlp.up_proj.weight"])  # fmt: skip
+
+
+def test_ferret_keeps_no_reconstruction_where_each_broadcast_is_applied_once(monkeypatch):
+    """A Flower ServerApp or SuperNode (server and client in processes of their own) applies each broadcast once: no
+    float32 copy of the trained matrices may wait there through the next round; the server and the client each draw
+    the bases, and agree bit for bit."""
+    from fedsrd.algorithms import ferret
+
+    calls = []
+    original = ferret.reconstruct_block
+    monkeypatch.setattr(ferret, "reconstruct_block", lambda *a: calls.append(a[1]) or original(*a))
+    state = {"model.layers.0.mlp.up_proj.weight": torch.zeros(6, 4)}
+    locals_ = [{k: 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(3)) for k, v in state.items()}]
+    server, client, _, _ = _round("ferret", state, locals_, ferret_num_seeds=16)
+    assert server.algorithm._steps == {} and len(calls) == 2  # the server's apply and the client's, nothing kept
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(server.state[name], client.state[name])
 
 
 # ---- end to end ----------------------------------------------------------------------------------------------------

@@ -123,6 +123,11 @@ class Algorithm(ABC):
 
     def __init__(self, config: FedSRDConfig) -> None:
         self.config = config
+        # True when one object serves both the server and the client copy of one process (the simulation sets it,
+        # `fedsrd.runtime.local.run_federation`): each broadcast is then applied twice in a row by this object, and an
+        # algorithm may keep what the first apply computed for the second (Ferret's reconstruction). False on a
+        # Flower ServerApp or SuperNode, which apply each broadcast once: nothing is kept there.
+        self.shared_by_server_and_client = False
 
     # ---- local training -------------------------------------------------------------------------------------------
     def trainable(self, name: str) -> bool:

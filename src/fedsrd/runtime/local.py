@@ -110,6 +110,7 @@ def run_federation(trainer: FederatedTrainer) -> TrainOutput:
     args = trainer.args
     out_dir = Path(args.output_dir)
     server = FederatedServer(trainer.algorithm, trainer.global_state, cfg)
+    trainer.algorithm.shared_by_server_and_client = True  # the server and `client_view` below apply each broadcast
     # Every party starts from the same seeded adapter, so round 0 needs no bytes on the wire.
     client_view = FederatedClient(trainer.algorithm, dict(trainer.global_state), cfg)
     if uses_disk_store(cfg.client_state_store, cfg.num_clients, cfg.client_state_disk_threshold):
