@@ -261,7 +261,8 @@ def test_node_store_ignores_a_state_that_does_not_match_its_digest(tmp_path):
 @needs_flwr
 def test_the_in_process_grid_answers_as_supernodes_do(task_identity):
     """Node i is node id 100 + i with its node config; a ClientApp that raises, a node that `fail` drops and an
-    unknown node are answered with Flower's errors; the ClientApp edits its own copy of the message."""
+    unknown node are answered with Flower's errors; the ClientApp edits its own copy of the message; what Flower's
+    protobuf cannot carry (an integer past 64 bits) fails as it would on a deployment; sizes are the wire's."""
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.common.constant import ErrorCode
 
@@ -270,6 +271,8 @@ def test_the_in_process_grid_answers_as_supernodes_do(task_identity):
     def app(msg, context):
         if msg.metadata.message_type == "query.raise":
             raise ValueError("no such query")
+        if msg.metadata.message_type == "query.huge":  # a record the ClientApp can build but no SuperNode can send
+            return Message(RecordDict({"c": ConfigRecord({"x": 2**70})}), reply_to=msg)
         got = msg.content["c"].pop("x")  # as secaggplus_mod takes the stage out of the message it receives
         content = RecordDict({"c": ConfigRecord({"x": got, "partition": context.node_config["partition-id"]})})
         return Message(content, reply_to=msg)
@@ -279,7 +282,8 @@ def test_the_in_process_grid_answers_as_supernodes_do(task_identity):
 
     grid = InProcessGrid({}, [{"partition-id": 0}, {"partition-id": 1}], app=app, fail=fail)
     assert grid.get_node_ids() == [100, 101]
-    sends = [(100, "train"), (101, "train"), (101, "query.x"), (100, "query.raise"), (102, "train")]
+    sends = [(100, "train"), (101, "train"), (101, "query.x"), (100, "query.raise"), (102, "train"),
+             (100, "query.huge")]
     messages = [Message(RecordDict({"c": ConfigRecord({"x": n})}), n, kind) for n, kind in sends]
     replies = grid.send_and_receive(messages)
     assert grid.sent == [kind for _, kind in sends] and [m for m, _ in grid.exchanges] == messages
@@ -291,9 +295,15 @@ def test_the_in_process_grid_answers_as_supernodes_do(task_identity):
         ErrorCode.NODE_UNAVAILABLE,
         ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
         ErrorCode.NODE_UNAVAILABLE,
+        ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
     ]
     assert "no such query" in replies[3].error.reason and "no SuperNode 102" in replies[4].error.reason
+    assert "out of range" in replies[5].error.reason
     assert [r.metadata.src_node_id for r in replies[:4]] == [100, 101, 101, 100]
+    assert all(sent > 0 for sent, _ in grid.sizes) and [reply > 0 for _, reply in grid.sizes] == [
+        True, False, True, False, False, False]  # fmt: skip
+    with pytest.raises(ValueError, match="out of range"):  # the server's own unsendable message: its push fails
+        grid.send_and_receive([Message(RecordDict({"c": ConfigRecord({"x": 2**70})}), 100, "train")])
 
 
 @needs_flwr

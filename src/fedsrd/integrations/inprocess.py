@@ -11,9 +11,12 @@ measuring what a round sends (the same messages, records and bytes as a deployme
         history = run_server(InProcessGrid(run_config, nodes), run_config)
 
 `InProcessGrid` implements the two `flwr.serverapp.Grid` methods a ServerApp's round loop calls, ours and Flower's
-strategies alike: `get_node_ids` and `send_and_receive`. What differs from a deployment: messages are handed over as
-deep copies, never serialized (each side still gets its own copy, so a ClientApp or mod that edits the message it
-receives, as Flower's `secaggplus_mod` does, leaves the server's message alone); every message is answered in order
+strategies alike: `get_node_ids` and `send_and_receive`. Every message and reply crosses as Flower's protobuf
+(`flwr.common.serde.message_to_proto`, serialized to bytes and parsed back), so each side gets its own copy (a
+ClientApp or mod that edits the message it receives, as Flower's `secaggplus_mod` does, leaves the server's message
+alone) and a record a deployment could not send fails here too; `sizes` records each (message, reply) size in bytes.
+What differs from a deployment: a deployment sends the records as Flower's content objects beside the message's
+protobuf, not inside one protobuf (the same records, a few bytes of framing apart); every message is answered in order
 before `send_and_receive` returns, so `timeout` is never reached; and a node that should fail is named by `fail`, not
 by stopping a process. Each SuperNode keeps
 one `Context` for the whole run, as a SuperNode keeps its node state between messages.
@@ -26,7 +29,6 @@ ServerApp side needs `serverapp_task_identity()` around it in a process of its o
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -34,6 +36,8 @@ from typing import Any
 try:
     from flwr.app import Context, Error, Message, RecordDict
     from flwr.common.constant import ErrorCode
+    from flwr.common.serde import message_from_proto, message_to_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage
     from flwr.supercore.task_identity import TaskIdentity
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -63,7 +67,8 @@ class InProcessGrid:
     `node_configs[i]` is SuperNode i's node config; its node id is 100 + i. `fail(node_id, message)`, when given and
     true, makes that delivery fail as a node that went away: the ClientApp is not called and the reply is the Error a
     SuperLink returns for an unavailable node. A ClientApp that raises is answered with the Error a SuperNode returns
-    for it. `sent` records each message type in order; `exchanges` each (message, reply) pair.
+    for it. `sent` records each message type in order; `exchanges` each (message, reply) pair; `sizes` each pair's
+    serialized sizes in bytes (reply 0 when the node failed before answering).
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class InProcessGrid:
         }
         self.sent: list[str] = []
         self.exchanges: list[tuple[Message, Message]] = []
+        self.sizes: list[tuple[int, int]] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -92,19 +98,28 @@ class InProcessGrid:
         replies = []
         for msg in messages:
             self.sent.append(msg.metadata.message_type)
-            reply = self._deliver(msg)
+            delivered, sent_bytes = _through_the_wire(msg)  # raises, as a deployment's push would, if unsendable
+            reply, reply_bytes = self._deliver(delivered)
             self.exchanges.append((msg, reply))
+            self.sizes.append((sent_bytes, reply_bytes))
             replies.append(reply)
         return replies
 
-    def _deliver(self, msg: Message) -> Message:
+    def _deliver(self, msg: Message) -> tuple[Message, int]:
+        """The reply the server receives for `msg` (parsed from the wire when the ClientApp answered) and its size."""
         node_id = msg.metadata.dst_node_id
         if node_id not in self.contexts:
-            return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=f"no SuperNode {node_id}"), reply_to=msg)
+            return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=f"no SuperNode {node_id}"), reply_to=msg), 0
         if self.fail is not None and self.fail(node_id, msg):
-            return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=NODE_UNAVAILABLE), reply_to=msg)
+            return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=NODE_UNAVAILABLE), reply_to=msg), 0
         try:
-            return copy.deepcopy(self.app(copy.deepcopy(msg), self.contexts[node_id]))
+            return _through_the_wire(self.app(msg, self.contexts[node_id]))  # an unsendable reply: the app's failure
         except Exception as err:  # what a SuperNode replies when the ClientApp raises (flwr 1.41, run_clientapp)
             reason = f"{type(err)}:<'{err}'>"
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg), 0
+
+
+def _through_the_wire(msg: Message) -> tuple[Message, int]:
+    """`msg` serialized as Flower's protobuf and parsed back (a copy sharing nothing with it), and its size in bytes."""
+    blob = message_to_proto(msg).SerializeToString()
+    return message_from_proto(ProtoMessage.FromString(blob)), len(blob)
