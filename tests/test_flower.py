@@ -490,10 +490,11 @@ def test_resume_from_checkpoint_continues_the_same_federation(fedsrd_run, tmp_pa
 
 
 @needs_flwr
-@pytest.mark.parametrize("algorithm", ["fedavg", "fedsa_lora", "flora", "fedkrso"])
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedsa_lora", "flora", "fedkrso", "fed_sb"])
 def test_other_algorithms_match_the_simulation(algorithm, tmp_path, tmp_path_factory, task_identity):
     """Full-state catch-up (FedAvg), client-kept tensors (FedSA-LoRA), base-weight writes (FLoRA), no LoRA at all
-    (FedKRSO: full-parameter training through seeded projections)."""
+    (FedKRSO: full-parameter training through seeded projections), an initial adapter computed from client 0's data
+    (Fed-SB: every other node receives it as a full state before it first trains)."""
     history, _ = _run_in_process(tmp_path, algorithm=algorithm, **{"num-rounds": 2})
     final = _final_digest(tmp_path / "server")
     assert final == _simulated_digest(tmp_path_factory, algorithm=algorithm, **{"num-rounds": 2})
@@ -501,6 +502,10 @@ def test_other_algorithms_match_the_simulation(algorithm, tmp_path, tmp_path_fac
     # after round 2, client 1 still holds round 0. Two FedAvg broadcasts are the whole state twice; two FedSA-LoRA
     # broadcasts are all A twice, and B is as large as A here. FLoRA writes base weights: only ever broadcasts.
     # FedKRSO broadcasts per-seed accumulators, far smaller than the state of every trained weight.
+    if algorithm == "fed_sb":  # client 1 computed its own initial adapter, which no broadcast applies to
+        catch_ups = [r["transport"]["catch_up"]["1"]["kind"] for r in history[1:] if "1" in r["transport"]["catch_up"]]
+        assert catch_ups[0] == "full" and history[0]["transport"]["initial_adapter_bytes"] > 0
+        return
     expected = {"fedavg": "full", "fedsa_lora": "full", "flora": "broadcasts", "fedkrso": "broadcasts"}[algorithm]
     assert history[-1]["transport"]["final_sync"]["1"]["kind"] == expected
 
@@ -542,6 +547,22 @@ def _reply_to_train(content):
 
     msg = Message(RecordDict({CONFIG: ConfigRecord({"round": 1})}), 102, TRAIN, group_id="1")
     return Message(content, reply_to=msg)
+
+
+@needs_flwr
+def test_a_node_with_another_initial_adapter_stops_a_new_federation_with_the_reason(task_identity):
+    """Every SuperNode builds the initial adapter from the seed; one that built another (another model or seed) stops
+    the start before any training, naming the clients (Fed-SB, whose initial adapter comes from data, is the one
+    exception: `test_other_algorithms_match_the_simulation[fed_sb]`)."""
+    from fedsrd.integrations.flower import FlowerCoordinator
+    from fedsrd.integrations.inprocess import InProcessGrid
+
+    coordinator = FlowerCoordinator(InProcessGrid({}, []), parse_run_config({**RUN_CONFIG, "algorithm": "fedavg"}))
+    _, algo, init, _, _ = _federation("fedavg", 0)
+    coordinator.ledger = SyncLedger(held={0: (0, wire.state_digest(init)), 1: (0, "another")})
+    with pytest.raises(RuntimeError, match=r"client\(s\) \[1\] built a different initial adapter than client 0"):
+        coordinator._start(encode_full_state(algo, init, 0))
+    assert coordinator.server is None
 
 
 @needs_flwr

@@ -140,6 +140,11 @@ class Algorithm(ABC):
         RoLoRA alternates (B in odd rounds, A in even ones). The trainer sets ``requires_grad`` from it each round."""
         return self.trainable(name)
 
+    # True if `prepare_adapter` computes the initial adapter from data (client 0's, Fed-SB): a party that builds the
+    # model from other data gets another initial adapter. On Flower the server starts from client 0's and sends it
+    # to every other SuperNode as a full state before it first trains (one download of the adapter).
+    init_from_data: ClassVar[bool] = False
+
     def prepare_adapter(self, model: torch.nn.Module, init_data: Any = None, args: Any = None) -> None:
         """Change a freshly built PEFT model before its adapter becomes the global state (every party runs it).
 

@@ -394,7 +394,10 @@ class FlowerCoordinator(Transport):
         state, _ = decode_full_state(init, self.algorithm.name, max_bytes=self.cfg.max_message_bytes)
         digest = wire.state_digest(state)
         differing = sorted(c for c, held in self.ledger.held.items() if held != (0, digest))
-        if differing:
+        if differing and self.algorithm.init_from_data:  # their held (0, own digest) plans a full-state catch-up
+            _say(f"client(s) {differing} computed {self.cfg.algorithm}'s initial adapter from their own data; each "
+                 f"receives client 0's (digest {digest[:12]}) as a full state before it first trains")
+        elif differing:
             raise RuntimeError(
                 f"client(s) {differing} built a different initial adapter than client 0 (digest {digest[:12]}); "
                 "every SuperNode must use the same model, LoRA settings and seed."
