@@ -57,6 +57,12 @@ def sections(data: str, quick: bool) -> dict[str, dict]:
             "needs_data": False,
             "needs_results": "benchmarks/results/frontier_hetrank",
         },  # fmt: skip
+        # issue 19: the 2025 methods on the frontier's settings, against FedAvg-LoRA and FedSRD (same stored sweep)
+        "frontier_2025": {
+            "cmd": ["frontier.py", "--report-only", "--plot-dir", "docs/img", "--plot-prefix", "frontier_2025",
+                    "--methods", "fedavg", "fedsrd", "rolora", "fedsvd", "fed_sb+lora_r=64", "fedrpca"],
+            "needs_data": False,
+        },  # fmt: skip
         # issue 18: central DP on the frontier's settings, against the same methods without privacy (seed 1)
         "privacy": {
             "cmd": ["frontier.py", "--report-only", "--seeds", "1", "--plot-dir", "docs/img",
@@ -224,7 +230,7 @@ def render(name: str, cmd: list[str], text: str, result: dict | None, seconds: f
             out += ["", *checks]
     if name == "accuracy" and (IMG / "accuracy_vs_bytes.png").exists():
         out += ["", "![held-out loss against MB per client per round](img/accuracy_vs_bytes.png)"]
-    if name in ("frontier", "frontier_hetrank") and (IMG / f"{name}_loss_vs_mb.png").exists():
+    if name in ("frontier", "frontier_hetrank", "frontier_2025") and (IMG / f"{name}_loss_vs_mb.png").exists():
         out += ["", f"![held-out loss against cumulative MB per client, 95% bands](img/{name}_loss_vs_mb.png)",
                 "", f"![held-out loss against round, 95% bands](img/{name}_loss_vs_round.png)"]
     if name == "server_step" and result is not None and server_step_plot(result, IMG / "server_step.png"):
