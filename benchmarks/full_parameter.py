@@ -126,7 +126,10 @@ def simulated_local_state(algo, start: dict, shapes: dict, round: int, client_id
                 torch.randn(1, generator=gen)
             )
         return {LOCAL_INCREMENT: increments}
-    local = {name: 1e-4 * torch.randn(shape, generator=gen) for name, shape in shapes.items()}
+    # the local phase moves each weight a little from where this round starts (not from zero: Ferret projects the
+    # change, so a local state drawn around zero would send the whole global state as the change from round 2 on)
+    local = {name: (start[name] if name in start else 0.0) + 1e-4 * torch.randn(shape, generator=gen)
+             for name, shape in shapes.items()}  # fmt: skip
     if algo.name == "fedkrso":
         picker = generator_for(cfg.seed, "fedkrso_pick", round, client_id)
         periods = math.ceil(cfg.local_steps / cfg.krso_tau)
@@ -180,7 +183,7 @@ def measure(
         for round in range(1, rounds + 1):
             blobs = []
             for cid in range(clients):
-                local = simulated_local_state(algo, state, shapes, round, cid, seed)
+                local = simulated_local_state(algo, view.state, shapes, round, cid, seed)
                 blobs.append(view.make_update(local, round=round, client_id=cid, num_samples=1))
             result = server.step(round, blobs, min_updates=clients)
             view.receive(result.broadcast)
