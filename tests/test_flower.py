@@ -490,11 +490,12 @@ def test_resume_from_checkpoint_continues_the_same_federation(fedsrd_run, tmp_pa
 
 
 @needs_flwr
-@pytest.mark.parametrize("algorithm", ["fedavg", "fedsa_lora", "flora", "fedkrso", "fed_sb"])
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedsa_lora", "flora", "fedkrso", "fed_sb", "ferret"])
 def test_other_algorithms_match_the_simulation(algorithm, tmp_path, tmp_path_factory, task_identity):
     """Full-state catch-up (FedAvg), client-kept tensors (FedSA-LoRA), base-weight writes (FLoRA), no LoRA at all
     (FedKRSO: full-parameter training through seeded projections), an initial adapter computed from client 0's data
-    (Fed-SB: every other node receives it as a full state before it first trains)."""
+    (Fed-SB: every other node receives it as a full state before it first trains), seeds drawn per weight matrix from
+    one generator (Ferret: in name order, whatever order the node's state was loaded in)."""
     history, _ = _run_in_process(tmp_path, algorithm=algorithm, **{"num-rounds": 2})
     final = _final_digest(tmp_path / "server")
     assert final == _simulated_digest(tmp_path_factory, algorithm=algorithm, **{"num-rounds": 2})
@@ -506,7 +507,8 @@ def test_other_algorithms_match_the_simulation(algorithm, tmp_path, tmp_path_fac
         catch_ups = [r["transport"]["catch_up"]["1"]["kind"] for r in history[1:] if "1" in r["transport"]["catch_up"]]
         assert catch_ups[0] == "full" and history[0]["transport"]["initial_adapter_bytes"] > 0
         return
-    expected = {"fedavg": "full", "fedsa_lora": "full", "flora": "broadcasts", "fedkrso": "broadcasts"}[algorithm]
+    expected = {"fedavg": "full", "fedsa_lora": "full", "flora": "broadcasts", "fedkrso": "broadcasts",
+                "ferret": "broadcasts"}[algorithm]  # fmt: skip
     assert history[-1]["transport"]["final_sync"]["1"]["kind"] == expected
 
 

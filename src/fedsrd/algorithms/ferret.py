@@ -245,7 +245,9 @@ class Ferret(FullParameterAlgorithm):
     # ---- the round --------------------------------------------------------------------------------------------------
     def client_update(self, global_state: State, local_state: State, round: int, rng: torch.Generator) -> Payload:
         pool = self.pool()
-        blocks = [n for n in global_state if not is_head(n)]
+        # In name order: `rng` picks each block's seeds in turn, and a state's key order depends on where it was
+        # loaded from (the model in the simulation, a file on a Flower SuperNode); sorted, every runtime agrees.
+        blocks = sorted(n for n in global_state if not is_head(n))
         deltas = {n: local_state[n].detach().to("cpu", torch.float32) - global_state[n] for n in blocks}
         counts = seeds_per_block({n: float(d.norm()) for n, d in deltas.items()}, len(pool))
         payload: Payload = {}
