@@ -494,6 +494,25 @@ def test_ferret_reconstructs_once_per_round_in_one_process(monkeypatch):
                                2 * recomputed["model.layers.0.mlp.up_proj.weight"])  # fmt: skip
 
 
+def test_ferret_coordinates_are_the_same_bits_whatever_the_thread_count():
+    """A client's coordinates may not depend on torch's thread count (the simulation runs with the machine's threads,
+    each process of an Accelerate team with one): `stable_dot` sums in fixed rows; torch.dot splits by thread."""
+    from fedsrd.algorithms.ferret import project, stable_dot
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300_001, generator=gen), torch.randn(300_001, generator=gen)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results.append((stable_dot(x, y), project(x[:300_000].reshape(500, 600), "w", [11, 12, 13], [0, 2])))
+    finally:
+        torch.set_num_threads(threads)
+    assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
+    assert results[0][0] == pytest.approx(float(torch.dot(x.double(), y.double())), rel=1e-6)
+
+
 def test_ferret_keeps_no_reconstruction_where_each_broadcast_is_applied_once(monkeypatch):
     """A Flower ServerApp or SuperNode (server and client in processes of their own) applies each broadcast once: no
     float32 copy of the trained matrices may wait there through the next round; the server and the client each draw

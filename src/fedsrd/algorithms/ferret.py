@@ -150,6 +150,27 @@ def seeds_per_block(norms: dict[str, float], pool_size: int) -> dict[str, int]:
     }
 
 
+_ROW = 1 << 14  # below torch's parallel grain (32,768): one thread sums each row, in the same order on any machine
+
+
+def stable_dot(x: torch.Tensor, y: torch.Tensor) -> float:
+    """<x, y> of two flat float32 tensors, the same bits whatever torch's thread count.
+
+    `torch.dot` splits a long reduction across threads, so its rounding depends on how many there are (a client's
+    coordinates would differ between the simulation and a process of an Accelerate team). Here the products are summed
+    in rows of a fixed length, one row per thread, and the row sums added in float64 in order."""
+    total, step = 0.0, _ROW * 256
+    for start in range(0, x.numel(), step):
+        xs, ys = x[start : start + step], y[start : start + step]
+        full = xs.numel() - xs.numel() % _ROW
+        if full:
+            rows = torch.mul(xs[:full].view(-1, _ROW), ys[:full].view(-1, _ROW)).sum(dim=1)
+            total += float(rows.sum(dtype=torch.float64))
+        if full < xs.numel():
+            total += float(torch.mul(xs[full:], ys[full:]).sum(dtype=torch.float64))
+    return total
+
+
 def project(delta: torch.Tensor, name: str, pool: list[int], indices: list[int]) -> torch.Tensor:
     """The block's K-vector of coordinates: gamma_k = (d / n) <Delta, v_k> at `indices` (n of them), 0 elsewhere.
 
@@ -158,7 +179,7 @@ def project(delta: torch.Tensor, name: str, pool: list[int], indices: list[int])
     numel = flat.numel()
     coords = torch.zeros(len(pool), dtype=torch.float64)
     for k in indices:
-        coords[k] = float(torch.dot(flat, raw_direction(pool[k], name, numel)))
+        coords[k] = stable_dot(flat, raw_direction(pool[k], name, numel))
     return coords.mul_(basis_scale(numel) * numel / len(indices)).to(torch.float32)
 
 
