@@ -60,7 +60,9 @@ def sections(data: str, quick: bool) -> dict[str, dict]:
         # issue 19: the 2025 methods on the frontier's settings, against FedAvg-LoRA and FedSRD (same stored sweep)
         "frontier_2025": {
             "cmd": ["frontier.py", "--report-only", "--plot-dir", "docs/img", "--plot-prefix", "frontier_2025",
-                    "--methods", "fedavg", "fedsrd", "rolora", "fedsvd", "fed_sb+lora_r=64", "fedrpca"],
+                    "--methods", "fedavg", "fedsrd",
+                    "fedsrd+decompose_ridge=0.1+download_drop=0.5+value_dtype=bfloat16",
+                    "rolora", "fedsvd", "fed_sb+lora_r=64", "fed_sb+lora_r=32", "fedrpca"],
             "needs_data": False,
         },  # fmt: skip
         # issue 18: central DP on the frontier's settings, against the same methods without privacy (seed 1)
