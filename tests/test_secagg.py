@@ -22,7 +22,8 @@ import pytest
 import torch
 from test_flower import run_loopback_driver  # noqa: E402  (one loopback driver runner for both deployments)
 
-from fedsrd import FedSRDConfig, wire
+from fedsrd import FedSRDConfig, list_algorithms, wire
+from fedsrd.algorithms import get_algorithm_class
 from fedsrd.ops.privacy import epsilon_after
 
 HAS_FLWR = importlib.util.find_spec("flwr") is not None
@@ -69,7 +70,7 @@ def test_algorithms_whose_step_is_not_a_sum_are_refused(algorithm):
     with pytest.raises(ValueError, match="secure_aggregation") as err:
         FedSRDConfig(algorithm=algorithm, num_clients=3, secure_aggregation="secaggplus")
     assert "weighted sum" in str(err.value)
-    assert "support it: fedavg, fedfft, fedprox, fedsa_lora, ffa_lora." in str(err.value)
+    assert "support it: fed_sb, fedavg, fedfft, fedprox, fedsa_lora, fedsvd, ffa_lora." in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -93,8 +94,43 @@ def test_bad_secure_aggregation_settings_are_refused(overrides, field):
 
 
 def test_supported_algorithms_are_accepted():
-    for algorithm in ("fedavg", "fedprox", "ffa_lora", "fedsa_lora", "fedfft"):
+    for algorithm in ("fedavg", "fedprox", "ffa_lora", "fedsa_lora", "fedfft", "fed_sb", "fedsvd"):
         FedSRDConfig(algorithm=algorithm, num_clients=3, secure_aggregation="secaggplus")
+
+
+def _state_for(algorithm: str) -> dict[str, torch.Tensor]:
+    """A small global state of the kind `algorithm` trains: one full weight, or one LoRA module (with Fed-SB's R)."""
+    gen = torch.Generator().manual_seed(5)
+    if not get_algorithm_class(algorithm).uses_lora:
+        return {"model.layers.0.mlp.up_proj.weight": torch.randn(6, 4, generator=gen)}
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    state = {f"{prefix}.lora_A.weight": torch.randn(2, 4, generator=gen),
+             f"{prefix}.lora_B.weight": torch.randn(6, 2, generator=gen)}  # fmt: skip
+    if algorithm == "fed_sb":
+        state[f"{prefix}.lora_R.weight"] = torch.randn(2, 2, generator=gen)
+    return state
+
+
+@pytest.mark.parametrize("algorithm", [a for a in list_algorithms() if get_algorithm_class(a).secure_sum])
+def test_every_secure_sum_algorithm_steps_the_same_on_the_weighted_sum(algorithm):
+    """`Algorithm.secure_sum`'s contract, which secure aggregation relies on: the server step on the clients'
+    equal-shape dense uploads with their weights equals the step on their weighted sum with weight one."""
+    from fedsrd import get_algorithm
+    from fedsrd.ops import generator_for
+
+    config = FedSRDConfig(algorithm=algorithm, num_clients=3)
+    algo = get_algorithm(algorithm, config)
+    state = algo.init_global_state(_state_for(algorithm))
+    gen = torch.Generator().manual_seed(9)
+    shapes = algo.update_shapes(state)
+    uploads = [{name: torch.randn(shape, generator=gen) for name, (shape, _) in shapes.items()} for _ in range(3)]
+    weights = [0.5, 0.3, 0.2]
+    summed = {name: sum(w * u[name] for w, u in zip(weights, uploads)) for name in shapes}
+    each = algo.server_step(state, uploads, weights, 2, generator_for(0, "server_step", 2))
+    once = algo.server_step(state, [summed], [1.0], 2, generator_for(0, "server_step", 2))
+    assert sorted(each) == sorted(once)
+    for name in each:
+        torch.testing.assert_close(each[name], once[name], rtol=1e-5, atol=1e-6)
 
 
 def test_the_simulation_refuses_secure_aggregation():
@@ -373,7 +409,7 @@ def test_central_dp_with_secure_aggregation_is_still_refused():
 
 
 def test_local_dp_with_secure_aggregation_is_accepted_for_the_sum_algorithms():
-    for algorithm in ("fedavg", "fedprox", "ffa_lora", "fedsa_lora", "fedfft"):
+    for algorithm in ("fedavg", "fedprox", "ffa_lora", "fedsa_lora", "fedfft", "fed_sb", "fedsvd"):
         FedSRDConfig(algorithm=algorithm, num_clients=3, secure_aggregation="secaggplus", dp_mode="local", **DP)
 
 
@@ -382,7 +418,8 @@ def test_local_dp_with_secure_aggregation_refuses_steps_that_are_not_sums(algori
     with pytest.raises(ValueError, match="FedSRDConfig.secure_aggregation: distributed differential privacy") as err:
         FedSRDConfig(algorithm=algorithm, num_clients=3, secure_aggregation="secaggplus", dp_mode="local", **DP)
     assert f"algorithm {algorithm!r} is not one" in str(err.value)
-    assert "The algorithms that admit both: fedavg, fedfft, fedprox, fedsa_lora, ffa_lora." in str(err.value)
+    admit = "The algorithms that admit both: fed_sb, fedavg, fedfft, fedprox, fedsa_lora, fedsvd, ffa_lora."
+    assert admit in str(err.value)
 
 
 def test_fedsrd_local_dp_is_refused_by_its_placement_before_secure_aggregation():

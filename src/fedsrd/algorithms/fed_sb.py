@@ -170,7 +170,7 @@ class FedSB(FedAvg):
     paper = "Fed-SB (Singhal et al., arXiv 2502.15436, 2025) on LoRA-SB (Ponkshe et al., arXiv 2411.19557)"
     uploads = "the r x r matrix R per module, dense (B and A frozen at LoRA-SB's initialisation)"
     downloads = "the averaged R per module, dense"
-    secure_sum = False  # linear, but not yet tested with secure aggregation
+    secure_sum = True  # the step is the weighted mean of dense, equal-shape R: secure aggregation may hand it the sum
     init_from_data = True  # LoRA-SB's initialisation from client 0's examples (on Flower: sent to the other nodes)
     # robust_defences: FedAvg's. A weighted sum of dense R; B has orthonormal columns and A orthonormal rows, so
     # ||B (R_i - R) A|| = ||R_i - R||: clipping R bounds the product change exactly.

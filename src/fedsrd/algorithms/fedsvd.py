@@ -66,7 +66,7 @@ class FedSVD(FFALoRA):  # FFA-LoRA's client: B trained and uploaded, A frozen
     paper = "FedSVD (Lee et al., NeurIPS 2025; arXiv 2505.12805)"
     uploads = "LoRA B only, dense (A frozen)"
     downloads = "B and the re-orthogonalised A from the SVD of B A, dense (B alone in rounds without the SVD)"
-    secure_sum = False  # linear in the averaged B, but not yet tested with secure aggregation
+    secure_sum = True  # a function of the weighted mean of equal-shape dense B: secure aggregation may hand it the sum
     # robust_defences: FedAvg's. The step is a weighted sum of the clients' B, then a change of basis that keeps the
     # product; with A's rows orthonormal, ||(B_i - B) A|| = ||B_i - B||, so clipping B bounds the product change.
 
