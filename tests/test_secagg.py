@@ -70,7 +70,7 @@ def test_algorithms_whose_step_is_not_a_sum_are_refused(algorithm):
     with pytest.raises(ValueError, match="secure_aggregation") as err:
         FedSRDConfig(algorithm=algorithm, num_clients=3, secure_aggregation="secaggplus")
     assert "weighted sum" in str(err.value)
-    assert "support it: fed_sb, fedavg, fedfft, fedprox, fedsa_lora, fedsvd, ffa_lora." in str(err.value)
+    assert "support it: fed_sb, fedavg, fedfft, fedprox, fedsa_lora, fedsvd, ffa_lora, rolora." in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,7 @@ def test_bad_secure_aggregation_settings_are_refused(overrides, field):
 
 
 def test_supported_algorithms_are_accepted():
-    for algorithm in ("fedavg", "fedprox", "ffa_lora", "fedsa_lora", "fedfft", "fed_sb", "fedsvd"):
+    for algorithm in ("fedavg", "fedprox", "ffa_lora", "fedsa_lora", "fedfft", "fed_sb", "fedsvd", "rolora"):
         FedSRDConfig(algorithm=algorithm, num_clients=3, secure_aggregation="secaggplus")
 
 
@@ -122,15 +122,16 @@ def test_every_secure_sum_algorithm_steps_the_same_on_the_weighted_sum(algorithm
     algo = get_algorithm(algorithm, config)
     state = algo.init_global_state(_state_for(algorithm))
     gen = torch.Generator().manual_seed(9)
-    shapes = algo.update_shapes(state)
-    uploads = [{name: torch.randn(shape, generator=gen) for name, (shape, _) in shapes.items()} for _ in range(3)]
-    weights = [0.5, 0.3, 0.2]
-    summed = {name: sum(w * u[name] for w, u in zip(weights, uploads)) for name in shapes}
-    each = algo.server_step(state, uploads, weights, 2, generator_for(0, "server_step", 2))
-    once = algo.server_step(state, [summed], [1.0], 2, generator_for(0, "server_step", 2))
-    assert sorted(each) == sorted(once)
-    for name in each:
-        torch.testing.assert_close(each[name], once[name], rtol=1e-5, atol=1e-6)
+    for round in (1, 2):  # RoLoRA's upload is B in odd rounds, A in even ones (`round_update_shapes`)
+        shapes = algo.round_update_shapes(state, round)
+        uploads = [{name: torch.randn(shape, generator=gen) for name, (shape, _) in shapes.items()} for _ in range(3)]
+        weights = [0.5, 0.3, 0.2]
+        summed = {name: sum(w * u[name] for w, u in zip(weights, uploads)) for name in shapes}
+        each = algo.server_step(state, uploads, weights, round, generator_for(0, "server_step", round))
+        once = algo.server_step(state, [summed], [1.0], round, generator_for(0, "server_step", round))
+        assert sorted(each) == sorted(once)
+        for name in each:
+            torch.testing.assert_close(each[name], once[name], rtol=1e-5, atol=1e-6)
 
 
 def test_the_simulation_refuses_secure_aggregation():
@@ -409,7 +410,7 @@ def test_central_dp_with_secure_aggregation_is_still_refused():
 
 
 def test_local_dp_with_secure_aggregation_is_accepted_for_the_sum_algorithms():
-    for algorithm in ("fedavg", "fedprox", "ffa_lora", "fedsa_lora", "fedfft", "fed_sb", "fedsvd"):
+    for algorithm in ("fedavg", "fedprox", "ffa_lora", "fedsa_lora", "fedfft", "fed_sb", "fedsvd", "rolora"):
         FedSRDConfig(algorithm=algorithm, num_clients=3, secure_aggregation="secaggplus", dp_mode="local", **DP)
 
 
@@ -418,7 +419,7 @@ def test_local_dp_with_secure_aggregation_refuses_steps_that_are_not_sums(algori
     with pytest.raises(ValueError, match="FedSRDConfig.secure_aggregation: distributed differential privacy") as err:
         FedSRDConfig(algorithm=algorithm, num_clients=3, secure_aggregation="secaggplus", dp_mode="local", **DP)
     assert f"algorithm {algorithm!r} is not one" in str(err.value)
-    admit = "The algorithms that admit both: fed_sb, fedavg, fedfft, fedprox, fedsa_lora, fedsvd, ffa_lora."
+    admit = "The algorithms that admit both: fed_sb, fedavg, fedfft, fedprox, fedsa_lora, fedsvd, ffa_lora, rolora."
     assert admit in str(err.value)
 
 

@@ -450,7 +450,7 @@ class FederatedServer:
         if len(senders) < min_updates:
             raise RuntimeError(f"round {round}: only {len(senders)} upload(s) in the secure sum, at least "
                                f"{min_updates} needed")
-        expected = self.algorithm.update_shapes(self.state)
+        expected = self.algorithm.round_update_shapes(self.state, round)
         if sorted(mean) != sorted(expected):
             raise wire.WireError(f"the secure sum holds {sorted(mean)}, expected {sorted(expected)}.")
         for name, (shape, _) in expected.items():

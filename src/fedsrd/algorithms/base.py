@@ -275,6 +275,11 @@ class Algorithm(ABC):
         """Expected upload: name -> (shape, may it be sparse). Default: every trainable tensor, dense."""
         return {k: (tuple(v.shape), False) for k, v in global_state.items() if self.trainable(k)}
 
+    def round_update_shapes(self, global_state: State, round: int) -> dict[str, tuple[tuple[int, ...], bool]]:
+        """What every upload of `round` carries, all of it (secure aggregation sums one vector of these tensors).
+        Default: `update_shapes`; RoLoRA: the round's factor only."""
+        return self.update_shapes(global_state)
+
     def broadcast_shapes(self, global_state: State) -> dict[str, tuple[tuple[int, ...], bool]]:
         """Expected broadcast: name -> (shape, may it be sparse). Default: the whole state, dense."""
         return {k: (tuple(v.shape), False) for k, v in global_state.items()}

@@ -36,7 +36,7 @@ class RoLoRA(FedAvg):
     paper = "RoLoRA (Chen et al., NeurIPS 2025; arXiv 2502.01755)"
     uploads = "one LoRA factor per round, dense: B in odd rounds (A frozen), A in even rounds (B frozen)"
     downloads = "the averaged factor of that round, dense"
-    secure_sum = False  # linear, but not yet tested with secure aggregation
+    secure_sum = True  # a weighted mean of the round's factor (`round_update_shapes`: one shape per round)
     # robust_defences: FedAvg's (a weighted sum of dense client tensors of one factor)
 
     def trains(self, name: str, round: int) -> bool:
@@ -62,6 +62,10 @@ class RoLoRA(FedAvg):
                     f"{len(names)} {factor} tensors, but {wrong[0]!r} is {how}."
                 )
         return {name: weighted_sum([u[name] for u in updates], weights) for name in names}  # sum_i p_i B_i (or A_i)
+
+    def round_update_shapes(self, global_state: State, round: int) -> dict[str, tuple[tuple[int, ...], bool]]:
+        factor = trained_factor(round)
+        return {k: shape for k, shape in self.update_shapes(global_state).items() if factor in k}
 
     def update_is_partial(self) -> bool:
         return True  # one factor per round

@@ -194,7 +194,7 @@ def _secagg_train_reply(msg: Message, node: FederationNode, update: bytes, metri
 
     cfg = node.settings.fed
     decoded = wire.decode(update, kind="update", algorithm=node.algorithm.name)
-    expected = sorted(node.algorithm.update_shapes(node.client.state))
+    expected = sorted(node.algorithm.round_update_shapes(node.client.state, decoded.round))
     if sorted(decoded.tensors) != expected or any(isinstance(t, wire.SparseTensor) for t in decoded.tensors.values()):
         raise ValueError("secure aggregation needs a dense upload of every expected tensor; "
                          f"{node.algorithm.name} sent {sorted(decoded.tensors)}")
@@ -481,7 +481,8 @@ class FlowerCoordinator(Transport):
         dropped: dict[str, str] = {}
         rejected: dict[str, str] = {}
         plans = self._plans(clients, dropped)
-        specs = [(name, shape) for name, (shape, _) in sorted(self.algorithm.update_shapes(self.server.state).items())]
+        shapes = self.algorithm.round_update_shapes(self.server.state, round)
+        specs = [(name, shape) for name, (shape, _) in sorted(shapes.items())]
         protocol = SecAggPlusServer(self.grid, self.cfg, specs, self.settings.round_timeout)
         secure = protocol.run(round, {cid: self.nodes[cid] for cid in plans},
                               lambda cid: self._message(TRAIN, cid, round, plans[cid]).content)
