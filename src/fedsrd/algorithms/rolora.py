@@ -43,8 +43,8 @@ class RoLoRA(FedAvg):
         return trained_factor(round) in name
 
     def client_update(self, global_state: State, local_state: State, round: int, rng: torch.Generator) -> Payload:
-        factor = trained_factor(round)
-        return {k: local_state[k].detach().to("cpu", torch.float32) for k in global_state if factor in k}
+        names = self.round_update_shapes(global_state, round)  # the round's factor
+        return {k: local_state[k].detach().to("cpu", torch.float32) for k in names}
 
     def server_step(
         self, global_state: State, updates: list[Payload], weights: list[float], round: int, rng: torch.Generator
@@ -52,7 +52,7 @@ class RoLoRA(FedAvg):
         if not updates:
             raise ValueError("RoLoRA.server_step: no client updates to aggregate.")
         factor = trained_factor(round)
-        names = sorted(k for k in global_state if factor in k)
+        names = sorted(self.round_update_shapes(global_state, round))  # what every upload of this round carries
         for update in updates:
             if sorted(update) != names:
                 wrong = sorted(set(update) ^ set(names))
