@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -212,3 +213,31 @@ def test_unequal_ranks_run_end_to_end_on_the_tiny_model_and_report_per_client_by
     with pytest.raises(SystemExit):
         frontier.parse_args([*argv, "--methods", "fedavg", "hetlora"])
     assert "fedavg+lora_r=2" in capsys.readouterr().err
+
+
+def test_rank_slices_measures_how_much_of_the_product_a_small_rank_client_sees(tmp_path):
+    """A slice of SVD-ordered factors is the best rank-r matrix; the same product with its components in reverse
+    order leaves a rank-1 client only the smallest one. Read from a PEFT folder as the benchmark saves it."""
+    import rank_slices
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(12, 3, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(10, 3, generator=gen, dtype=torch.float64))
+    s = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    b, a = u * s, v.T  # B A = U diag(s) V^T, components ordered by s
+    ordered = rank_slices.slice_shares(b, a, [1, 2])
+    assert ordered[1] == pytest.approx((9 / 14, 9 / 14)) and ordered[2] == pytest.approx((13 / 14, 13 / 14))
+    reversed_ = rank_slices.slice_shares(b.flip(1), a.flip(0), [1, 2])
+    assert reversed_[1] == pytest.approx((1 / 14, 9 / 14)) and reversed_[2] == pytest.approx((5 / 14, 13 / 14))
+
+    folder = tmp_path / "final"
+    folder.mkdir()
+    prefix = "base_model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": a.flip(0).float().contiguous(),
+               f"{prefix}.lora_B.weight": b.flip(1).float().contiguous(),
+               "base_model.model.layers.0.self_attn.k_proj.lora_A.weight": torch.ones(3, 10),
+               "base_model.model.layers.0.self_attn.k_proj.lora_B.weight": torch.zeros(12, 3)},  # B A = 0: skipped
+              str(folder / "adapter_model.safetensors"))  # fmt: skip
+    shares = rank_slices.adapter_shares(folder, [1, 2, 3])
+    assert set(shares) == {1, 2} and shares[1] == pytest.approx((1 / 14, 9 / 14), rel=1e-5)
