@@ -139,15 +139,18 @@ def test_truncation_and_zero_padding():
 
 
 # ---- FedSRD / FedSRD-e: the sum of the clients' product changes ----------------------------------------------------
-def _fedsrd_reference(state, uploads, module, use_svd, b_round):
-    """Dense, float64: W = B A + sum_i p_i (B_i A_i - B_i^0 A_i^0) with B_i^0, A_i^0 the first r_i components; the
-    rank-R SVD of W (FedSRD) or W (FedSRD-e); the least-squares factor delta of Eq. 12 or 13."""
+def _fedsrd_reference(state, uploads, module, use_svd, b_round, starts=None):
+    """Dense, float64: W = B A + sum_i p_i (B_i A_i - B_i^0 A_i^0) with B_i^0, A_i^0 the first r_i components (or
+    client i's start state in `starts`); the rank-R SVD of W (FedSRD) or W (FedSRD-e); the least-squares factor delta
+    of Eq. 12 or 13."""
     a, b = state[_a(module)].double(), state[_b(module)].double()
     w = b @ a
-    for upload in uploads:
+    for i, upload in enumerate(uploads):
         delta_a, delta_b = _dense(upload[_a(module)]), _dense(upload[_b(module)])
         r = delta_a.shape[0]
-        w = w + ((b[:, :r] + delta_b) @ (a[:r] + delta_a) - b[:, :r] @ a[:r]) / len(uploads)
+        b0, a0 = (b[:, :r], a[:r]) if starts is None else (starts[i][_b(module)], starts[i][_a(module)])
+        b0, a0 = b0.double(), a0.double()
+        w = w + ((b0 + delta_b) @ (a0 + delta_a) - b0 @ a0) / len(uploads)
     target = _best_rank(w, a.shape[0]) if use_svd else w
     delta_w = target - b @ a
     return delta_w @ torch.linalg.pinv(a) if b_round else torch.linalg.pinv(b) @ delta_w
@@ -166,6 +169,44 @@ def test_fedsrd_aggregates_unequal_ranks_against_the_dense_reference(name, round
         ref = _fedsrd_reference(state, uploads, module, use_svd=name == "fedsrd", b_round=round == 1)
         assert _rel_err(_dense(broadcast[key]), ref) < 1e-4
         torch.testing.assert_close(server.state[key].double(), state[key].double() + ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["fedsrd", "fedsrd_e"])
+@pytest.mark.parametrize("round", [1, 2])
+def test_fedsrd_svd_start_trains_from_the_best_rank_r_product_and_aggregates_its_changes(name, round):
+    """rank_start='svd': a rank-r client starts from the best rank-r approximation of each module's B A (not the
+    first r components), the server sums each client's product change from that start, and the client needs (and
+    its download counts) the whole broadcast."""
+    state = _state()
+    cfg, server, client, _, uploads, result = _round(name, state, round=round, rank_start="svd")
+    starts = [FederatedClient(get_algorithm(name, cfg), dict(state), cfg).start_state(i) for i in range(len(RANKS))]
+    for i, rank in enumerate(RANKS):
+        for module in MODULES:
+            product = starts[i][_b(module)].double() @ starts[i][_a(module)].double()
+            best = _best_rank(state[_b(module)] @ state[_a(module)], rank)
+            assert _rel_err(product, best) < 1e-5  # the rank-R client: the global product itself
+            if rank < R:
+                sliced = state[_b(module)][:, :rank].double() @ state[_a(module)][:rank].double()
+                assert _rel_err(sliced, best) > 1e-2  # random factors are not ordered: the slice is not the best
+    broadcast = wire.decode(result.broadcast).tensors
+    for module in MODULES:
+        key = _b(module) if round == 1 else _a(module)
+        ref = _fedsrd_reference(state, uploads, module, use_svd=name == "fedsrd", b_round=round == 1, starts=starts)
+        assert _rel_err(_dense(broadcast[key]), ref) < 1e-4
+    assert set(result.download_bytes_by_rank.values()) == {len(result.broadcast)}
+
+
+def test_fedsrd_svd_start_is_the_slice_while_the_product_is_zero_and_is_refused_where_it_means_nothing():
+    state = _state(b_zero=True)  # round 1 of a PEFT adapter: B = 0
+    cfg = _config("fedsrd", rank_start="svd")
+    client = FederatedClient(get_algorithm("fedsrd", cfg), dict(state), cfg)
+    assert wire.state_digest(client.start_state(0)) == wire.state_digest(truncate_state(state, RANKS[0]))
+    with pytest.raises(ValueError, match="rank_start.*every client trains lora_r"):
+        _config("fedsrd", ranks=[R, R, R], rank_start="svd")
+    with pytest.raises(ValueError, match="rank_start.*fedsrd and fedsrd_e only"):
+        _config("flexlora", rank_start="svd")
+    with pytest.raises(ValueError, match="rank_start: must be one of"):
+        _config("fedsrd", rank_start="best")
 
 
 def test_fedsrd_change_form_is_eq_9_when_ranks_are_equal():
@@ -327,6 +368,7 @@ TINY_ARGS = [
     [
         ("hetlora", ["2", "4", "8"], ["--hetlora_prune_lambda", "0.01", "--hetlora_prune_gamma", "0.5"]),
         ("fedsrd", ["cycle:2,4,8"], []),
+        ("fedsrd", ["2", "4", "8"], ["--rank_start", "svd", "--decompose_ridge", "0.1"]),
     ],
 )
 def test_tiny_run_with_ranks_2_4_8(name, ranks, extra, tmp_path):
@@ -349,7 +391,7 @@ def test_tiny_run_with_ranks_2_4_8(name, ranks, extra, tmp_path):
         uploads = [per_client[str(c)]["upload_bytes"] for c in range(3)]
         assert sum(uploads) == record["upload_bytes"]
         assert per_client["0"]["download_bytes"] <= per_client["2"]["download_bytes"] <= record["broadcast_bytes"]
-    if extra:  # HetLoRA's self-pruning: every client keeps its modules' ranks and tail norms between uploads
+    if name == "hetlora":  # self-pruning: every client keeps its modules' ranks and tail norms between uploads
         from fedsrd.checkpoint import load_checkpoint
 
         _, tensors, _ = load_checkpoint(tmp_path)

@@ -95,6 +95,16 @@ class FedSRDOptions(AlgorithmOptions):
             "alternation (B in odd rounds, A in even ones)."
         },
     )
+    rank_start: str = field(
+        default="slice",
+        metadata={
+            "help": "FedSRD/FedSRD-e with client_lora_ranks, not in the paper: what a client of rank r below lora_r "
+            "trains from. 'slice': the first r components of the global factors, B[:, :r] A[:r] (it needs only its "
+            "rank's slice of each broadcast); 'svd': the best rank-r approximation of each module's global product "
+            "B A (U_r S_r and V_r^T, FlexLoRA's truncation), computed by every party from the global state (it needs "
+            "the whole broadcast)."
+        },
+    )
     train_one_factor: bool = field(
         default=False,
         metadata={
@@ -116,6 +126,15 @@ class FedSRDOptions(AlgorithmOptions):
         require_option(config, 0.0 <= drop < 1.0, "download_drop", f"must be in [0, 1), got {drop}")
         ridge = config.decompose_ridge
         require_option(config, ridge >= 0, "decompose_ridge", f"must be >= 0 (0: the paper's pinv), got {ridge}")
+        require_option(config, config.rank_start in RANK_STARTS, "rank_start",
+                       f"must be one of {RANK_STARTS}, got {config.rank_start!r}")  # fmt: skip
+        if config.rank_start != "slice":
+            algorithm = getattr(config, "algorithm", "fedsrd")
+            require_option(config, algorithm in ("fedsrd", "fedsrd_e"), "rank_start",
+                           f"applies to fedsrd and fedsrd_e only (algorithm is {algorithm!r})")  # fmt: skip
+            require_option(config, getattr(config, "has_unequal_ranks", True), "rank_start",
+                           f"{config.rank_start!r} says what a client of a rank below lora_r trains from, but every "
+                           "client trains lora_r; set client_lora_ranks or leave rank_start 'slice'")  # fmt: skip
         if config.train_one_factor:
             algorithm = getattr(config, "algorithm", "fedsrd")
             require_option(config, algorithm in ("fedsrd", "fedsrd_e"), "train_one_factor",
@@ -126,6 +145,25 @@ class FedSRDOptions(AlgorithmOptions):
                            "false")  # fmt: skip
             require_option(config, not getattr(config, "has_unequal_ranks", False), "train_one_factor",
                            "is not combined with clients of different ranks (client_lora_ranks)")  # fmt: skip
+
+
+RANK_STARTS = ("slice", "svd")
+
+
+def rank_start_factors(b: torch.Tensor, a: torch.Tensor, rank: int, how: str = "slice") -> Factored:
+    """The factors a client of LoRA rank `rank` trains one module from, given the global factors B (d_out x R) and
+    A (R x d_in) (`FedSRDOptions.rank_start`): the slice ``(B[:, :rank], A[:rank])``, or with ``how="svd"`` the best
+    rank-`rank` approximation of B A as ``(U_r S_r, V_r^T)`` (zero-padded where B A has a smaller rank). While B A = 0
+    (round 1: B starts at zero) both are the slice. The SVD runs in float64 and is rounded to float32, so that every
+    party (the server, a SuperNode, an Accelerate process with another thread count) gets the same bits."""
+    if how == "slice" or rank >= a.shape[0] or not bool(b.any()):
+        return b[:, :rank], a[:rank]
+    left, right = truncated_svd(b.to(torch.float64), a.to(torch.float64), rank)
+    missing = rank - left.shape[1]
+    if missing > 0:
+        left = torch.cat([left, left.new_zeros(left.shape[0], missing)], dim=1)
+        right = torch.cat([right, right.new_zeros(missing, right.shape[1])], dim=0)
+    return left.to(torch.float32), right.to(torch.float32)
 
 
 def is_b_round(round: int) -> bool:
@@ -165,7 +203,7 @@ class FedSRD(Algorithm):
     options = FedSRDOptions
 
     use_svd = True  # FedSRD-e: False
-    supports_unequal_ranks = True  # `_unequal_rank_change`; each client downloads its rank's slice of the delta
+    supports_unequal_ranks = True  # `_unequal_rank_change`; a client's start and download: `rank_start`
     # Clipping only, of each client's *product* change (`update_norm`): a coordinate-wise median of factor deltas has
     # no meaning for the aggregated products.
     robust_defences = frozenset({"clip"})
@@ -379,16 +417,19 @@ class FedSRD(Algorithm):
     ) -> Factored:
         """dW for clients of different ranks r_i <= r (`client_lora_ranks`).
 
-        Client i trained from the first r_i components of the global factors, B_i^0 = B[:, :r_i], A_i^0 = A[:r_i],
-        and its product moved by B_i A_i - B_i^0 A_i^0 = dB_i A_i^0 + (B_i^0 + dB_i) dA_i. The server sums these
-        *changes*: W = (sum_i p_i) B A + sum_i p_i (B_i A_i - B_i^0 A_i^0), so the components a client could not hold
-        are not pulled to zero by it; with equal ranks this is Eq. 9. FedSRD then takes the rank-r SVD of W (Eq. 10)
+        Client i trained from B_i^0, A_i^0 (`rank_start`: the first r_i components of the global factors,
+        B[:, :r_i] and A[:r_i], or the best rank-r_i approximation of B A), and its product moved by
+        B_i A_i - B_i^0 A_i^0 = dB_i A_i^0 + (B_i^0 + dB_i) dA_i. The server sums these *changes*:
+        W = (sum_i p_i) B A + sum_i p_i (B_i A_i - B_i^0 A_i^0), so what a client could not hold is not pulled to zero
+        by it; with equal ranks this is Eq. 9. FedSRD then takes the rank-r SVD of W (Eq. 10)
         and dW = W_target - B A (Eq. 11); FedSRD-e uses dW = W - B A.
         """
-        lefts, rights, term_weights = [], [], []
+        lefts, rights, term_weights, starts = [], [], [], {}
         for delta_b, delta_a, weight in zip(deltas_b, deltas_a, weights, strict=True):
             rank = delta_a.shape[0]
-            b_start, a_start = b[:, :rank], a[:rank]  # what client i trained from
+            if rank not in starts:  # what a client of this rank trained from (`rank_start`)
+                starts[rank] = self.start_factors(b, a, rank)
+            b_start, a_start = starts[rank]
             lefts += [delta_b, b_start + delta_b]
             rights += [a_start, delta_a]
             term_weights += [weight, weight]
@@ -431,11 +472,30 @@ class FedSRD(Algorithm):
             a, b = global_state[module.a_key].to(torch.float32), global_state[module.b_key].to(torch.float32)
             present = update[module.a_key] if module.a_key in update else update[module.b_key]
             rank = present.shape[0] if module.a_key in update else present.shape[1]
-            a, b = a[:rank], b[:, :rank]  # a client of rank r_i changed the first r_i components
+            b, a = self.start_factors(b, a, rank)  # what a client of rank r_i trained from (`rank_start`)
             delta_a = densify(update[module.a_key]) if module.a_key in update else torch.zeros_like(a)
             delta_b = densify(update[module.b_key]) if module.b_key in update else torch.zeros_like(b)
             terms.append(product_change_terms(a, b, delta_a, delta_b))
         return terms + head_change_terms(global_state, update, uploads_deltas=True)  # a classifier's head
+
+    # ---- clients of different ranks: what a client trains from (`rank_start`) --------------------------------------
+    def start_factors(self, b: torch.Tensor, a: torch.Tensor, rank: int) -> Factored:
+        """A rank-`rank` client's start factors of one module (`rank_start_factors` under `rank_start`)."""
+        return rank_start_factors(b.to(torch.float32), a.to(torch.float32), rank, self.config.rank_start)
+
+    def client_start_state(self, global_state: State, rank: int) -> State:
+        start = super().client_start_state(global_state, rank)  # the slice; other tensors as they are
+        if self.config.rank_start == "slice":
+            return start
+        for module in lora_modules(global_state):
+            b, a = self.start_factors(global_state[module.b_key], global_state[module.a_key], rank)
+            start[module.b_key], start[module.a_key] = b, a
+        return start
+
+    def client_download(self, broadcast: Payload, rank: int) -> Payload:
+        """The slice of the broadcast (`rank_start` 'slice'), or all of it: the best rank-r approximation of the next
+        B A depends on every component."""
+        return super().client_download(broadcast, rank) if self.config.rank_start == "slice" else dict(broadcast)
 
     # ---- both roles ------------------------------------------------------------------------------------------
     def apply(self, state: State, broadcast: Payload) -> State:
@@ -596,6 +656,8 @@ __all__ = [
     "LORA_B_SUFFIX",
     "FedSRD",
     "FedSRDOptions",
+    "RANK_STARTS",
+    "rank_start_factors",
     "FedSRDe",
     "LoraModule",
     "ModuleTarget",
