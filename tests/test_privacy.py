@@ -105,8 +105,7 @@ def _fixed_size_reference(num_clients: int, per_round: int, z: float, rounds: in
 
     event = dp_accounting.SampledWithoutReplacementDpEvent(num_clients, per_round, dp_accounting.GaussianDpEvent(z / 2))
     reference = rdp.RdpAccountant(orders, neighboring_relation=NeighboringRelation.REPLACE_ONE)
-    for _ in range(rounds):
-        reference.compose(event)
+    reference.compose(event, rounds)  # `count` composition: not the SelfComposedDpEvent that `epsilon_after` builds
     return reference.get_epsilon(delta)
 
 
