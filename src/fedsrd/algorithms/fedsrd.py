@@ -48,6 +48,7 @@ from fedsrd.ops.lowrank import (
     cheapest_truncated_svd,
     factored_difference,
     left_solve_matrix,
+    pad_to_rank,
     right_solve_matrix,
     solve_left_update,
     solve_right_update,
@@ -158,11 +159,7 @@ def rank_start_factors(b: torch.Tensor, a: torch.Tensor, rank: int, how: str = "
     party (the server, a SuperNode, an Accelerate process with another thread count) gets the same bits."""
     if how == "slice" or rank >= a.shape[0] or not bool(b.any()):
         return b[:, :rank], a[:rank]
-    left, right = truncated_svd(b.to(torch.float64), a.to(torch.float64), rank)
-    missing = rank - left.shape[1]
-    if missing > 0:
-        left = torch.cat([left, left.new_zeros(left.shape[0], missing)], dim=1)
-        right = torch.cat([right, right.new_zeros(missing, right.shape[1])], dim=0)
+    left, right = pad_to_rank(*truncated_svd(b.to(torch.float64), a.to(torch.float64), rank), rank)
     return left.to(torch.float32), right.to(torch.float32)
 
 

@@ -25,7 +25,7 @@ from fedsrd.algorithms import register_algorithm
 from fedsrd.algorithms.base import Payload, State
 from fedsrd.algorithms.families import lora_modules
 from fedsrd.algorithms.fedavg import FedAvg
-from fedsrd.ops.lowrank import Factored, stack_factors, truncated_svd
+from fedsrd.ops.lowrank import Factored, pad_to_rank, stack_factors, truncated_svd
 
 
 def rank_r_factors(
@@ -43,12 +43,7 @@ def rank_r_factors(
     if len(scalings) != len(bs):
         raise ValueError(f"FlexLoRA: {len(bs)} clients but {len(scalings)} scalings.")
     left, right = stack_factors(bs, as_, [w * s for w, s in zip(weights, scalings, strict=True)])
-    b, a = truncated_svd(left, right, rank)
-    missing = rank - b.shape[1]  # the aggregate has rank < `rank` (e.g. tiny layers): pad with zero directions
-    if missing > 0:
-        b = torch.cat([b, b.new_zeros(b.shape[0], missing)], dim=1)
-        a = torch.cat([a, a.new_zeros(missing, a.shape[1])], dim=0)
-    return b, a
+    return pad_to_rank(*truncated_svd(left, right, rank), rank)  # rank < `rank` (e.g. tiny layers): zero directions
 
 
 def truncate_to_rank(b: torch.Tensor, a: torch.Tensor, rank: int, scale: float = 1.0) -> Factored:

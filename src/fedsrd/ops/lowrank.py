@@ -77,6 +77,16 @@ def truncated_svd(left: torch.Tensor, right: torch.Tensor, rank: int) -> Factore
     return q_left @ (u[:, :keep] * s[:keep]), vh[:keep] @ q_right.T
 
 
+def pad_to_rank(left: torch.Tensor, right: torch.Tensor, rank: int) -> Factored:
+    """``(left, right)`` with zero directions appended up to inner dimension `rank` (a truncated SVD of a product of
+    smaller rank returns fewer columns than asked for); the product is unchanged."""
+    missing = rank - left.shape[1]
+    if missing <= 0:
+        return left, right
+    return (torch.cat([left, left.new_zeros(left.shape[0], missing)], dim=1),
+            torch.cat([right, right.new_zeros(missing, right.shape[1])], dim=0))  # fmt: skip
+
+
 # ---- the cheaper of the factored and the dense truncated SVD --------------------------------------------------------
 SVD_PATHS = ("auto", "factored", "dense")
 
@@ -192,6 +202,7 @@ __all__ = [
     "dense_truncated_svd",
     "factored_difference",
     "left_solve_matrix",
+    "pad_to_rank",
     "right_solve_matrix",
     "solve_left_update",
     "solve_right_update",
